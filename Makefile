@@ -1,0 +1,42 @@
+# SEED-X training monorepo. `make help` lists targets.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help setup demo test test-full lint format bench sample-data clean
+
+help:  ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed  ## create .venv with pinned deps (idempotent)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+demo: setup  ## tiny end-to-end de-tokenizer training on the bundled sample data (CPU)
+	$(PY) -m src.train experiment=seedx_detok_pretrain_tiny paths.output_dir=outputs/demo
+	@echo "demo outputs: outputs/demo (checkpoints/last.ckpt, metrics.json, samples/*.png)"
+
+test: setup  ## test suite without gpu/slow tiers (< 10 min on 2 cores)
+	$(PY) -m pytest -q
+
+test-full: setup  ## every tier that can run here, slow included
+	$(PY) -m pytest -q -m "not gpu"
+
+lint: setup  ## ruff
+	$(VENV)/bin/ruff check src tests data_prep
+
+format: setup
+	$(VENV)/bin/ruff format src tests data_prep
+
+sample-data: setup  ## rebuild the bundled sample data under assets/sample
+	$(PY) -m data_prep.make_sample_data --out assets/sample
+
+clean:  ## remove run outputs (keeps .venv)
+	rm -rf outputs logs wandb .pytest_cache

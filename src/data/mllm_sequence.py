@@ -1,0 +1,359 @@
+"""Record -> one SEED-X MLLM training sample (token ids, labels, image-position masks, ViT views).
+
+Layout (official SEED-X, see shared/reference/official-seedx.md "MLLM wrapper"):
+
+* ``<s>`` first (label -100); ``</s>`` last, with CE when the sample has any supervised position.
+* Role ``null`` (documents): every text item is supervised. ``system``: its text then ``"\\n"``, no CE.
+  ``user``: ``[INST] {content} [/INST]\\n`` with no CE (a ``"\\n"`` turn separator before every user turn
+  that follows another turn, as official ``sft_clm.py``); ``assistant``: its text is supervised.
+* A comprehension image (not ``generate``) is tiled at dynamic resolution (``select_grid`` over ``grids``
+  with tile = ``vit_image_size``, or the item's own ``"grid": "AxB"``): one ``<patch>`` + 64 image tokens
+  + ``</patch>`` span per tile (row-major), then ``<img>`` + 64 + ``</img>`` for the global view -- also
+  for a 1x1 grid, as officially. All these positions are -100; the 64 inner positions of every span are
+  ``ids_cmp_mask`` and every view is ``embeds_cmp_mask``.
+* A generated image (``"generate": true``) is one ``<img>`` + 64 + ``</img>`` span of the global view
+  only: ``<img>`` gets CE when its turn is supervised (null / assistant), the 64 inner positions are
+  ``ids_gen_mask`` (label -100), ``</img>`` is -100; its view is ``embeds_gen_mask``.
+* A box item becomes ``<box_start><loc-xc><loc-yc><loc-w><loc-h><box_end>``, quantised against the most
+  recent image before it, and is supervised like the text around it. A box ``label`` is metadata only.
+
+Text is tokenised with ``add_special_tokens=False``; adjacent text pieces that share a label are joined
+into one string first (so ``[INST] `` + question + `` [/INST]\\n`` is one piece), and image / box spans
+are built from token ids, so nothing merges across a span boundary.
+
+Bad input never raises: the builder returns ``{"skipped": SkippedSample}`` (reasons of ``load_image`` and
+``validate_record``, plus ``special_token_in_text``, ``box_without_image``, ``too_long``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from src.data.any_res import DEFAULT_GRIDS, parse_grid, select_grid, tile_image, tile_positions
+from src.data.bbox import quantize_box
+from src.data.images import vit_view
+from src.data.records import BadSample, SkippedSample, load_image, validate_record
+from src.data.special_tokens import NUM_IMG_TOKENS, SEEDX_TOKENS, image_token_ids
+
+IGNORE_INDEX = -100
+TRUNCATION_MODES = ("cut", "skip")
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How user / system turns are wrapped (all of it unsupervised)."""
+
+    user_prefix: str
+    user_suffix: str
+    turn_sep: str
+    system_suffix: str
+
+
+CHAT_FORMATS: dict[str, ChatFormat] = {
+    # SEED-X-I (official sft_clm.py: instruction_prompt='[INST] {instruction} [/INST]\n', turn_sep='\n')
+    "llama2": ChatFormat(user_prefix="[INST] ", user_suffix=" [/INST]\n", turn_sep="\n", system_suffix="\n"),
+}
+
+__all__ = ["SeedXSequenceBuilder", "CHAT_FORMATS", "IGNORE_INDEX", "t2i_flip"]
+
+
+def t2i_flip(seed: int, record_id: str, ratio: float) -> bool:
+    """Deterministic coin with P(True) = ``ratio`` from (seed, record id): same answer on every worker,
+    rank and resume."""
+    if ratio <= 0.0:
+        return False
+    if ratio >= 1.0:
+        return True
+    digest = hashlib.sha256(f"{seed}\x00t2i\x00{record_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < ratio
+
+
+@dataclass
+class _Segment:
+    """A run of tokens. ``image`` segments (all spans of one image) are never cut."""
+
+    ids: list[int]
+    labels: list[int]
+    cmp: list[bool] = field(default_factory=list)
+    gen: list[bool] = field(default_factory=list)
+    views: list[torch.Tensor] = field(default_factory=list)
+    view_is_gen: list[bool] = field(default_factory=list)
+    positions: list[tuple[float, float]] = field(default_factory=list)
+    image: bool = False
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        self.cmp = self.cmp or [False] * n
+        self.gen = self.gen or [False] * n
+
+
+class SeedXSequenceBuilder:
+    """Turns a record (or a read-time :class:`SkippedSample`) into a sample dict; see the module docstring.
+
+    Sample keys: ``input_ids``, ``labels`` (LongTensor (L,), labels not shifted), ``ids_cmp_mask``,
+    ``ids_gen_mask`` (BoolTensor (L,)), ``vit_pixels`` (n, 3, S, S), ``embeds_cmp_mask``,
+    ``embeds_gen_mask`` (BoolTensor (n,)), ``patch_positions`` (n, 2), ``id``, ``source``, ``truncated``.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        vit_image_size: int = 448,
+        grids: Sequence[str] = DEFAULT_GRIDS,
+        num_image_tokens: int = 64,
+        max_length: int = 2048,
+        truncation: str = "cut",
+        t2i_ratio: float = 0.0,
+        seed: int = 0,
+        min_image_size: int = 8,
+        max_aspect_ratio: float = 8.0,
+        chat_format: str = "llama2",
+    ) -> None:
+        if truncation not in TRUNCATION_MODES:
+            raise ValueError(f"truncation: expected one of {TRUNCATION_MODES}, got {truncation!r}")
+        if chat_format not in CHAT_FORMATS:
+            raise ValueError(f"chat_format: expected one of {sorted(CHAT_FORMATS)}, got {chat_format!r}")
+        if not 1 <= num_image_tokens <= NUM_IMG_TOKENS:
+            raise ValueError(f"num_image_tokens: must be in [1, {NUM_IMG_TOKENS}], got {num_image_tokens}")
+        if max_length < 2:
+            raise ValueError(f"max_length: must be >= 2 (BOS + one token), got {max_length}")
+        if not 0.0 <= t2i_ratio <= 1.0:
+            raise ValueError(f"t2i_ratio: must be in [0, 1], got {t2i_ratio}")
+        if vit_image_size < 1:
+            raise ValueError(f"vit_image_size: must be positive, got {vit_image_size}")
+        for g in grids:
+            parse_grid(g)  # raises naming the bad grid
+        self.tokenizer = tokenizer
+        self.vit_image_size = int(vit_image_size)
+        self.grids = tuple(grids)
+        self.num_image_tokens = int(num_image_tokens)
+        self.max_length = int(max_length)
+        self.truncation = truncation
+        self.t2i_ratio = float(t2i_ratio)
+        self.seed = int(seed)
+        self.min_image_size = int(min_image_size)
+        self.max_aspect_ratio = max_aspect_ratio
+        self.chat = CHAT_FORMATS[chat_format]
+
+        self.tok = image_token_ids(tokenizer)  # raises if add_seedx_tokens was not called
+        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer: needs bos_token_id and eos_token_id")
+        self.bos_id = int(tokenizer.bos_token_id)
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.slot_ids = list(self.tok.img[: self.num_image_tokens])
+        reserved = set(SEEDX_TOKENS) | {"<s>", "</s>"} | set(tokenizer.all_special_tokens)
+        reserved |= set(tokenizer.get_added_vocab())
+        self._reserved = re.compile("|".join(re.escape(t) for t in sorted(reserved, key=len, reverse=True)))
+
+    # ------------------------------------------------------------------------------------------ public
+    def __call__(self, record: dict | SkippedSample) -> dict[str, Any]:
+        if isinstance(record, SkippedSample):
+            return {"skipped": record}
+        source = record.get("source") if isinstance(record, dict) else None
+        rid = record.get("id") if isinstance(record, dict) else None
+        where = record.get("_where") if isinstance(record, dict) else None
+        try:
+            validate_record(record)
+            return self._build(record)
+        except BadSample as e:
+            return {"skipped": e.to_skipped(source if isinstance(source, str) else None,
+                                            rid if isinstance(rid, str) else None,
+                                            where if isinstance(where, str) else None)}
+
+    def is_t2i_candidate(self, record: dict) -> bool:
+        """Exactly one role-null turn holding [comprehension image, text] (an image-caption pair)."""
+        turns = record["turns"]
+        if len(turns) != 1 or turns[0].get("role") is not None:
+            return False
+        content = turns[0]["content"]
+        return (len(content) == 2 and "image" in content[0] and not content[0].get("generate", False)
+                and "text" in content[1])
+
+    # ------------------------------------------------------------------------------------------ build
+    def _check_text(self, text: str, at: str) -> None:
+        m = self._reserved.search(text)
+        if m:
+            raise BadSample("special_token_in_text", f"{at} contains the special token {m.group(0)!r}")
+
+    def _turns(self, record: dict) -> list[dict]:
+        turns = record["turns"]
+        if self.t2i_ratio > 0 and self.is_t2i_candidate(record) and t2i_flip(self.seed, record["id"],
+                                                                               self.t2i_ratio):
+            image, text = turns[0]["content"]
+            gen_image = {k: v for k, v in image.items() if k != "grid"}
+            gen_image["generate"] = True
+            return [{"role": None, "content": [text, gen_image]}]
+        return turns
+
+    def _build(self, record: dict) -> dict[str, Any]:
+        for i, turn in enumerate(record["turns"]):
+            for j, item in enumerate(turn["content"]):
+                if "text" in item:
+                    self._check_text(item["text"], f"turns[{i}].content[{j}].text")
+
+        # 1) a flat list of pieces: ("text", str, supervised) | ("image", item, supervised) | ("box", ...)
+        pieces: list[tuple[str, Any, bool]] = []
+        seen_dialogue = False
+        for turn in self._turns(record):
+            role = turn.get("role")
+            supervised = role in (None, "assistant")
+            if role == "user":
+                if seen_dialogue:
+                    pieces.append(("text", self.chat.turn_sep, False))
+                pieces.append(("text", self.chat.user_prefix, False))
+            for item in turn["content"]:
+                if "text" in item:
+                    pieces.append(("text", item["text"], supervised))
+                elif "image" in item:
+                    pieces.append(("image", item, supervised))
+                else:
+                    pieces.append(("box", item, supervised))
+            if role == "user":
+                pieces.append(("text", self.chat.user_suffix, False))
+            elif role == "system":
+                pieces.append(("text", self.chat.system_suffix, False))
+            if role in ("user", "assistant"):
+                seen_dialogue = True
+
+        # 2) segments: merge adjacent text pieces with the same supervision, build spans from ids
+        segments: list[_Segment] = []
+        last_size: tuple[int, int] | None = None
+        pending_text: list[str] = []
+        pending_sup = False
+
+        def flush() -> None:
+            if pending_text:
+                ids = self.tokenizer.encode("".join(pending_text), add_special_tokens=False)
+                if ids:
+                    segments.append(_Segment(list(ids), list(ids) if pending_sup else [IGNORE_INDEX] * len(ids)))
+                pending_text.clear()
+
+        for kind, value, supervised in pieces:
+            if kind == "text":
+                if pending_text and supervised != pending_sup:
+                    flush()
+                pending_sup = supervised
+                pending_text.append(value)
+                continue
+            flush()
+            if kind == "image":
+                img = load_image(record, value, min_size=self.min_image_size,
+                                 max_aspect_ratio=self.max_aspect_ratio)
+                last_size = img.size
+                segments.append(self._image_segment(img, value, supervised))
+            else:
+                if last_size is None:
+                    raise BadSample("box_without_image", f"box {value['box']!r} has no image before it")
+                q = quantize_box(value["box"], *last_size)
+                ids = [self.tok.box_start, *(self.tok.loc[v] for v in q), self.tok.box_end]
+                segments.append(_Segment(ids, list(ids) if supervised else [IGNORE_INDEX] * len(ids)))
+        flush()
+
+        # 3) assemble (with truncation)
+        return self._assemble(record, segments)
+
+    def _span(self, start: int, end: int, start_label: int, gen: bool) -> tuple[list[int], list[int],
+                                                                                list[bool], list[bool]]:
+        n = self.num_image_tokens
+        ids = [start, *self.slot_ids, end]
+        labels = [start_label] + [IGNORE_INDEX] * (n + 1)
+        inner = [False] + [True] * n + [False]
+        none = [False] * (n + 2)
+        return ids, labels, (none if gen else inner), (inner if gen else none)
+
+    def _image_segment(self, img, item: dict, supervised: bool) -> _Segment:
+        seg = _Segment([], [], image=True)
+        size = self.vit_image_size
+        if item.get("generate", False):
+            ids, labels, cmp, gen = self._span(self.tok.img_start, self.tok.img_end,
+                                               self.tok.img_start if supervised else IGNORE_INDEX, gen=True)
+            seg.ids, seg.labels, seg.cmp, seg.gen = ids, labels, cmp, gen
+            seg.views.append(vit_view(img, size))
+            seg.view_is_gen.append(True)
+            seg.positions.append((0.5, 0.5))
+            return seg
+        grid = item.get("grid", "any")
+        if grid == "any":
+            ncols, nrows = select_grid(img.width, img.height, self.grids, tile=size)
+        else:
+            ncols, nrows = parse_grid(grid)
+        views = tile_image(img, ncols, nrows, tile=size)  # tiles row-major, then the global view
+        for k, (view, pos) in enumerate(zip(views, tile_positions(ncols, nrows))):
+            is_global = k == len(views) - 1
+            start, end = ((self.tok.img_start, self.tok.img_end) if is_global
+                          else (self.tok.patch_start, self.tok.patch_end))
+            ids, labels, cmp, gen = self._span(start, end, IGNORE_INDEX, gen=False)
+            seg.ids += ids
+            seg.labels += labels
+            seg.cmp += cmp
+            seg.gen += gen
+            seg.views.append(vit_view(view, size))
+            seg.view_is_gen.append(False)
+            seg.positions.append(tuple(float(p) for p in pos))
+        return seg
+
+    def _assemble(self, record: dict, segments: list[_Segment]) -> dict[str, Any]:
+        supervised = any(lab != IGNORE_INDEX for s in segments for lab in s.labels)
+        total = 1 + sum(len(s.ids) for s in segments) + 1
+        truncated = False
+        if total > self.max_length:
+            if self.truncation == "skip":
+                raise BadSample("too_long", f"{total} tokens > max_length={self.max_length} (truncation=skip)")
+            budget = self.max_length - 1  # BOS; a cut sample gets no EOS (its text goes on)
+            kept: list[_Segment] = []
+            for s in segments:
+                if len(s.ids) <= budget:
+                    kept.append(s)
+                    budget -= len(s.ids)
+                    continue
+                if not s.image and budget > 0:
+                    kept.append(_Segment(s.ids[:budget], s.labels[:budget]))
+                break
+            n_images = sum(s.image for s in segments)
+            if n_images and not any(s.image for s in kept):
+                raise BadSample("too_long", f"{total} tokens > max_length={self.max_length} and the first "
+                                            f"image does not fit")
+            segments, truncated = kept, True
+
+        ids = [self.bos_id]
+        labels = [IGNORE_INDEX]
+        cmp = [False]
+        gen = [False]
+        views: list[torch.Tensor] = []
+        view_is_gen: list[bool] = []
+        positions: list[tuple[float, float]] = []
+        for s in segments:
+            ids += s.ids
+            labels += s.labels
+            cmp += s.cmp
+            gen += s.gen
+            views += s.views
+            view_is_gen += s.view_is_gen
+            positions += s.positions
+        if not truncated:
+            ids.append(self.eos_id)
+            labels.append(self.eos_id if supervised else IGNORE_INDEX)
+            cmp.append(False)
+            gen.append(False)
+
+        size = self.vit_image_size
+        is_gen = torch.tensor(view_is_gen, dtype=torch.bool)
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "ids_cmp_mask": torch.tensor(cmp, dtype=torch.bool),
+            "ids_gen_mask": torch.tensor(gen, dtype=torch.bool),
+            "vit_pixels": torch.stack(views) if views else torch.zeros(0, 3, size, size),
+            "embeds_cmp_mask": ~is_gen,
+            "embeds_gen_mask": is_gen,
+            "patch_positions": torch.tensor(positions, dtype=torch.float32).reshape(-1, 2),
+            "id": record["id"],
+            "source": record["source"],
+            "truncated": truncated,
+        }

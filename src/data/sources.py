@@ -1,0 +1,50 @@
+"""Where records come from: one ``SourceConfig`` per dataset, shared by every datamodule.
+
+A source is a jsonl file of records or a folder of images (read eagerly into a list: map-style), or
+webdataset shards (streamed by the datamodule that supports them; :func:`read_source` refuses them).
+``weight`` is the relative sampling weight of the source in a training mixture (see ``mixture.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from src.data.records import SkippedSample, read_image_folder, read_jsonl
+
+SOURCE_KINDS = ("jsonl", "folder", "shards")
+
+__all__ = ["SOURCE_KINDS", "SourceConfig", "read_source", "source_name"]
+
+
+@dataclass
+class SourceConfig:
+    path: str
+    kind: str = "jsonl"
+    name: str | None = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"data source kind must be one of {SOURCE_KINDS}, got {self.kind!r} ({self.path})")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) \
+                or not math.isfinite(self.weight) or self.weight < 0:
+            raise ValueError(f"data source weight must be a finite number >= 0, got {self.weight!r} "
+                             f"({self.name or self.path})")
+        self.weight = float(self.weight)
+
+
+def source_name(src: SourceConfig) -> str:
+    """The name a source's records and skip reports carry: ``name``, else the file stem / folder name."""
+    return src.name or (Path(src.path).name if src.kind == "folder" else Path(src.path).stem)
+
+
+def read_source(src: SourceConfig) -> list[dict | SkippedSample]:
+    """All records of a jsonl or folder source, with read-time :class:`SkippedSample` s left in place
+    (so they are counted when a loader reaches them)."""
+    if src.kind == "jsonl":
+        return list(read_jsonl(src.path, source=src.name))
+    if src.kind == "folder":
+        return list(read_image_folder(src.path, source=src.name or Path(src.path).name))
+    raise ValueError(f"source kind {src.kind!r} is not map-style (shards are streamed): {src.path}")

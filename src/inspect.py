@@ -1,0 +1,62 @@
+"""`python -m src.inspect experiment=<name>`: build the stage's models on the meta device and count.
+
+No weights are read and no memory is allocated. Prints total and trainable parameters per top-level
+module, then one JSON line: {"experiment", "total", "trainable", "modules": {name: {total, trainable}}}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from src.utils.config import check_config
+
+
+def build_on_meta(cfg: DictConfig):
+    check_config(cfg)
+    module = hydra.utils.instantiate(cfg.stage, _convert_="all")
+    with torch.device("meta"):
+        module.build_models(load_weights=False)
+    return module
+
+
+def count_parameters(module: torch.nn.Module) -> dict:
+    per_module = {}
+    for name, child in module.named_children():
+        params = list(child.parameters())
+        if not params:
+            continue
+        per_module[name] = {
+            "total": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in params if p.requires_grad),
+        }
+    return {
+        "total": sum(p.numel() for p in module.parameters()),
+        "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "modules": per_module,
+    }
+
+
+def format_table(counts: dict) -> str:
+    rows = [f"{'module':<24}{'total':>18}{'trainable':>18}"]
+    for name, c in counts["modules"].items():
+        rows.append(f"{name:<24}{c['total']:>18,}{c['trainable']:>18,}")
+    rows.append(f"{'TOTAL':<24}{counts['total']:>18,}{counts['trainable']:>18,}")
+    return "\n".join(rows)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="inspect.yaml")
+def main(cfg: DictConfig) -> None:
+    counts = count_parameters(build_on_meta(cfg))
+    print(format_table(counts))
+    print(json.dumps({"experiment": cfg.get("task_name"), **counts}))
+
+
+if __name__ == "__main__":
+    main()

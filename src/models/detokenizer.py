@@ -1,0 +1,133 @@
+"""SEED-X visual de-tokenizer: SDXL UNet + VAE (diffusers) conditioned by the perceiver adapter.
+
+Architecture and weights are separate: every piece builds from its config dict (meta device works),
+and `load_*` functions read local files only. The adapter (ResamplerXLV2) turns 64 ViT tokens into
+SDXL `encoder_hidden_states` (64 x 2048) and the pooled `text_embeds` (1280).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+
+from src.models.detok_adapter import DetokAdapterConfig
+from src.utils.weights import load_state_dict_file, missing_weights_error
+
+# SDXL micro-conditioning: original (h, w) + crop top-left (y, x) + target (h, w).
+NUM_TIME_IDS = 6
+
+
+@dataclass
+class DetokenizerConfig:
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    scheduler: dict[str, Any]
+    adapter: dict[str, Any] = field(default_factory=dict)
+    resolution: int = 1024
+    pretrained_dir: str | None = None
+    adapter_weights: str | None = None
+    allow_random_init: bool = False
+
+    def __post_init__(self) -> None:
+        self.adapter_cfg = DetokAdapterConfig(**self.adapter)
+        cross = self.unet.get("cross_attention_dim")
+        if cross != self.adapter_cfg.prompt_dim:
+            raise ValueError(
+                f"model.detokenizer.unet.cross_attention_dim={cross} must equal adapter output1_dim + "
+                f"output2_dim = {self.adapter_cfg.prompt_dim}"
+            )
+        want = NUM_TIME_IDS * self.unet["addition_time_embed_dim"] + self.adapter_cfg.output2_dim
+        if self.unet.get("projection_class_embeddings_input_dim") != want:
+            raise ValueError(
+                "model.detokenizer.unet.projection_class_embeddings_input_dim must be 6 x "
+                f"addition_time_embed_dim + adapter.output2_dim = {want}, got "
+                f"{self.unet.get('projection_class_embeddings_input_dim')}"
+            )
+        if self.resolution % self.vae_scale_factor:
+            raise ValueError(
+                f"model.detokenizer.resolution={self.resolution} must be divisible by the VAE "
+                f"downsampling factor {self.vae_scale_factor}"
+            )
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.vae_scale_factor
+
+    def check_weights_present(self) -> None:
+        """Full-size runs must start from SDXL weights: say which key to set when they are missing."""
+        if self.allow_random_init:
+            return
+        if not self.pretrained_dir:
+            raise missing_weights_error("model.detokenizer.pretrained_dir", "a diffusers SDXL base folder")
+        if not Path(self.pretrained_dir).is_dir():
+            raise missing_weights_error(
+                "model.detokenizer.pretrained_dir", "a diffusers SDXL base folder", self.pretrained_dir
+            )
+
+
+def build_unet(cfg: DetokenizerConfig, load_weights: bool = True) -> UNet2DConditionModel:
+    if load_weights and cfg.pretrained_dir:
+        cfg.check_weights_present()
+        return UNet2DConditionModel.from_pretrained(cfg.pretrained_dir, subfolder="unet", local_files_only=True)
+    return UNet2DConditionModel.from_config(dict(cfg.unet))
+
+
+def build_vae(cfg: DetokenizerConfig, load_weights: bool = True) -> AutoencoderKL:
+    if load_weights and cfg.pretrained_dir:
+        cfg.check_weights_present()
+        vae = AutoencoderKL.from_pretrained(cfg.pretrained_dir, subfolder="vae", local_files_only=True)
+    else:
+        vae = AutoencoderKL.from_config(dict(cfg.vae))
+    # SDXL's VAE overflows in fp16/bf16 (diffusers keeps it fp32 "to avoid NaN losses").
+    return vae.float()
+
+
+def build_noise_scheduler(cfg: DetokenizerConfig) -> DDPMScheduler:
+    # Training noise follows DDPM with SDXL's betas; the sampler used at inference is chosen separately.
+    return DDPMScheduler.from_config(dict(cfg.scheduler))
+
+
+def widen_conv_in(unet: UNet2DConditionModel, extra_channels: int) -> None:
+    """InstructPix2Pix widening: keep the old weights and bias, zero-init the new input channels.
+
+    Zero new channels make the widened UNet compute exactly what it did before (diffusers #4960 lost
+    the bias; we copy it). The saved config says the new channel count so the model reloads.
+    """
+    old = unet.conv_in
+    new = nn.Conv2d(
+        old.in_channels + extra_channels,
+        old.out_channels,
+        old.kernel_size,
+        old.stride,
+        old.padding,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels].copy_(old.weight)
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=new.in_channels)
+
+
+def is_attention_kv(name: str) -> bool:
+    """to_k / to_v of every UNet attention (self and cross): what stage 1 fine-tunes in the UNet."""
+    return ".to_k." in name or ".to_v." in name
+
+
+def load_adapter_checkpoint(path: str, key: str = "model.detokenizer.adapter_weights") -> dict[str, torch.Tensor]:
+    """Read a de-tokenizer checkpoint: official (`resampler.*`, `unet.*`) or ours (Lightning .ckpt)."""
+    state = load_state_dict_file(path, key)
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith(("resampler.", "unet."))}

@@ -1,0 +1,141 @@
+"""What every stage shares: optimiser + schedule, param groups, logging, lean checkpoints.
+
+A stage subclass builds its models in `build_models(load_weights)` and turns a batch into a dict of
+losses in `compute_losses(batch)` (key "loss" is the one optimised). Nothing else is stage-specific.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+
+NO_DECAY_HINTS = ("bias", "norm", "ln_", "embed", "latents", "query", "pos")
+
+
+def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, embeddings and learned queries/positions (1-D or table params)."""
+    decay, no_decay = [], []
+    for name, p in named:
+        lname = name.lower()
+        if p.ndim < 2 or any(h in lname for h in NO_DECAY_HINTS):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_lr_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    if name == "cosine":
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, warmup_steps, total_steps, min_lr_rate=min_lr_ratio
+        )
+    if name == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup_steps)
+    raise ValueError(f"stage.scheduler.name must be 'cosine' or 'constant', got {name!r}")
+
+
+class StageModule(L.LightningModule):
+    def __init__(
+        self,
+        model: dict,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: dict | None = None,
+        checkpoint_frozen: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer_factory = optimizer
+        self.scheduler_cfg = dict(scheduler or {"name": "constant", "warmup_steps": 0, "min_lr_ratio": 0.0})
+        self.checkpoint_frozen = checkpoint_frozen
+        self._built = False
+
+    # ---- what a stage implements -------------------------------------------------------------------
+    def build_models(self, load_weights: bool = True) -> None:
+        raise NotImplementedError
+
+    def compute_losses(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # ---- shared ---------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        # Called by Lightning before fit/restore (under the strategy's init context, e.g. FSDP).
+        if not self._built:
+            self.build_models(load_weights=True)
+            self._built = True
+
+    def batch_size_of(self, batch: dict) -> int:
+        return int(batch.get("batch_size", 0))
+
+    def training_step(self, batch: dict, batch_idx: int):
+        if self.batch_size_of(batch) == 0:
+            return None  # every sample of this batch was bad: skipped (and counted by BadSampleLogger)
+        losses = self.compute_losses(batch, "train")
+        self._log_losses(losses, "train", self.batch_size_of(batch))
+        return losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        if self.batch_size_of(batch) == 0:
+            return None
+        losses = self.compute_losses(batch, "val")
+        self._log_losses(losses, "val", self.batch_size_of(batch))
+        return losses["loss"]
+
+    def _log_losses(self, losses: dict[str, torch.Tensor], split: str, batch_size: int) -> None:
+        on_step = split == "train"
+        for name, value in losses.items():
+            self.log(
+                f"{split}/{name}", value.detach().float(), on_step=on_step, on_epoch=not on_step,
+                prog_bar=name == "loss", batch_size=batch_size, sync_dist=not on_step,
+            )
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        wd = float(getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0))
+        optimizer = self.optimizer_factory(param_groups(self.trainable_named_parameters(), wd))
+        total = int(self.trainer.estimated_stepping_batches) if self.trainer else 1
+        sched = build_lr_scheduler(
+            optimizer,
+            self.scheduler_cfg.get("name", "cosine"),
+            int(self.scheduler_cfg.get("warmup_steps", 0)),
+            max(total, 1),
+            float(self.scheduler_cfg.get("min_lr_ratio", 0.0)),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- lean checkpoints -----------------------------------------------------------------------------
+    # Frozen towers (ViT, VAE, most of the UNet) come back from their weight paths on resume, so a
+    # checkpoint holds only what trains (plus buffers). A 2.6B-param SDXL would otherwise be rewritten
+    # at every save. `checkpoint_frozen: true` keeps everything.
+    def frozen_state_keys(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if not p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.checkpoint_frozen:
+            return
+        frozen = self.frozen_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["frozen_keys_dropped"] = len(frozen)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        own = self.state_dict()
+        unexpected = sorted(set(state) - set(own))
+        missing = sorted(k for k in own if k not in state and k not in self.frozen_state_keys())
+        if unexpected or missing:
+            raise RuntimeError(
+                "checkpoint does not match this model's config: "
+                f"missing trainable keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+            )
+        # Fill frozen entries from the freshly built model so Lightning's strict load passes.
+        for k, v in own.items():
+            state.setdefault(k, v)

@@ -1,0 +1,86 @@
+"""De-tokenizer stage 2: condition image latent concatenated to the noisy latent (InstructPix2Pix).
+
+`conv_in` widens 4 -> 8 (new channels zero, so the stage-1 UNet is unchanged at start); the whole
+UNet and the adapter train. The condition is the VAE latent of the source image (mode, unscaled);
+caption/image-only records have no source and get zeros, and at `cond_drop_rate` a present condition
+is zeroed too so the model learns the unconditional branch for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from src.models.detokenizer import widen_conv_in
+from src.pipelines.detok import decode_latents
+from src.stages.detok_pretrain import DetokPretrainModule
+
+
+class DetokCondModule(DetokPretrainModule):
+    def __init__(
+        self,
+        *args,
+        cond_drop_rate: float = 0.05,
+        image_guidance_scale: float = 1.5,
+        require_stage1: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if not 0.0 <= cond_drop_rate <= 1.0:
+            raise ValueError(f"stage.cond_drop_rate must be in [0, 1], got {cond_drop_rate}")
+        self.require_stage1 = require_stage1
+        self.cond_drop_rate = cond_drop_rate
+        self.image_guidance_scale = image_guidance_scale
+
+    def build_models(self, load_weights: bool = True) -> None:
+        # Checked before anything is built; `src.inspect` (load_weights=False) needs no weights at all.
+        needs_stage1 = self.require_stage1 and not self.detok_cfg.allow_random_init
+        if load_weights and needs_stage1 and not self.detok_cfg.adapter_weights:
+            raise ValueError(
+                "model.detokenizer.adapter_weights: stage 2 starts from a stage-1 checkpoint "
+                "(seedx_detok_pretrain's last.ckpt or the official first_stage pytorch_model.bin); set it"
+            )
+        super().build_models(load_weights)
+
+    def adapt_unet(self) -> None:
+        latent_channels = self.vae.config.latent_channels
+        if self.unet.config.in_channels == latent_channels:
+            widen_conv_in(self.unet, latent_channels)
+
+    def prepare_adapter_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # A stage-1 checkpoint has a 4-channel conv_in: copy it into the widened one, new channels zero.
+        conv = state.get("unet.conv_in.weight")
+        if conv is not None and conv.shape[1] < self.unet.conv_in.in_channels:
+            w, b = state.pop("unet.conv_in.weight"), state.pop("unet.conv_in.bias", None)
+            with torch.no_grad():
+                self.unet.conv_in.weight.zero_()
+                self.unet.conv_in.weight[:, : w.shape[1]].copy_(w)
+                if b is not None:
+                    self.unet.conv_in.bias.copy_(b)
+        return state
+
+    def set_trainable(self) -> None:
+        super().set_trainable()
+        self.unet.requires_grad_(True)
+
+    @torch.no_grad()
+    def condition_latents(self, batch: dict) -> torch.Tensor:
+        # Unscaled mode of the posterior: the InstructPix2Pix convention (DESIGN: mode, unscaled).
+        cond = self.vae.encode(batch["cond_pixels"].float()).latent_dist.mode()
+        return cond * batch["has_cond"].view(-1, 1, 1, 1).to(cond)
+
+    def unet_extra_input(self, batch: dict, latents: torch.Tensor, split: str) -> torch.Tensor:
+        cond = self.condition_latents(batch)
+        if split == "train" and self.cond_drop_rate > 0:
+            keep = torch.rand(cond.shape[0], 1, 1, 1, device=cond.device) >= self.cond_drop_rate
+            cond = cond * keep
+        return cond
+
+    @torch.no_grad()
+    def sample_images(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """{'condition', 'target', 'generated'} in [0, 1]; 3-branch CFG (features, condition image)."""
+        latents = self.generate_latents(batch, generator, cond_latents=self.condition_latents(batch))
+        return {
+            "condition": (batch["cond_pixels"].float().cpu() + 1) / 2,
+            "target": (batch["vae_pixels"].float().cpu() + 1) / 2,
+            "generated": decode_latents(self.vae, latents).cpu(),
+        }

@@ -1,0 +1,69 @@
+"""`python -m src.train experiment=<name>`: compose, instantiate, fit. Nothing stage-specific here."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+os.environ.setdefault("WANDB_MODE", "offline")  # W&B never needs a login unless the user opts in
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from src.utils.config import check_config
+from src.utils.run import instantiate_named, save_resolved_config, write_metrics_json
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    check_config(cfg)
+    out = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = hydra.utils.instantiate(cfg.stage, _convert_="all")
+    callbacks = instantiate_named(cfg.get("callbacks"))
+    loggers = instantiate_named(cfg.get("logger"))
+    strategy = hydra.utils.instantiate(cfg.strategy) if cfg.get("strategy") else "auto"
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy)
+
+    if trainer.is_global_zero:
+        save_resolved_config(cfg, out)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    finally:
+        _close_wandb()
+    metrics = dict(trainer.callback_metrics)
+    if trainer.is_global_zero:
+        metrics = write_metrics_json(out / "metrics.json", metrics)
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+def _close_wandb() -> None:
+    import sys
+
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train.yaml")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    # Pin output_dir to the directory Hydra created (resolving ${now:} twice could differ by a second;
+    # multirun jobs get <sweep dir>/<job number>).
+    with open_dict(cfg):
+        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    OmegaConf.resolve(cfg)
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

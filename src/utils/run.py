@@ -1,0 +1,54 @@
+"""Run plumbing for src.train: build callbacks/loggers from config, write metrics and configs atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+
+def instantiate_named(cfg: DictConfig | None) -> list[Any]:
+    """Callbacks/loggers are named entries; `callbacks.x=null` drops one."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Temp file in the same folder + rename: a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def write_metrics_json(path: str | Path, metrics: dict[str, Any]) -> dict[str, float]:
+    values = scalar_metrics(metrics)
+    # json has no NaN/inf: store them as strings so a diverged run is still readable (and visible).
+    safe = {k: (v if math.isfinite(v) else str(v)) for k, v in sorted(values.items())}
+    atomic_write_text(path, json.dumps(safe, indent=2) + "\n")
+    return values
+
+
+def save_resolved_config(cfg: DictConfig, output_dir: str | Path) -> None:
+    atomic_write_text(Path(output_dir) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
