@@ -27,27 +27,31 @@ def build_on_meta(cfg: DictConfig):
 
 
 def count_parameters(module: torch.nn.Module) -> dict:
+    """Totals, per reported module (the stage's `report_modules()`), and LoRA's share of trainables."""
     per_module = {}
-    for name, child in module.named_children():
-        params = list(child.parameters())
-        if not params:
-            continue
-        per_module[name] = {
-            "total": sum(p.numel() for p in params),
-            "trainable": sum(p.numel() for p in params if p.requires_grad),
-        }
+    for name, child in module.report_modules().items():
+        params = list(child.parameters()) if isinstance(child, torch.nn.Module) else [child]
+        if params:
+            per_module[name] = {
+                "total": sum(p.numel() for p in params),
+                "trainable": sum(p.numel() for p in params if p.requires_grad),
+            }
+    named = list(module.named_parameters())
     return {
-        "total": sum(p.numel() for p in module.parameters()),
-        "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "total": sum(p.numel() for _, p in named),
+        "trainable": sum(p.numel() for _, p in named if p.requires_grad),
+        "lora_trainable": sum(p.numel() for n, p in named if "lora_" in n and p.requires_grad),
         "modules": per_module,
     }
 
 
 def format_table(counts: dict) -> str:
-    rows = [f"{'module':<24}{'total':>18}{'trainable':>18}"]
+    rows = [f"{'module':<28}{'total':>18}{'trainable':>18}"]
     for name, c in counts["modules"].items():
-        rows.append(f"{name:<24}{c['total']:>18,}{c['trainable']:>18,}")
-    rows.append(f"{'TOTAL':<24}{counts['total']:>18,}{counts['trainable']:>18,}")
+        rows.append(f"{name:<28}{c['total']:>18,}{c['trainable']:>18,}")
+    rows.append(f"{'TOTAL':<28}{counts['total']:>18,}{counts['trainable']:>18,}")
+    if counts["lora_trainable"]:
+        rows.append(f"{'(of which LoRA)':<28}{'':>18}{counts['lora_trainable']:>18,}")
     return "\n".join(rows)
 
 

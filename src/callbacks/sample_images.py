@@ -8,19 +8,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import torch
 from torchvision.utils import make_grid, save_image
 
+from src.callbacks.periodic import PeriodicCallback
 
-class SampleImagesCallback(L.Callback):
+
+class SampleImagesCallback(PeriodicCallback):
     def __init__(self, output_dir: str, every_n_steps: int = 1000, num_samples: int = 4, seed: int = 0) -> None:
+        super().__init__(every_n_steps)
         self.dir = Path(output_dir) / "samples"
-        self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.seed = seed
         self._batch = None
-        self._last_step = -1
 
     def _fixed_batch(self, trainer) -> dict | None:
         if self._batch is None:
@@ -54,11 +54,7 @@ class SampleImagesCallback(L.Callback):
         rows = torch.stack(cols, dim=1).flatten(0, 1)  # sample-major: one row per sample
         return make_grid(rows, nrow=len(cols), padding=2, pad_value=1.0), list(columns)
 
-    def _emit(self, trainer, pl_module) -> None:
-        step = trainer.global_step
-        if step == self._last_step:
-            return
-        self._last_step = step
+    def run(self, trainer, pl_module, step: int) -> None:
         out = self.make_grid(trainer, pl_module)
         if out is None or not trainer.is_global_zero:
             return
@@ -70,10 +66,3 @@ class SampleImagesCallback(L.Callback):
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="val/samples", images=[str(path)], step=step, caption=[caption])
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
-            self._emit(trainer, pl_module)
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        self._emit(trainer, pl_module)

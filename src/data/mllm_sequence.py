@@ -60,7 +60,7 @@ CHAT_FORMATS: dict[str, ChatFormat] = {
     "llama2": ChatFormat(user_prefix="[INST] ", user_suffix=" [/INST]\n", turn_sep="\n", system_suffix="\n"),
 }
 
-__all__ = ["SeedXSequenceBuilder", "CHAT_FORMATS", "IGNORE_INDEX", "t2i_flip"]
+__all__ = ["CHAT_FORMATS", "IGNORE_INDEX", "SeedXSequenceBuilder", "t2i_flip"]
 
 
 def t2i_flip(seed: int, record_id: str, ratio: float) -> bool:
@@ -76,7 +76,7 @@ def t2i_flip(seed: int, record_id: str, ratio: float) -> bool:
 
 @dataclass
 class _Segment:
-    """A run of tokens. ``image`` segments (all spans of one image) are never cut."""
+    """A run of tokens. ``atomic`` segments (all spans of one image; a box) are never cut."""
 
     ids: list[int]
     labels: list[int]
@@ -86,6 +86,7 @@ class _Segment:
     view_is_gen: list[bool] = field(default_factory=list)
     positions: list[tuple[float, float]] = field(default_factory=list)
     image: bool = False
+    atomic: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -252,7 +253,8 @@ class SeedXSequenceBuilder:
                     raise BadSample("box_without_image", f"box {value['box']!r} has no image before it")
                 q = quantize_box(value["box"], *last_size)
                 ids = [self.tok.box_start, *(self.tok.loc[v] for v in q), self.tok.box_end]
-                segments.append(_Segment(ids, list(ids) if supervised else [IGNORE_INDEX] * len(ids)))
+                segments.append(_Segment(ids, list(ids) if supervised else [IGNORE_INDEX] * len(ids),
+                                         atomic=True))
         flush()
 
         # 3) assemble (with truncation)
@@ -268,7 +270,7 @@ class SeedXSequenceBuilder:
         return ids, labels, (none if gen else inner), (inner if gen else none)
 
     def _image_segment(self, img, item: dict, supervised: bool) -> _Segment:
-        seg = _Segment([], [], image=True)
+        seg = _Segment([], [], image=True, atomic=True)
         size = self.vit_image_size
         if item.get("generate", False):
             ids, labels, cmp, gen = self._span(self.tok.img_start, self.tok.img_end,
@@ -312,7 +314,7 @@ class SeedXSequenceBuilder:
                     kept.append(s)
                     budget -= len(s.ids)
                     continue
-                if not s.image and budget > 0:
+                if not s.atomic and budget > 0:
                     kept.append(_Segment(s.ids[:budget], s.labels[:budget]))
                 break
             n_images = sum(s.image for s in segments)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.models.resampler import load_state_dict_strict, read_state_dict
+from src.utils.weights import load_state_dict_file, load_state_dict_strict
 
 
 @dataclass
@@ -172,7 +172,7 @@ class ResamplerXLV2(nn.Module):
         if path is None:
             raise ValueError("no checkpoint path given and cfg.weights is None")
         own, unet = {}, OrderedDict()
-        for k, v in read_state_dict(path).items():
+        for k, v in load_state_dict_file(path, "model.detokenizer.adapter_weights").items():
             if k.startswith("unet."):
                 unet[k[len("unet.") :]] = v
             else:

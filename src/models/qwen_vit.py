@@ -18,9 +18,8 @@ from src.models.resampler import (
     QwenResampler,
     ResamplerConfig,
     interpolate_pos_embed,
-    load_state_dict_strict,
-    read_state_dict,
 )
+from src.utils.weights import load_state_dict_file, load_state_dict_strict
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -196,7 +195,7 @@ class QwenViT(nn.Module):
         if path is None:
             raise ValueError("no checkpoint path given and cfg.weights is None")
         sd = {}
-        for k, v in read_state_dict(path).items():
+        for k, v in load_state_dict_file(path, "model.vit.weights").items():
             for p in _PREFIXES:
                 if k.startswith(p):
                     k = k[len(p) :]

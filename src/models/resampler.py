@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -125,37 +124,3 @@ class QwenResampler(nn.Module):
         q = (self.ln_q(self.query) + self.pos_embed).expand(x.size(0), -1, -1)
         # Keys carry position, values do not (official semantics).
         return self.attn(q, kv + pos_k, kv, attn_mask=attn_mask, need_weights=False)[0]
-
-
-# ---- checkpoint helpers shared by the official-weight loaders -------------------------------
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors or torch-pickled (.pt/.bin) state dict onto the CPU."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_state_dict_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str = "") -> None:
-    """Strict load whose error names every missing, unexpected and wrong-shape key."""
-    own = module.state_dict()
-    missing = sorted(own.keys() - sd.keys())
-    unexpected = sorted(sd.keys() - own.keys())
-    wrong = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} != model {tuple(own[k].shape)}"
-        for k in sorted(own.keys() & sd.keys())
-        if sd[k].shape != own[k].shape
-    ]
-    if missing or unexpected or wrong:
-        lines = [f"checkpoint does not match {what or type(module).__name__}:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
-            if keys:
-                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
-        raise ValueError("\n".join(lines))
-    # A meta-built model has no storage to copy into, so take the checkpoint tensors instead.
-    assign = any(t.is_meta for t in own.values())
-    module.load_state_dict(sd, strict=True, assign=assign)

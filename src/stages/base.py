@@ -95,6 +95,10 @@ class StageModule(L.LightningModule):
                 prog_bar=name == "loss", batch_size=batch_size, sync_dist=not on_step,
             )
 
+    def report_modules(self) -> dict[str, nn.Module | nn.Parameter]:
+        """What `src.inspect` lists one row each for."""
+        return dict(self.named_children())
+
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -27,3 +28,24 @@ def load_state_dict_file(path: str | None, key: str) -> dict:
 
         return load_file(path, device="cpu")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_state_dict_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str = "") -> None:
+    """Strict load whose error names every missing, unexpected and wrong-shape key."""
+    own = module.state_dict()
+    missing = sorted(own.keys() - sd.keys())
+    unexpected = sorted(sd.keys() - own.keys())
+    wrong = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} != model {tuple(own[k].shape)}"
+        for k in sorted(own.keys() & sd.keys())
+        if sd[k].shape != own[k].shape
+    ]
+    if missing or unexpected or wrong:
+        lines = [f"checkpoint does not match {what or type(module).__name__}:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
+        raise ValueError("\n".join(lines))
+    # A meta-built model has no storage to copy into, so take the checkpoint tensors instead.
+    assign = any(t.is_meta for t in own.values())
+    module.load_state_dict(sd, strict=True, assign=assign)

@@ -1,0 +1,106 @@
+"""Weighted mixture of datasets: a torch ``Sampler`` over a ``ConcatDataset`` of the sources.
+
+For epoch ``e`` the source of each of the ``num_samples`` positions is drawn i.i.d. with the normalised
+weights; source ``k`` is then walked through its own permutation (``offset_k + perm[j]``), a fresh
+permutation each time it is exhausted (cycling). Everything is a pure function of ``(seed, epoch)``, so
+every rank and every resume sees the same order.
+
+``state_dict()`` holds the epoch and how many indices of it were consumed; after ``load_state_dict`` the
+next iteration continues from there (once), then whole epochs again. A finished pass advances the epoch by
+one, so a wrapper that never calls ``set_epoch`` (e.g. Lightning's distributed sampler wrapper) still sees
+a new mixture every epoch; calling ``set_epoch(e)`` explicitly always wins.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+__all__ = ["MixtureSampler"]
+
+_SOURCE_STREAM = 0x5EED  # keeps the source draws and the permutations in separate random streams
+_PERM_STREAM = 0x9E3
+
+
+class MixtureSampler(Sampler[int]):
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float], num_samples: int, seed: int = 0,
+                 names: Sequence[str] | None = None) -> None:
+        sizes, weights = list(sizes), list(weights)
+        names = list(names) if names is not None else [f"#{k}" for k in range(len(sizes))]
+        if not sizes:
+            raise ValueError("mixture: needs at least one source")
+        if len(weights) != len(sizes) or len(names) != len(sizes):
+            raise ValueError(f"mixture: {len(sizes)} sizes but {len(weights)} weights and {len(names)} names")
+        for name, size, w in zip(names, sizes, weights):
+            if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
+                raise ValueError(f"mixture: source {name} has size {size!r}; sizes must be ints >= 0")
+            if isinstance(w, bool) or not isinstance(w, (int, float, np.floating, np.integer)) \
+                    or not math.isfinite(w) or w < 0:
+                raise ValueError(f"mixture: source {name} has weight {w!r}; weights must be finite and >= 0")
+            if w > 0 and size == 0:
+                raise ValueError(f"mixture: source {name} has weight {w} but no samples (size 0); "
+                                 f"give it weight 0 or data")
+        total = float(sum(weights))
+        if total <= 0:
+            raise ValueError(f"mixture: all source weights are 0 ({dict(zip(names, weights))})")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 0:
+            raise ValueError(f"mixture: num_samples must be an int >= 0, got {num_samples!r}")
+        self.sizes = [int(s) for s in sizes]
+        self.names = names
+        self.probs = np.asarray(weights, dtype=np.float64) / total
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        self.num_samples = int(num_samples)
+        self.seed = int(seed) % 2**63
+        self.epoch = 0
+        self._start = 0  # where the next iteration begins (set by load_state_dict)
+        self._consumed = 0  # indices handed out in the current epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        epoch = int(epoch)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._start = 0
+            self._consumed = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self._consumed, "seed": self.seed,
+                "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self._consumed = self._start = min(int(state.get("consumed", 0)), self.num_samples)
+
+    def indices(self, epoch: int) -> np.ndarray:
+        """All ``num_samples`` dataset indices of ``epoch`` (a pure function of seed and epoch)."""
+        rng = np.random.default_rng([self.seed, epoch, _SOURCE_STREAM])
+        choice = rng.choice(len(self.sizes), size=self.num_samples, p=self.probs)
+        out = np.empty(self.num_samples, dtype=np.int64)
+        for k, size in enumerate(self.sizes):
+            where = np.flatnonzero(choice == k)
+            if where.size == 0:
+                continue
+            cycles = -(-where.size // size)
+            walk = np.concatenate([
+                np.random.default_rng([self.seed, epoch, _PERM_STREAM, k, c]).permutation(size)
+                for c in range(cycles)
+            ])[: where.size]
+            out[where] = self.offsets[k] + walk
+        return out
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, start = self.epoch, self._start
+        self._start = 0
+        order = self.indices(epoch)
+        self._consumed = start
+        for i in range(start, self.num_samples):
+            self._consumed = i + 1
+            yield int(order[i])
+        if self.epoch == epoch:  # a finished pass moves on, unless set_epoch intervened
+            self.epoch = epoch + 1
+            self._consumed = 0

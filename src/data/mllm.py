@@ -1,0 +1,159 @@
+"""Datamodule for SEED-X MLLM pre-training / SFT: weighted mixture of record sources -> MLLM batches.
+
+Sources are map-style (jsonl files, image folders), read eagerly in ``setup``; read-time
+``SkippedSample`` entries stay in the lists so they are counted (``batch["skipped"]``) when reached.
+Training draws from a :class:`MixtureSampler` (weights per source, ``samples_per_epoch`` per epoch,
+deterministic from ``seed`` and the epoch); validation walks the val sources in order.
+``batch_size`` counts samples; with ``packing`` the collator packs them into rows of ``max_length``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from src.data.any_res import DEFAULT_GRIDS
+from src.data.mixture import MixtureSampler
+from src.data.mllm_collate import MLLMCollator
+from src.data.mllm_sequence import SeedXSequenceBuilder
+from src.data.records import SkippedSample
+from src.data.sources import SourceConfig, read_source, source_name
+from src.data.special_tokens import add_seedx_tokens
+
+__all__ = ["MLLMDataModule", "RecordDataset", "load_tokenizer"]
+
+
+def load_tokenizer(path: str | None, key: str = "data.tokenizer_path"):
+    """A local tokenizer directory, extended with the SEED-X tokens; pad = unk (else eos) when it has none."""
+    if not path or not Path(path).is_dir():
+        raise FileNotFoundError(f"{key}: tokenizer directory {path!r} does not exist; set {key}=<local dir "
+                                f"with tokenizer files> (no downloads at run time)")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    add_seedx_tokens(tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    return tokenizer
+
+
+class RecordDataset(Dataset):
+    """Records of one source (read-time skips included), built into samples on access."""
+
+    def __init__(self, records: list[dict | SkippedSample], build: SeedXSequenceBuilder) -> None:
+        self.records = records
+        self.build = build
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.build(self.records[i])
+
+
+class MLLMDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        tokenizer_path: str,
+        train_sources: list[dict],
+        val_sources: list[dict] | None = None,
+        vit_image_size: int = 448,
+        max_length: int = 2048,
+        packing: bool = False,
+        batch_size: int = 4,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        t2i_ratio: float = 0.0,
+        samples_per_epoch: int | None = None,
+        seed: int = 0,
+        truncation: str = "cut",
+        grids: Sequence[str] = DEFAULT_GRIDS,
+        num_image_tokens: int = 64,
+        min_image_size: int = 8,
+        max_aspect_ratio: float = 8.0,
+        chat_format: str = "llama2",
+    ) -> None:
+        super().__init__()
+        self.train_sources = [SourceConfig(**s) for s in train_sources]
+        self.val_sources = [SourceConfig(**s) for s in (val_sources or [])]
+        if not self.train_sources:
+            raise ValueError("data.train_sources is empty: give at least one {path, kind, weight} source")
+        for s in self.train_sources + self.val_sources:
+            if s.kind == "shards":
+                raise ValueError(f"data sources: the MLLM datamodule reads jsonl/folder sources; shards are not "
+                                 f"supported here yet ({s.path})")
+        if samples_per_epoch is not None and samples_per_epoch < 1:
+            raise ValueError(f"data.samples_per_epoch must be >= 1 or null, got {samples_per_epoch}")
+        self.tokenizer_path = tokenizer_path
+        self.vit_image_size = vit_image_size
+        self.max_length = max_length
+        self.packing = packing
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.samples_per_epoch = samples_per_epoch
+        self.seed = seed
+        self.builder_kwargs = {
+            "vit_image_size": vit_image_size, "grids": tuple(grids), "num_image_tokens": num_image_tokens,
+            "max_length": max_length, "truncation": truncation, "t2i_ratio": t2i_ratio, "seed": seed,
+            "min_image_size": min_image_size, "max_aspect_ratio": max_aspect_ratio, "chat_format": chat_format,
+        }
+        self.tokenizer = None
+        self.builder: SeedXSequenceBuilder | None = None
+        self.collator: MLLMCollator | None = None
+        self.train_set: ConcatDataset | None = None
+        self.val_set: ConcatDataset | None = None
+        self.train_sampler: MixtureSampler | None = None
+
+    def _datasets(self, sources: list[SourceConfig]) -> list[RecordDataset]:
+        out = []
+        for s in sources:
+            if not Path(s.path).exists():
+                raise FileNotFoundError(f"data source path does not exist: {s.path} (kind={s.kind})")
+            out.append(RecordDataset(read_source(s), self.builder))
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.builder is None:
+            self.tokenizer = load_tokenizer(self.tokenizer_path)
+            self.builder = SeedXSequenceBuilder(self.tokenizer, **self.builder_kwargs)
+            self.collator = MLLMCollator(self.tokenizer.pad_token_id, self.max_length, packing=self.packing,
+                                         vit_image_size=self.vit_image_size)
+        if self.train_set is None:
+            parts = self._datasets(self.train_sources)
+            sizes = [len(p) for p in parts]
+            self.train_set = ConcatDataset(parts)
+            self.train_sampler = MixtureSampler(
+                sizes, [s.weight for s in self.train_sources],
+                num_samples=self.samples_per_epoch or sum(sizes), seed=self.seed,
+                names=[source_name(s) for s in self.train_sources],
+            )
+        if self.val_set is None and self.val_sources:
+            self.val_set = ConcatDataset(self._datasets(self.val_sources))
+
+    def _loader(self, dataset, batch_size: int, sampler=None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=self.collator,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        return self._loader(self.train_set, self.batch_size, self.train_sampler)
+
+    def val_dataloader(self):
+        if self.builder is None:
+            self.setup("validate")
+        if self.val_set is None:
+            return []
+        return self._loader(self.val_set, self.val_batch_size)

@@ -1,0 +1,139 @@
+"""SEED-X MLLM pre-training: next-token CE + 6.0 x MSE regression of ViT features, LoRA on Llama-2.
+
+The frozen ViT encodes every view (tiles + global) of the batch; comprehension views feed the input
+resampler, generation targets give the avg-pooled 64 x 4096 regression target. Precomputed features
+(`batch["vit_features"]`) skip the ViT.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from src.data.mllm import load_tokenizer
+from src.models.mllm import LORA_TARGETS, AgentConfig, LLMConfig, SeedXMLLM, apply_lora, build_llm
+from src.models.qwen_vit import QwenViT, QwenViTConfig
+from src.stages.base import StageModule
+from src.utils.weights import load_state_dict_file, missing_weights_error
+
+AGENT_KEYS_PREFIXES = ("input_resampler.", "output_resampler.", "patch_pos_embed")
+
+
+class MLLMPretrainModule(StageModule):
+    def __init__(
+        self,
+        model: dict,
+        optimizer,
+        scheduler: dict | None = None,
+        checkpoint_frozen: bool = False,
+        lora: dict | None = None,
+        full_finetune: bool = False,
+        vit_chunk_size: int = 16,
+        init_seed: int = 0,
+    ) -> None:
+        super().__init__(model, optimizer, scheduler, checkpoint_frozen)
+        # Parse and cross-check configs first: a mistake fails before any model is built.
+        self.vit_cfg = QwenViTConfig(**model["vit"])
+        self.llm_cfg = LLMConfig(**model["llm"])
+        self.agent_cfg = AgentConfig(**model["agent"])
+        self.agent_cfg.check_against(
+            self.llm_cfg.config["hidden_size"], self.vit_cfg.output_dim, self.vit_cfg.n_queries
+        )
+        self.lora_cfg = dict(lora or {"enabled": False})
+        if self.lora_cfg.get("enabled") and full_finetune:
+            raise ValueError("stage.lora.enabled and stage.full_finetune are both true: pick one")
+        self.full_finetune = full_finetune
+        self.vit_chunk_size = vit_chunk_size
+        self.init_seed = init_seed
+        self.tokenizer = None
+
+    # ---- models -------------------------------------------------------------------------------------
+    def build_models(self, load_weights: bool = True) -> None:
+        vocab = None
+        if load_weights:
+            self.tokenizer = load_tokenizer(self.llm_cfg.tokenizer_path, "model.llm.tokenizer")
+            vocab = len(self.tokenizer)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.init_seed)  # random-init towers identical on every rank and on resume
+            self.vit = QwenViT(self.vit_cfg)
+            llm = build_llm(self.llm_cfg, vocab, load_weights)
+            llm.requires_grad_(self.full_finetune)
+            if self.lora_cfg.get("enabled"):
+                llm = apply_lora(
+                    llm, self.lora_cfg["r"], self.lora_cfg["alpha"], self.lora_cfg["dropout"],
+                    self.lora_cfg.get("targets") or LORA_TARGETS,
+                )
+            self.mllm = SeedXMLLM(llm, self.agent_cfg)
+        if load_weights:
+            self._load_frozen_and_agent_weights()
+        self.vit.requires_grad_(False).eval()
+
+    def _load_frozen_and_agent_weights(self) -> None:
+        if self.vit_cfg.weights:
+            self.vit.load_official(self.vit_cfg.weights)
+        elif not self.llm_cfg.allow_random_init:
+            raise missing_weights_error("model.vit.weights", "the Qwen-VL ViT state dict (qwen_vit_G.pt)")
+        if self.agent_cfg.weights:
+            state = load_state_dict_file(self.agent_cfg.weights, "model.agent.weights")
+            agent = {k: v for k, v in state.items() if k.startswith(AGENT_KEYS_PREFIXES)}
+            # Shape mismatches raise inside load_state_dict; missing agent keys are checked here.
+            result = self.mllm.load_state_dict(agent, strict=False)
+            missing = [k for k in result.missing_keys if k.startswith(AGENT_KEYS_PREFIXES)]
+            if missing:
+                raise ValueError(f"model.agent.weights: checkpoint lacks {missing}")
+
+    def report_modules(self) -> dict:
+        m = self.mllm
+        out = {"vit": self.vit, "mllm.llm": m.llm, "mllm.input_resampler": m.input_resampler,
+               "mllm.output_resampler": m.output_resampler}
+        if self.agent_cfg.add_patch_pos:
+            out["mllm.patch_pos_embed"] = m.patch_pos_embed
+        return out
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if hasattr(self, "vit"):
+            self.vit.eval()  # frozen tower
+        return self
+
+    # ---- loss ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def image_embeds(self, batch: dict) -> torch.Tensor:
+        if "vit_features" in batch:
+            return batch["vit_features"]
+        pixels = batch["vit_pixels"]
+        if pixels.shape[0] == 0:
+            return pixels.new_zeros(0, self.vit_cfg.n_queries, self.vit_cfg.output_dim)
+        dtype = next(self.vit.parameters()).dtype
+        return torch.cat([self.vit(c.to(dtype)) for c in pixels.split(self.vit_chunk_size)])
+
+    def compute_losses(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
+        out = self.mllm(
+            input_ids=batch["input_ids"],
+            labels=batch["labels"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            ids_cmp_mask=batch["ids_cmp_mask"],
+            ids_gen_mask=batch["ids_gen_mask"],
+            image_embeds=self.image_embeds(batch),
+            embeds_cmp_mask=batch["embeds_cmp_mask"],
+            embeds_gen_mask=batch["embeds_gen_mask"],
+            patch_positions=batch["patch_positions"],
+        )
+        return {"loss": out["loss"], "loss_ce": out["loss_ce"], "loss_mse": out["loss_mse"]}
+
+    # ---- probes (sampling callback) ---------------------------------------------------------------
+    @torch.no_grad()
+    def generate_text(self, batch: dict, max_new_tokens: int = 32) -> list[int]:
+        """Greedy continuation of one prompt sample (batch of 1, images embedded)."""
+        embeds, _ = self.mllm.embed(
+            batch["input_ids"], batch["ids_cmp_mask"], self.image_embeds(batch),
+            batch["embeds_cmp_mask"], batch["patch_positions"],
+        )
+        out = self.mllm.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer is not None else 0,
+        )
+        return out[0].tolist()

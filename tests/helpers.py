@@ -1,0 +1,32 @@
+"""Compose the real Hydra config the way `python -m src.train` does, for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def compose_cfg(experiment: str, output_dir: Path | str | None = None, overrides: list[str] = (),
+                config_name: str = "train") -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=[f"experiment={experiment}", *overrides])
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def tiny_run_cfg(experiment: str, output_dir: Path, overrides: list[str] = ()) -> DictConfig:
+    """A tiny experiment shrunk for tests: CSV logger only, no progress bar, resolved like src.train."""
+    cfg = compose_cfg(
+        experiment,
+        output_dir,
+        ["logger=csv", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false", *overrides],
+    )
+    OmegaConf.resolve(cfg)
+    return cfg

@@ -1,0 +1,99 @@
+"""Every experiment composes; full-size models build on the meta device with the expected counts."""
+
+import json
+import subprocess
+import sys
+
+import hydra
+import pytest
+
+from src.inspect import build_on_meta, count_parameters
+from tests.helpers import CONF, EXPERIMENTS, compose_cfg
+
+pytestmark = pytest.mark.config
+
+SDXL_UNET_PARAMS = 2_567_463_684
+QWEN_VIT_PARAMS = 1_935_610_624
+DETOK_ADAPTER_PARAMS = 61_245_696
+
+
+def test_every_experiment_has_a_tiny_twin():
+    full = [e for e in EXPERIMENTS if not e.endswith("_tiny")]
+    assert full, "no experiments found"
+    for e in full:
+        assert f"{e}_tiny" in EXPERIMENTS, f"{e} has no tiny twin"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes(experiment, tmp_path):
+    cfg = compose_cfg(experiment, tmp_path)
+    assert cfg.stage._target_.startswith("src.stages.")
+    assert cfg.data._target_.startswith("src.data.")
+    assert cfg.task_name == experiment
+
+
+def test_experiments_only_override():
+    """Experiment files state deltas: they never restate a group default with `- group: x` (no override)."""
+    for path in (CONF / "experiment").glob("*.yaml"):
+        for line in path.read_text().splitlines():
+            s = line.strip()
+            if s.startswith("- ") and ":" in s and not s.startswith("- override"):
+                pytest.fail(f"{path.name}: '{s}' sets a group without `override`")
+            assert "from_pretrained" not in s, f"{path.name}: weights are paths loaded by code"
+
+
+def test_detok_pretrain_full_size_on_meta():
+    module = build_on_meta(compose_cfg("seedx_detok_pretrain"))
+    counts = count_parameters(module)
+    m = counts["modules"]
+    assert m["unet"]["total"] == SDXL_UNET_PARAMS
+    assert m["vit"]["total"] == QWEN_VIT_PARAMS and m["vit"]["trainable"] == 0
+    assert m["resampler"]["total"] == m["resampler"]["trainable"] == DETOK_ADAPTER_PARAMS
+    kv = sum(p.numel() for n, p in module.unet.named_parameters() if ".to_k." in n or ".to_v." in n)
+    assert m["unet"]["trainable"] == kv > 0
+    assert counts["trainable"] == DETOK_ADAPTER_PARAMS + kv
+    assert all(p.device.type == "meta" for p in module.parameters())
+
+
+def test_detok_cond_full_size_on_meta():
+    module = build_on_meta(compose_cfg("seedx_detok_cond"))
+    counts = count_parameters(module)["modules"]
+    # conv_in widened 4 -> 8: +320 * 4 * 3 * 3 weights, and the whole UNet trains.
+    assert counts["unet"]["total"] == SDXL_UNET_PARAMS + 320 * 4 * 9
+    assert counts["unet"]["trainable"] == counts["unet"]["total"]
+    assert module.unet.config.in_channels == 8
+
+
+def test_inspect_cli_prints_json_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "src.inspect", "experiment=seedx_detok_pretrain"],
+        capture_output=True, text=True, cwd=CONF.parent, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["modules"]["unet"]["total"] == SDXL_UNET_PARAMS
+    assert last["trainable"] < last["total"]
+
+
+def test_missing_sdxl_weights_name_the_key(tmp_path):
+    from src.utils.weights import MissingWeightsError
+
+    cfg = compose_cfg("seedx_detok_pretrain", tmp_path)
+    module = hydra.utils.instantiate(cfg.stage, _convert_="all")
+    with pytest.raises(MissingWeightsError, match="model.detokenizer.pretrained_dir"):
+        module.configure_model()
+
+
+def test_config_mistake_fails_before_build(tmp_path):
+    cfg = compose_cfg("seedx_detok_pretrain_tiny", tmp_path, ["model.detokenizer.unet.cross_attention_dim=7"])
+    with pytest.raises(Exception, match="cross_attention_dim"):
+        hydra.utils.instantiate(cfg.stage, _convert_="all")
+
+
+def test_stage2_without_stage1_weights_fails_naming_key(tmp_path):
+    cfg = compose_cfg("seedx_detok_cond", tmp_path, ["model.detokenizer.pretrained_dir=/nonexistent"])
+    module = hydra.utils.instantiate(cfg.stage, _convert_="all")
+    with pytest.raises(ValueError, match="model.detokenizer.adapter_weights"):
+        module.configure_model()
+    assert not hasattr(module, "unet")  # nothing was built
+
