@@ -21,13 +21,13 @@ def tiny_cfg(**over) -> DetokenizerConfig:
 def unet_inputs(cfg, b=2, channels=4):
     g = torch.Generator().manual_seed(0)
     s = cfg.latent_size
-    return dict(
-        sample=torch.randn(b, channels, s, s, generator=g),
-        timestep=torch.tensor([10, 500]),
-        encoder_hidden_states=torch.randn(b, 8, cfg.adapter_cfg.prompt_dim, generator=g),
-        added_cond_kwargs={"text_embeds": torch.randn(b, cfg.adapter_cfg.output2_dim, generator=g),
+    return {
+        "sample": torch.randn(b, channels, s, s, generator=g),
+        "timestep": torch.tensor([10, 500]),
+        "encoder_hidden_states": torch.randn(b, 8, cfg.adapter_cfg.prompt_dim, generator=g),
+        "added_cond_kwargs": {"text_embeds": torch.randn(b, cfg.adapter_cfg.output2_dim, generator=g),
                            "time_ids": torch.randn(b, 6, generator=g)},
-    )
+    }
 
 
 def test_widened_conv_in_keeps_output_and_bias():

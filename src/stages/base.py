@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
+from src.parallel import FSDP2Strategy, block_classes, clean_name, parallelize, writes_sharded_checkpoints
+
 NO_DECAY_HINTS = ("bias", "norm", "ln_", "embed", "latents", "query", "pos")
 
 
@@ -64,11 +66,20 @@ class StageModule(L.LightningModule):
         raise NotImplementedError
 
     # ---- shared ---------------------------------------------------------------------------------------
+    # Block classes FSDP shards one by one (and checkpoints activations of); stages override.
+    fsdp_blocks: tuple[str, ...] = ()
+
     def configure_model(self) -> None:
         # Called by Lightning before fit/restore (under the strategy's init context, e.g. FSDP).
-        if not self._built:
-            self.build_models(load_weights=True)
-            self._built = True
+        if self._built:
+            return
+        self.build_models(load_weights=True)
+        self._built = True
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP2Strategy):
+            blocks = block_classes(list(self.fsdp_blocks))
+            for child in self.children():
+                parallelize(child, blocks, self.device_mesh, strategy.fsdp2)
 
     def batch_size_of(self, batch: dict) -> int:
         return int(batch.get("batch_size", 0))
@@ -120,17 +131,21 @@ class StageModule(L.LightningModule):
     # checkpoint holds only what trains (plus buffers). A 2.6B-param SDXL would otherwise be rewritten
     # at every save. `checkpoint_frozen: true` keeps everything.
     def frozen_state_keys(self) -> set[str]:
-        return {n for n, p in self.named_parameters() if not p.requires_grad}
+        return {clean_name(n) for n, p in self.named_parameters() if not p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.checkpoint_frozen:
+        # Sharded (distributed) checkpoints load against the full module state as a template, and each
+        # rank writes only its shard anyway: keep everything there.
+        if self.checkpoint_frozen or writes_sharded_checkpoints(self._trainer.strategy if self._trainer else None):
             return
         frozen = self.frozen_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["frozen_keys_dropped"] = len(frozen)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
+        state = checkpoint.get("state_dict")
+        if state is None:  # distributed checkpoint: the strategy loads the weights itself
+            return
         own = self.state_dict()
         unexpected = sorted(set(state) - set(own))
         missing = sorted(k for k in own if k not in state and k not in self.frozen_state_keys())

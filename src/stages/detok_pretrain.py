@@ -25,6 +25,11 @@ from src.stages.base import StageModule
 
 
 class DetokPretrainModule(StageModule):
+    fsdp_blocks = (
+        "src.models.qwen_vit.VisualAttentionBlock",
+        "diffusers.models.attention.BasicTransformerBlock",
+    )
+
     def __init__(
         self,
         model: dict,

@@ -19,6 +19,11 @@ AGENT_KEYS_PREFIXES = ("input_resampler.", "output_resampler.", "patch_pos_embed
 
 
 class MLLMPretrainModule(StageModule):
+    fsdp_blocks = (
+        "transformers.models.llama.modeling_llama.LlamaDecoderLayer",
+        "src.models.qwen_vit.VisualAttentionBlock",
+    )
+
     def __init__(
         self,
         model: dict,
@@ -124,16 +129,27 @@ class MLLMPretrainModule(StageModule):
     # ---- probes (sampling callback) ---------------------------------------------------------------
     @torch.no_grad()
     def generate_text(self, batch: dict, max_new_tokens: int = 32) -> list[int]:
-        """Greedy continuation of one prompt sample (batch of 1, images embedded)."""
-        embeds, _ = self.mllm.embed(
-            batch["input_ids"], batch["ids_cmp_mask"], self.image_embeds(batch),
-            batch["embeds_cmp_mask"], batch["patch_positions"],
-        )
-        out = self.mllm.llm.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer is not None else 0,
-        )
-        return out[0].tolist()
+        """Greedy continuation of one prompt sample (batch of 1).
+
+        Full forward passes through `self.mllm` (no KV cache): slower than `generate`, but it goes through
+        the root module's forward, so it works when FSDP2 has sharded the model (probes are short).
+        """
+        ids = batch["input_ids"]
+        cmp_mask, gen_mask = batch["ids_cmp_mask"], batch["ids_gen_mask"]
+        feats = self.image_embeds(batch)
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            logits = self.mllm(
+                input_ids=ids, ids_cmp_mask=cmp_mask, ids_gen_mask=gen_mask, image_embeds=feats,
+                embeds_cmp_mask=batch["embeds_cmp_mask"], embeds_gen_mask=batch["embeds_gen_mask"],
+                patch_positions=batch["patch_positions"],
+            )["logits"]
+            token = int(logits[0, -1].argmax())
+            new.append(token)
+            if token == eos:
+                break
+            pad = torch.zeros(1, 1, dtype=torch.bool, device=ids.device)
+            ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
+            cmp_mask, gen_mask = torch.cat([cmp_mask, pad], 1), torch.cat([gen_mask, pad], 1)
+        return new
