@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from src.data.images import vae_view, vit_view
 from src.data.records import (
@@ -24,7 +24,7 @@ from src.data.records import (
     read_shards,
     record_images,
 )
-from src.data.sources import SOURCE_KINDS, SourceConfig, read_source  # noqa: F401 - re-exported
+from src.data.sources import RecordDataset, SourceConfig, read_source
 
 
 def split_target_condition(record: dict) -> tuple[dict, dict | None]:
@@ -75,20 +75,6 @@ class DetokSampleBuilder:
 
     def _load(self, record: dict, item: dict):
         return load_image(record, item, min_size=self.min_size, max_aspect_ratio=self.max_aspect_ratio)
-
-
-class RecordListDataset(Dataset):
-    """Map-style over records read eagerly (jsonl, folders); read-time skips stay in the list."""
-
-    def __init__(self, records: list, build: DetokSampleBuilder) -> None:
-        self.records = records
-        self.build = build
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.build(self.records[i])
 
 
 class ShardDataset(IterableDataset):
@@ -155,7 +141,7 @@ class DetokDataModule(L.LightningDataModule):
         records = [r for s in sources for r in read_source(s)]
         if limit is not None:
             records = [r for r in records if not isinstance(r, SkippedSample)][:limit]
-        return RecordListDataset(records, self.build)
+        return RecordDataset(records, self.build)
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = self._dataset(self.train_sources, self.shuffle)

@@ -11,20 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import lightning as L
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader
 
 from src.data.any_res import DEFAULT_GRIDS
 from src.data.mixture import MixtureSampler
 from src.data.mllm_collate import MLLMCollator
 from src.data.mllm_sequence import SeedXSequenceBuilder
-from src.data.records import SkippedSample
-from src.data.sources import SourceConfig, read_source, source_name
+from src.data.sources import RecordDataset, SourceConfig, read_source, source_name
 from src.data.special_tokens import add_seedx_tokens
 
-__all__ = ["MLLMDataModule", "RecordDataset", "load_tokenizer"]
+__all__ = ["MLLMDataModule", "load_tokenizer"]
 
 
 def load_tokenizer(path: str | None, key: str = "data.tokenizer_path"):
@@ -39,20 +37,6 @@ def load_tokenizer(path: str | None, key: str = "data.tokenizer_path"):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     return tokenizer
-
-
-class RecordDataset(Dataset):
-    """Records of one source (read-time skips included), built into samples on access."""
-
-    def __init__(self, records: list[dict | SkippedSample], build: SeedXSequenceBuilder) -> None:
-        self.records = records
-        self.build = build
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.build(self.records[i])
 
 
 class MLLMDataModule(L.LightningDataModule):

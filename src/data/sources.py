@@ -8,14 +8,18 @@ webdataset shards (streamed by the datamodule that supports them; :func:`read_so
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
 
 from src.data.records import SkippedSample, read_image_folder, read_jsonl
 
 SOURCE_KINDS = ("jsonl", "folder", "shards")
 
-__all__ = ["SOURCE_KINDS", "SourceConfig", "read_source", "source_name"]
+__all__ = ["SOURCE_KINDS", "RecordDataset", "SourceConfig", "read_source", "source_name"]
 
 
 @dataclass
@@ -48,3 +52,17 @@ def read_source(src: SourceConfig) -> list[dict | SkippedSample]:
     if src.kind == "folder":
         return list(read_image_folder(src.path, source=src.name or Path(src.path).name))
     raise ValueError(f"source kind {src.kind!r} is not map-style (shards are streamed): {src.path}")
+
+
+class RecordDataset(Dataset):
+    """Records of a map-style source (read-time skips included), turned into samples on access by `build`."""
+
+    def __init__(self, records: list, build: Callable[[Any], dict[str, Any]]) -> None:
+        self.records = records
+        self.build = build
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.build(self.records[i])

@@ -68,6 +68,19 @@ class StageModule(L.LightningModule):
     # ---- shared ---------------------------------------------------------------------------------------
     # Block classes FSDP shards one by one (and checkpoints activations of); stages override.
     fsdp_blocks: tuple[str, ...] = ()
+    # Frozen towers: no gradients, and always in eval mode (Lightning's .train() would flip them).
+    frozen_towers: tuple[str, ...] = ()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.frozen_towers:
+            if hasattr(self, name):
+                getattr(self, name).eval()
+        return self
+
+    def freeze_towers(self) -> None:
+        for name in self.frozen_towers:
+            getattr(self, name).requires_grad_(False).eval()
 
     def configure_model(self) -> None:
         # Called by Lightning before fit/restore (under the strategy's init context, e.g. FSDP).

@@ -25,6 +25,7 @@ from src.stages.base import StageModule
 
 
 class DetokPretrainModule(StageModule):
+    frozen_towers = ("vit", "vae")
     fsdp_blocks = (
         "src.models.qwen_vit.VisualAttentionBlock",
         "diffusers.models.attention.BasicTransformerBlock",
@@ -94,18 +95,10 @@ class DetokPretrainModule(StageModule):
         return state
 
     def set_trainable(self) -> None:
-        for module in (self.vit, self.vae):
-            module.requires_grad_(False).eval()
+        self.freeze_towers()
         self.resampler.requires_grad_(True)
         for name, p in self.unet.named_parameters():
             p.requires_grad_(is_attention_kv(name))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if hasattr(self, "vit"):  # frozen towers stay in eval mode
-            self.vit.eval()
-            self.vae.eval()
-        return self
 
     # ---- conditioning -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -19,6 +19,7 @@ AGENT_KEYS_PREFIXES = ("input_resampler.", "output_resampler.", "patch_pos_embed
 
 
 class MLLMPretrainModule(StageModule):
+    frozen_towers = ("vit",)
     fsdp_blocks = (
         "transformers.models.llama.modeling_llama.LlamaDecoderLayer",
         "src.models.qwen_vit.VisualAttentionBlock",
@@ -70,7 +71,7 @@ class MLLMPretrainModule(StageModule):
             self.mllm = SeedXMLLM(llm, self.agent_cfg)
         if load_weights:
             self._load_frozen_and_agent_weights()
-        self.vit.requires_grad_(False).eval()
+        self.freeze_towers()
 
     def _load_frozen_and_agent_weights(self) -> None:
         if self.vit_cfg.weights:
@@ -93,12 +94,6 @@ class MLLMPretrainModule(StageModule):
         if self.agent_cfg.add_patch_pos:
             out["mllm.patch_pos_embed"] = m.patch_pos_embed
         return out
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if hasattr(self, "vit"):
-            self.vit.eval()  # frozen tower
-        return self
 
     # ---- loss ---------------------------------------------------------------------------------------
     @torch.no_grad()
