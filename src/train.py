@@ -22,8 +22,8 @@ from src.utils.run import instantiate_named, save_resolved_config, write_metrics
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    check_config(cfg)
+def train(cfg: DictConfig, overrides=(), choices=None) -> tuple[dict[str, float], dict[str, Any]]:
+    check_config(cfg, overrides, choices)
     out = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -62,7 +62,8 @@ def main(cfg: DictConfig) -> None:
     with open_dict(cfg):
         cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
     OmegaConf.resolve(cfg)
-    train(cfg)
+    hc = HydraConfig.get()
+    train(cfg, overrides=list(hc.overrides.task), choices=dict(hc.runtime.choices))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -30,3 +31,16 @@ def tiny_run_cfg(experiment: str, output_dir: Path, overrides: list[str] = ()) -
     )
     OmegaConf.resolve(cfg)
     return cfg
+
+
+
+class InjectNaN(L.Callback):
+    """Test callback: fills one training batch's pixels with NaN, so that step's loss is NaN."""
+
+    def __init__(self, at_step: int, key: str = "vit_pixels") -> None:
+        self.at_step, self.key, self.fired = at_step, key, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.fired and trainer.global_step == self.at_step and batch.get("batch_size"):
+            batch[self.key].fill_(float("nan"))
+            self.fired = True

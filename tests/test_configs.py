@@ -8,6 +8,7 @@ import hydra
 import pytest
 
 from src.inspect import build_on_meta, count_parameters
+from src.utils.config import ConfigError, check_config, where_set
 from tests.helpers import CONF, EXPERIMENTS, compose_cfg
 
 pytestmark = pytest.mark.config
@@ -108,3 +109,64 @@ def test_every_strategy_composes_with_every_experiment(experiment, strategy, tmp
     cfg = compose_cfg(experiment, tmp_path, [f"strategy={strategy}"])
     built = hydra.utils.instantiate(cfg.strategy)
     assert type(built).__name__.endswith("Strategy")
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_passes_the_type_checks(experiment, tmp_path):
+    check_config(compose_cfg(experiment, tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.vit.width=abc", "model.vit.width: expected int, got str 'abc'"),
+        ("data.batch_size=2.5", "data.batch_size: expected int"),
+        ("+model.vit.widht=3", "model.vit.widht: unknown key"),
+        ("stage.optimizer.lr=fast", None),  # partial optimizer args are torch's business: not checked here
+    ],
+)
+def test_type_errors_name_key_and_origin(override, message, tmp_path):
+    cfg = compose_cfg("seedx_pretrain_tiny", tmp_path, [override])
+    if message is None:
+        check_config(cfg, [override])
+        return
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg, [override])
+    assert message in str(err.value)
+    assert f"command-line override `{override}`" in str(err.value)
+
+
+def test_where_set_names_the_yaml_file():
+    choices = {"experiment": "seedx_pretrain_tiny", "model/vit": "tiny", "trainer": "cpu"}
+    assert where_set("model.vit.width", choices=choices) == "conf/model/vit/tiny.yaml"
+    assert where_set("model.vit.patch_size", choices=choices) == "conf/model/vit/qwen_vit_g.yaml"
+    assert where_set("trainer.max_steps", choices=choices) == "conf/experiment/seedx_pretrain_tiny.yaml"
+    assert where_set("trainer.precision", choices=choices) == "conf/trainer/cpu.yaml"
+
+
+def test_unknown_experiment_lists_the_available_ones(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "src.train", "experiment=no_such_stage", f"paths.output_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=CONF.parent, timeout=120, check=False,
+    )
+    assert out.returncode != 0
+    assert "no_such_stage" in out.stderr and "seedx_pretrain_tiny" in out.stderr
+
+
+def test_readme_slurm_example_validates_with_cfg_job(tmp_path):
+    readme = (CONF.parent / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("python -m src.train -m launcher=slurm"))
+    args = line.split()[3:]  # after "python -m src.train"
+    args = [a for a in args if a != "-m"]
+    out = subprocess.run(
+        [sys.executable, "-m", "src.train", *args, "--cfg", "hydra"],
+        capture_output=True, text=True, cwd=CONF.parent, timeout=120, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "SlurmLauncher" in out.stdout and "partition: gpu" in out.stdout
+    job = subprocess.run(
+        [sys.executable, "-m", "src.train", *args, "--cfg", "job", "--resolve"],
+        capture_output=True, text=True, cwd=CONF.parent, timeout=120, check=False,
+    )
+    assert job.returncode == 0, job.stderr[-2000:]
+    assert "num_nodes: 6" in job.stdout and "src.parallel.FSDP2Strategy" in job.stdout

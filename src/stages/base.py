@@ -6,7 +6,10 @@ losses in `compute_losses(batch)` (key "loss" is the one optimised). Nothing els
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -15,6 +18,8 @@ from torch import nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
 from src.parallel import FSDP2Strategy, block_classes, clean_name, parallelize, writes_sharded_checkpoints
+
+log = logging.getLogger(__name__)
 
 NO_DECAY_HINTS = ("bias", "norm", "ln_", "embed", "latents", "query", "pos")
 
@@ -50,12 +55,18 @@ class StageModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: dict | None = None,
         checkpoint_frozen: bool = False,
+        nonfinite_loss: str = "skip",
     ) -> None:
         super().__init__()
+        if nonfinite_loss not in ("skip", "stop"):
+            raise ValueError(f"stage.nonfinite_loss must be 'skip' or 'stop', got {nonfinite_loss!r}")
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.scheduler_cfg = dict(scheduler or {"name": "constant", "warmup_steps": 0, "min_lr_ratio": 0.0})
         self.checkpoint_frozen = checkpoint_frozen
+        self.nonfinite_loss = nonfinite_loss
+        self.nonfinite_steps = 0
+        self._last_good_batch: dict | None = None
         self._built = False
 
     # ---- what a stage implements -------------------------------------------------------------------
@@ -97,12 +108,62 @@ class StageModule(L.LightningModule):
     def batch_size_of(self, batch: dict) -> int:
         return int(batch.get("batch_size", 0))
 
+    # ---- throughput (src/callbacks/throughput.py) ---------------------------------------------------
+    def tokens_of(self, batch: dict) -> int | None:
+        """Non-pad tokens of a batch (None when the stage has no token stream)."""
+        n = batch.get("num_tokens") if isinstance(batch, dict) else None
+        return None if n is None else int(n)
+
+    def flops_per_batch(self, batch: dict) -> float | torch.Tensor | None:
+        """Analytic model FLOPs of one training step on `batch` (src/utils/flops.py); None: not modelled.
+
+        May return a 0-dim tensor on the batch's device so that no host sync is needed every step.
+        """
+        return None
+
     def training_step(self, batch: dict, batch_idx: int):
-        if self.batch_size_of(batch) == 0:
-            return None  # every sample of this batch was bad: skipped (and counted by BadSampleLogger)
-        losses = self.compute_losses(batch, "train")
+        # Every rank must take the same branch, or DDP/FSDP collectives hang: a rank whose batch was all
+        # bad replays its last good batch at zero weight, and a non-finite loss anywhere skips the step
+        # everywhere (no backward, so no optimizer update).
+        empty = self.batch_size_of(batch) == 0
+        if empty and self._last_good_batch is None:
+            return None
+        losses = self.compute_losses(self._last_good_batch if empty else batch, "train")
+        if empty:
+            return losses["loss"] * 0.0
+        self._last_good_batch = batch
+        nonfinite = not bool(torch.isfinite(losses["loss"].detach()))
+        if self._any_rank(nonfinite):
+            self._on_nonfinite(batch, losses, local=nonfinite)
+            return None
         self._log_losses(losses, "train", self.batch_size_of(batch))
         return losses["loss"]
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return flag
+        return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+    def _on_nonfinite(self, batch: dict, losses: dict, local: bool) -> None:
+        self.nonfinite_steps += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, reduce_fx="max", batch_size=1)
+        report = {
+            "step": int(self.global_step),
+            "rank": int(self.global_rank),
+            "loss": {k: float(v.detach()) for k, v in losses.items()},
+            "this_rank_nonfinite": local,
+            "sources": sorted(set(batch.get("sources") or batch.get("source") or [])),
+            "ids": list(batch.get("ids") or batch.get("id") or []),
+        }
+        log.warning("non-finite loss at step %d: %s", report["step"], json.dumps(report))
+        if self._trainer is not None:
+            path = Path(self.trainer.default_root_dir) / "nonfinite_steps.jsonl"
+            with path.open("a") as f:
+                f.write(json.dumps(report) + "\n")
+        if self.nonfinite_loss == "stop":
+            raise FloatingPointError(
+                f"non-finite loss at step {report['step']} (stage.nonfinite_loss=stop): {json.dumps(report)}"
+            )
 
     def validation_step(self, batch: dict, batch_idx: int):
         if self.batch_size_of(batch) == 0:

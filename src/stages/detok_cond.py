@@ -65,7 +65,10 @@ class DetokCondModule(DetokPretrainModule):
     @torch.no_grad()
     def condition_latents(self, batch: dict) -> torch.Tensor:
         # Unscaled mode of the posterior: the InstructPix2Pix convention (DESIGN: mode, unscaled).
-        cond = self.vae.encode(batch["cond_pixels"].float()).latent_dist.mode()
+        if "cond_vae_moments" in batch:  # precomputed posterior (data.features_dir): its mean is the mode
+            cond = batch["cond_vae_moments"].float().chunk(2, dim=1)[0]
+        else:
+            cond = self.vae.encode(batch["cond_pixels"].float()).latent_dist.mode()
         return cond * batch["has_cond"].view(-1, 1, 1, 1).to(cond)
 
     def unet_extra_input(self, batch: dict, latents: torch.Tensor, split: str) -> torch.Tensor:
@@ -78,9 +81,14 @@ class DetokCondModule(DetokPretrainModule):
     @torch.no_grad()
     def sample_images(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """{'condition', 'target', 'generated'} in [0, 1]; 3-branch CFG (features, condition image)."""
-        latents = self.generate_latents(batch, generator, cond_latents=self.condition_latents(batch))
+        cond = self.condition_latents(batch)
+        latents = self.generate_latents(batch, generator, cond_latents=cond)
+        if "cond_pixels" in batch:
+            condition = (batch["cond_pixels"].float().cpu() + 1) / 2
+        else:  # precomputed latents: the VAE reconstruction of the condition
+            condition = decode_latents(self.vae, cond * self.vae.config.scaling_factor).cpu()
         return {
-            "condition": (batch["cond_pixels"].float().cpu() + 1) / 2,
-            "target": (batch["vae_pixels"].float().cpu() + 1) / 2,
+            "condition": condition,
+            "target": self.batch_originals(batch),
             "generated": decode_latents(self.vae, latents).cpu(),
         }

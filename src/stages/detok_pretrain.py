@@ -3,6 +3,10 @@
 Trains the adapter (`resampler`) and to_k/to_v of every UNet attention; ViT and VAE are frozen.
 Attribute names (`resampler`, `unet`) equal the official SDXLAdapter's, so official checkpoints
 load into this module's state dict as they are.
+
+Precomputed inputs (`data.features_dir`, data_prep/precompute_features.py) skip both frozen encoders:
+`batch["vit_features"]` is the ViT output (B, 256, D), pooled here as the ViT path pools it, and
+`batch["vae_moments"]` the VAE posterior (mean, logvar), sampled here as `encode_latents` samples it.
 """
 
 from __future__ import annotations
@@ -37,13 +41,14 @@ class DetokPretrainModule(StageModule):
         optimizer,
         scheduler: dict | None = None,
         checkpoint_frozen: bool = False,
+        nonfinite_loss: str = "skip",
         feature_drop_rate: float = 0.0,
         noise_offset: float = 0.0,
         sample_steps: int = 25,
         guidance_scale: float = 7.5,
         init_seed: int = 0,
     ) -> None:
-        super().__init__(model, optimizer, scheduler, checkpoint_frozen)
+        super().__init__(model, optimizer, scheduler, checkpoint_frozen, nonfinite_loss)
         # Parse configs now: a config mistake fails before any model is built.
         self.vit_cfg = QwenViTConfig(**model["vit"])
         self.detok_cfg = DetokenizerConfig(**model["detokenizer"])
@@ -69,17 +74,38 @@ class DetokPretrainModule(StageModule):
             self.resampler = ResamplerXLV2(self.detok_cfg.adapter_cfg)
             self.unet = build_unet(self.detok_cfg, load_weights)
             self.vae = build_vae(self.detok_cfg, load_weights)
-        if load_weights and self.vit_cfg.weights:
-            self.vit.load_official(self.vit_cfg.weights)
-        elif load_weights and not self.detok_cfg.allow_random_init:
-            from src.utils.weights import missing_weights_error
-
-            raise missing_weights_error("model.vit.weights", "the Qwen-VL ViT state dict (qwen_vit_G.pt)")
+        if load_weights:
+            self._load_vit_weights(self.vit)
         self.noise_scheduler = build_noise_scheduler(self.detok_cfg)
         self.adapt_unet()
         if load_weights and self.detok_cfg.adapter_weights:
             self.load_adapter_weights(self.detok_cfg.adapter_weights)
         self.set_trainable()
+
+    def _load_vit_weights(self, vit: QwenViT) -> None:
+        if self.vit_cfg.weights:
+            vit.load_official(self.vit_cfg.weights)
+        elif not self.detok_cfg.allow_random_init:
+            from src.utils.weights import missing_weights_error
+
+            raise missing_weights_error("model.vit.weights", "the Qwen-VL ViT state dict (qwen_vit_G.pt)")
+
+    def build_frozen_encoders(self) -> dict[str, torch.nn.Module]:
+        """ViT and VAE exactly as `build_models(load_weights=True)` makes them (data_prep/precompute_features.py).
+
+        With SDXL weights the VAE needs nothing else; a random-init VAE (tiny twins) is drawn under
+        `init_seed` after the ViT, adapter and UNet, so then everything is built to replay those draws.
+        """
+        if not self.detok_cfg.pretrained_dir:
+            self.build_models(load_weights=True)
+            return {"vit": self.vit, "vae": self.vae}
+        self.detok_cfg.check_weights_present()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.init_seed)
+            vit = QwenViT(self.vit_cfg)  # first draw of build_models' seeded block
+        self._load_vit_weights(vit)
+        vae = build_vae(self.detok_cfg, load_weights=True)
+        return {"vit": vit.requires_grad_(False).eval(), "vae": vae.requires_grad_(False).eval()}
 
     def adapt_unet(self) -> None:
         """Hook for stage 2 (conv_in widening); stage 1 uses the UNet as built."""
@@ -112,8 +138,24 @@ class DetokPretrainModule(StageModule):
     def batch_features(self, batch: dict) -> torch.Tensor:
         # Precomputed features (data_prep) skip the frozen ViT entirely.
         if "vit_features" in batch:
-            return batch["vit_features"]
+            return self.vit.pool_for_generation(batch["vit_features"].to(self._vit_dtype()))
         return self.vit_features(batch["vit_pixels"])
+
+    def batch_latents(self, batch: dict) -> torch.Tensor:
+        """Scaled VAE latents of the target: sampled from a precomputed posterior, or encoded now."""
+        if "vae_moments" in batch:
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+            latents = DiagonalGaussianDistribution(batch["vae_moments"].float()).sample()
+            return latents * self.vae.config.scaling_factor
+        return self.encode_latents(batch["vae_pixels"])
+
+    def batch_originals(self, batch: dict) -> torch.Tensor:
+        """Targets in [0, 1] for sample grids; from precomputed latents, their VAE reconstruction (posterior mean)."""
+        if "vae_pixels" in batch:
+            return (batch["vae_pixels"].float().cpu() + 1) / 2
+        mean = batch["vae_moments"].float().chunk(2, dim=1)[0]
+        return decode_latents(self.vae, mean * self.vae.config.scaling_factor).cpu()
 
     @torch.no_grad()
     def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -139,7 +181,7 @@ class DetokPretrainModule(StageModule):
     def compute_losses(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
         feats = self.drop_features(self.batch_features(batch), split)
         prompt_embeds, pooled = self.resampler(feats)
-        latents = self.encode_latents(batch["vae_pixels"])
+        latents = self.batch_latents(batch)
         generator = None
         if split != "train":
             # Validation loss uses fixed noise and timesteps so values are comparable across steps.
@@ -194,6 +236,6 @@ class DetokPretrainModule(StageModule):
         """Reconstruct the batch's images from their ViT features: {'original', 'reconstruction'} in [0, 1]."""
         latents = self.generate_latents(batch, generator)
         return {
-            "original": (batch["vae_pixels"].float().cpu() + 1) / 2,
+            "original": self.batch_originals(batch),
             "reconstruction": decode_latents(self.vae, latents).cpu(),
         }

@@ -2,7 +2,13 @@
 
 The frozen ViT encodes every view (tiles + global) of the batch; comprehension views feed the input
 resampler, generation targets give the avg-pooled 64 x 4096 regression target. Precomputed features
-(`batch["vit_features"]`) skip the ViT.
+(`batch["vit_features"]`, `data.features_dir`) skip the ViT.
+
+Ranks whose batches differ in modality (FSDP2): every rank runs every sharded module every step. The
+resamplers take a zero-weight dummy pass when a batch has nothing for them (SeedXMLLM); the frozen ViT
+stays sharded (1.9B params: replicated it would cost each GPU more memory than its share of the 13B LLM)
+and every rank makes as many ViT calls per step as the rank with the most view chunks (one scalar
+all-reduce; the others encode a dummy view), see `src.parallel.same_call_count`.
 """
 
 from __future__ import annotations
@@ -10,9 +16,12 @@ from __future__ import annotations
 import torch
 
 from src.data.mllm import load_tokenizer
+from src.data.special_tokens import NUM_SEEDX_TOKENS
 from src.models.mllm import LORA_TARGETS, AgentConfig, LLMConfig, SeedXMLLM, apply_lora, build_llm
 from src.models.qwen_vit import QwenViT, QwenViTConfig
+from src.parallel import same_call_count
 from src.stages.base import StageModule
+from src.utils.flops import mllm_step_flops
 from src.utils.weights import load_state_dict_file, missing_weights_error
 
 AGENT_KEYS_PREFIXES = ("input_resampler.", "output_resampler.", "patch_pos_embed")
@@ -31,12 +40,13 @@ class MLLMPretrainModule(StageModule):
         optimizer,
         scheduler: dict | None = None,
         checkpoint_frozen: bool = False,
+        nonfinite_loss: str = "skip",
         lora: dict | None = None,
         full_finetune: bool = False,
         vit_chunk_size: int = 16,
         init_seed: int = 0,
     ) -> None:
-        super().__init__(model, optimizer, scheduler, checkpoint_frozen)
+        super().__init__(model, optimizer, scheduler, checkpoint_frozen, nonfinite_loss)
         # Parse and cross-check configs first: a mistake fails before any model is built.
         self.vit_cfg = QwenViTConfig(**model["vit"])
         self.llm_cfg = LLMConfig(**model["llm"])
@@ -56,6 +66,8 @@ class MLLMPretrainModule(StageModule):
     def build_models(self, load_weights: bool = True) -> None:
         vocab = None
         if load_weights:
+            if not self.llm_cfg.weights and not self.llm_cfg.allow_random_init:
+                raise missing_weights_error("model.llm.weights", "a local Llama-2-chat HF folder")
             self.tokenizer = load_tokenizer(self.llm_cfg.tokenizer_path, "model.llm.tokenizer")
             vocab = len(self.tokenizer)
         with torch.random.fork_rng(devices=[]):
@@ -73,11 +85,23 @@ class MLLMPretrainModule(StageModule):
             self._load_frozen_and_agent_weights()
         self.freeze_towers()
 
-    def _load_frozen_and_agent_weights(self) -> None:
+    def _load_vit_weights(self, vit: QwenViT) -> None:
         if self.vit_cfg.weights:
-            self.vit.load_official(self.vit_cfg.weights)
+            vit.load_official(self.vit_cfg.weights)
         elif not self.llm_cfg.allow_random_init:
             raise missing_weights_error("model.vit.weights", "the Qwen-VL ViT state dict (qwen_vit_G.pt)")
+
+    def build_frozen_encoders(self) -> dict[str, torch.nn.Module]:
+        """The frozen ViT exactly as `build_models(load_weights=True)` makes it (the first module built under
+        `init_seed`, then `model.vit.weights`), without the LLM: for data_prep/precompute_features.py."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.init_seed)
+            vit = QwenViT(self.vit_cfg)
+        self._load_vit_weights(vit)
+        return {"vit": vit.requires_grad_(False).eval()}
+
+    def _load_frozen_and_agent_weights(self) -> None:
+        self._load_vit_weights(self.vit)
         if self.agent_cfg.weights:
             state = load_state_dict_file(self.agent_cfg.weights, "model.agent.weights")
             agent = {k: v for k, v in state.items() if k.startswith(AGENT_KEYS_PREFIXES)}
@@ -98,13 +122,18 @@ class MLLMPretrainModule(StageModule):
     # ---- loss ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def image_embeds(self, batch: dict) -> torch.Tensor:
-        if "vit_features" in batch:
-            return batch["vit_features"]
-        pixels = batch["vit_pixels"]
-        if pixels.shape[0] == 0:
-            return pixels.new_zeros(0, self.vit_cfg.n_queries, self.vit_cfg.output_dim)
         dtype = next(self.vit.parameters()).dtype
-        return torch.cat([self.vit(c.to(dtype)) for c in pixels.split(self.vit_chunk_size)])
+        if "vit_features" in batch:
+            return batch["vit_features"].to(dtype)
+        pixels = batch["vit_pixels"]
+        chunks = list(pixels.split(self.vit_chunk_size)) if pixels.shape[0] else []
+        out = [self.vit(c.to(dtype)) for c in chunks]
+        # Sharded ViT: as many calls as the busiest rank (each call all-gathers); extra ones on a dummy view.
+        for _ in range(same_call_count(self.vit, len(chunks), pixels.device) - len(chunks)):
+            self.vit(pixels.new_zeros(1, *pixels.shape[1:]).to(dtype))
+        if not out:
+            return pixels.new_zeros(0, self.vit_cfg.n_queries, self.vit_cfg.output_dim, dtype=dtype)
+        return torch.cat(out)
 
     def compute_losses(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
         out = self.mllm(
@@ -120,6 +149,23 @@ class MLLMPretrainModule(StageModule):
             patch_positions=batch["patch_positions"],
         )
         return {"loss": out["loss"], "loss_ce": out["loss_ce"], "loss_mse": out["loss_mse"]}
+
+    # ---- throughput ---------------------------------------------------------------------------------
+    def flops_per_batch(self, batch: dict):
+        """Model FLOPs of a training step (src/utils/flops.py: LoRA-aware Llama + ViT + resamplers)."""
+        if self.lora_cfg.get("enabled"):
+            trainable, r = "lora", int(self.lora_cfg["r"])
+        else:
+            trainable, r = ("full" if self.full_finetune else "none"), 0
+        if self.tokenizer is not None:
+            vocab, pad = len(self.tokenizer), self.tokenizer.pad_token_id
+        else:
+            vocab, pad = int(self.llm_cfg.config["vocab_size"]) + NUM_SEEDX_TOKENS, None
+        return mllm_step_flops(
+            batch, llm_config=self.llm_cfg.config, vocab_size=vocab, vit_cfg=self.vit_cfg,
+            agent_cfg=self.agent_cfg, pad_token_id=pad, lora_r=r,
+            lora_targets=self.lora_cfg.get("targets") or LORA_TARGETS, trainable=trainable,
+        )
 
     # ---- probes (sampling callback) ---------------------------------------------------------------
     @torch.no_grad()

@@ -14,10 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def instantiate_named(cfg: DictConfig | None) -> list[Any]:
-    """Callbacks/loggers are named entries; `callbacks.x=null` drops one."""
+    """Callbacks/loggers are named entries; `callbacks.x=null` drops one, and so does a factory returning None."""
     if not cfg:
         return []
-    return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+    built = [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+    return [b for b in built if b is not None]
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
