@@ -45,6 +45,18 @@ def count_parameters(module: torch.nn.Module) -> dict:
     }
 
 
+def memory_estimate(module, cfg: DictConfig) -> dict | None:
+    """For stages that can estimate it: per-GPU memory at the configured devices x nodes and micro batch."""
+    if not hasattr(module, "memory_estimate") or not isinstance(cfg.trainer.devices, int):
+        return None
+    strategy = cfg.get("strategy") or {}
+    ac = bool(strategy.get("fsdp2", {}).get("activation_checkpointing", False)) or bool(
+        cfg.model.llm.get("gradient_checkpointing", False)
+    )
+    world = cfg.trainer.devices * cfg.trainer.num_nodes
+    return module.memory_estimate(world, cfg.data.batch_size, cfg.data.max_length, ac).as_gib()
+
+
 def format_table(counts: dict) -> str:
     rows = [f"{'module':<28}{'total':>18}{'trainable':>18}"]
     for name, c in counts["modules"].items():
@@ -57,8 +69,13 @@ def format_table(counts: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="inspect.yaml")
 def main(cfg: DictConfig) -> None:
-    counts = count_parameters(build_on_meta(cfg))
+    module = build_on_meta(cfg)
+    counts = count_parameters(module)
     print(format_table(counts))
+    memory = memory_estimate(module, cfg)
+    if memory:
+        print("estimated peak memory per GPU (GiB, analytic): " + json.dumps(memory))
+        counts["memory_per_gpu_gib"] = memory
     print(json.dumps({"experiment": cfg.get("task_name"), **counts}))
 
 

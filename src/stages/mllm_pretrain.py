@@ -111,6 +111,26 @@ class MLLMPretrainModule(StageModule):
             if missing:
                 raise ValueError(f"model.agent.weights: checkpoint lacks {missing}")
 
+    def memory_estimate(self, world_size: int, micro_batch: int, seq_len: int, activation_checkpointing: bool):
+        """Per-GPU memory under a sharded strategy (src/utils/memory.py); call after build_models."""
+        from src.utils.memory import estimate_sharded_memory
+
+        c = self.llm_cfg.config
+        params = list(self.parameters())
+        units = [sum(p.numel() for p in layer.parameters()) for layer in self.mllm.llm.get_decoder().layers]
+        root = sum(p.numel() for p in params) - sum(units) - sum(p.numel() for p in self.vit.parameters())
+        return estimate_sharded_memory(
+            total_params=sum(p.numel() for p in params),
+            trainable_params=sum(p.numel() for p in params if p.requires_grad),
+            largest_unit_params=max([root, *units]),
+            world_size=world_size,
+            tokens_per_gpu=micro_batch * seq_len,
+            layers=c["num_hidden_layers"],
+            hidden=c["hidden_size"],
+            vocab=self.mllm.llm.get_input_embeddings().weight.shape[0],
+            activation_checkpointing=activation_checkpointing,
+        )
+
     def report_modules(self) -> dict:
         m = self.mllm
         out = {"vit": self.vit, "mllm.llm": m.llm, "mllm.input_resampler": m.input_resampler,
