@@ -35,6 +35,9 @@ lint: setup  ## ruff
 format: setup
 	$(VENV)/bin/ruff format src tests data_prep
 
+bench: setup  ## throughput benchmark: Lightning vs bare loop, data vs model, packed vs padded (outputs/bench)
+	$(PY) -m src.bench --out outputs/bench
+
 sample-data: setup  ## rebuild the bundled sample data under assets/sample
 	$(PY) -m data_prep.make_sample_data --out assets/sample
 

@@ -5,6 +5,7 @@ Stages name their block classes; strategies carry the options. Models know nothi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,32 @@ class FSDP2Strategy(ModelParallelStrategy):
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        """Sharded checkpoints are written to `.<name>.tmp/` by every rank, then swapped in whole by rank 0
+        (atomic: a reader or a resume never sees a half-written `last.ckpt`). Consolidated ones go through
+        the trainer's CheckpointIO (atomic file writes, `src.utils.checkpoint.AtomicCheckpointIO`)."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        import shutil
+        from pathlib import Path
+
+        from src.utils.checkpoint import fsync_dir, replace_dir
+
+        path = Path(self.broadcast(str(filepath)))
+        tmp = path.with_name(f".{path.name}.tmp")
+        if self.global_rank == 0 and (tmp.exists() or tmp.is_symlink()):
+            shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()  # a crashed save
+        self.barrier("atomic_save_start")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier("atomic_save_written")
+        if self.global_rank == 0:
+            for f in tmp.iterdir():  # the metadata file (torch.save) is not fsynced by torch
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            fsync_dir(tmp)
+            replace_dir(tmp, path)
+        self.barrier("atomic_save_done")
+
 
 def block_classes(names: list[str]) -> tuple[type, ...]:
     import importlib
@@ -58,10 +85,15 @@ def block_classes(names: list[str]) -> tuple[type, ...]:
     return tuple(out)
 
 
-def parallelize(root: nn.Module, blocks: tuple[type, ...], mesh, opts: FSDP2Options) -> nn.Module:
-    """Shard every instance of `blocks` (after optional AC and compile), then the root."""
+def parallelize(root: nn.Module, blocks: tuple[type, ...], mesh, opts: FSDP2Options,
+                forward_methods: tuple[str, ...] = ()) -> nn.Module:
+    """Shard every instance of `blocks` (after optional AC and compile), then the root.
+
+    `forward_methods`: methods of `root` called instead of forward (e.g. a VAE's `encode`, `decode`);
+    FSDP2 gathers and frees the root's parameters around them too.
+    """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mp = MixedPrecisionPolicy(
         param_dtype=DTYPES.get(opts.param_dtype) if opts.param_dtype else None,
@@ -79,7 +111,34 @@ def parallelize(root: nn.Module, blocks: tuple[type, ...], mesh, opts: FSDP2Opti
         fully_shard(child, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=opts.reshard_after_forward)
         setattr(parent, name, child)
     fully_shard(root, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=opts.reshard_after_forward)
+    for method in forward_methods:
+        register_fsdp_forward_method(root, method)
     return root
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 sharded `module` or any part of it (its forward calls then run collectives)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def same_call_count(module: nn.Module, n: int, device: torch.device | str = "cpu") -> int:
+    """How many forward calls of `module` this rank must make this step when it wants `n`.
+
+    Every forward of an FSDP2-sharded module all-gathers its shards, so all ranks must call it equally
+    often or the collectives pair up wrongly (a hang, or silently mixed-up tensors). For a sharded module
+    in a multi-process run this is the maximum of `n` over all ranks (one small all-reduce, on `device`:
+    a CUDA device under NCCL); the caller makes the missing calls on a dummy input. Otherwise `n`.
+    Every rank must reach this call equally often (it is a collective itself).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not is_sharded(module):
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 # Wrappers that prefix parameter names; state_dict() already strips them, named_parameters() does not.

@@ -4,6 +4,17 @@ A record gives a *target* image (the generated image of an edit triplet, else th
 and, for edit triplets, a *condition* image (the first non-generated image). Bad samples never raise:
 they come back as `{"skipped": SkippedSample}` and the collate moves them to `batch["skipped"]`, where
 BadSampleLogger counts and reports them.
+
+With ``features_dir`` (a de-tokenizer store of ``data_prep/precompute_features.py``, layout in
+``src/data/features.py``) no image is decoded: a sample carries ``vit_features`` (T, D) (the frozen ViT's
+output for the target view; the stage pools it), ``vae_moments`` (2C, h, w) (the VAE posterior of the
+target; the stage samples from it) and, for stage 2, ``cond_vae_moments``, in place of ``vit_pixels`` /
+``vae_pixels`` / ``cond_pixels``. Missing or broken entries are skipped like bad images.
+
+Map-style training data (jsonl / folder sources) is drawn through a one-source :class:`MixtureSampler`,
+i.e. a permutation seeded from ``(seed, epoch)`` (in order with ``shuffle: false``), each rank its strided
+share, resumable at the exact global position (``src/data/position.py``). Webdataset shards stream
+(split by webdataset across nodes and workers) and restart their epoch on resume.
 """
 
 from __future__ import annotations
@@ -12,14 +23,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from src.data.images import vae_view, vit_view
+from src.data.mixture import MixtureSampler
+from src.data.position import ResumableDataModule
 from src.data.records import (
     BadSample,
     SkippedSample,
+    check_image_size,
     load_image,
     read_shards,
     record_images,
@@ -41,17 +54,21 @@ def split_target_condition(record: dict) -> tuple[dict, dict | None]:
 class DetokSampleBuilder:
     """Record -> tensors for the de-tokenizer (target ViT view + VAE view, optional condition)."""
 
-    def __init__(self, vit_size: int, vae_size: int, min_size: int = 8, max_aspect_ratio: float = 8.0):
+    def __init__(self, vit_size: int, vae_size: int, min_size: int = 8, max_aspect_ratio: float = 8.0,
+                 features=None):
         self.vit_size = vit_size
         self.vae_size = vae_size
         self.min_size = min_size
         self.max_aspect_ratio = max_aspect_ratio
+        self.features = features  # a src.data.features.FeatureStore, or None: pixels
 
     def __call__(self, record: dict | SkippedSample) -> dict[str, Any]:
         if isinstance(record, SkippedSample):
             return {"skipped": record}
         try:
             target_item, cond_item = split_target_condition(record)
+            if self.features is not None:
+                return self._from_features(record, target_item, cond_item)
             target = self._load(record, target_item)
             cond = self._load(record, cond_item) if cond_item is not None else None
         except BadSample as e:
@@ -60,18 +77,46 @@ class DetokSampleBuilder:
                     e.reason, record.get("source", "?"), record.get("id", "?"), record.get("_where", "?"), e.detail
                 )
             }
-        vae_pixels, original, crop = vae_view(target, self.vae_size)
+        views = self.image_views(target)
         sample = {
             "id": record["id"],
             "source": record["source"],
-            "vit_pixels": vit_view(target, self.vit_size),
-            "vae_pixels": vae_pixels,
-            "original_size": torch.tensor(original),
-            "crop_top_left": torch.tensor(crop),
+            "vit_pixels": views["vit_pixels"],
+            "vae_pixels": views["vae_pixels"],
+            "original_size": torch.tensor(views["original_size"]),
+            "crop_top_left": torch.tensor(views["crop_top_left"]),
             "has_cond": torch.tensor(cond is not None),
-            "cond_pixels": vae_view(cond, self.vae_size)[0] if cond is not None else torch.zeros_like(vae_pixels),
+            "cond_pixels": (self.image_views(cond)["vae_pixels"] if cond is not None
+                            else torch.zeros_like(views["vae_pixels"])),
         }
         return sample
+
+    def image_views(self, img) -> dict[str, Any]:
+        """The ViT view and the VAE view (+ SDXL original size, crop) of one image (also what
+        data_prep/precompute_features.py encodes)."""
+        vae_pixels, original, crop = vae_view(img, self.vae_size)
+        return {"vit_pixels": vit_view(img, self.vit_size), "vae_pixels": vae_pixels,
+                "original_size": original, "crop_top_left": crop}
+
+    def _from_features(self, record: dict, target_item: dict, cond_item: dict | None) -> dict[str, Any]:
+        feats = self.features.load(record)
+        index = {id(it): k for k, it in enumerate(record_images(record))}
+        t, c = index[id(target_item)], (index[id(cond_item)] if cond_item is not None else None)
+        for k, item in ((t, target_item), (c, cond_item)):
+            if k is not None:
+                check_image_size(*feats.size(k), f"image {item['image']!r}", self.min_size, self.max_aspect_ratio)
+        meta = feats.image(t)
+        vae = feats.vae(t)
+        return {
+            "id": record["id"],
+            "source": record["source"],
+            "vit_features": feats.gen(t),
+            "vae_moments": vae,
+            "original_size": torch.tensor(meta["original_size"]),
+            "crop_top_left": torch.tensor(meta["crop_top_left"]),
+            "has_cond": torch.tensor(c is not None),
+            "cond_vae_moments": feats.vae(c) if c is not None else torch.zeros_like(vae),
+        }
 
     def _load(self, record: dict, item: dict):
         return load_image(record, item, min_size=self.min_size, max_aspect_ratio=self.max_aspect_ratio)
@@ -102,7 +147,7 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-class DetokDataModule(L.LightningDataModule):
+class DetokDataModule(ResumableDataModule):
     def __init__(
         self,
         train_sources: list[dict],
@@ -116,18 +161,28 @@ class DetokDataModule(L.LightningDataModule):
         min_image_size: int = 8,
         max_aspect_ratio: float = 8.0,
         val_max_samples: int | None = None,
+        seed: int = 0,
+        features_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.train_sources = [SourceConfig(**s) for s in train_sources]
         self.val_sources = [SourceConfig(**s) for s in (val_sources or [])]
         if not self.train_sources:
             raise ValueError("data.train_sources is empty: give at least one {path, kind} source")
-        self.build = DetokSampleBuilder(vit_image_size, resolution, min_image_size, max_aspect_ratio)
+        store = None
+        if features_dir:
+            from src.data.features import FeatureStore
+
+            store = FeatureStore(features_dir, expect={
+                "kind": "detok", "vit_image_size": vit_image_size, "resolution": resolution})
+        self.features_dir = features_dir
+        self.build = DetokSampleBuilder(vit_image_size, resolution, min_image_size, max_aspect_ratio, store)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
         self.shuffle = shuffle
         self.val_max_samples = val_max_samples
+        self.seed = seed
 
     def _dataset(self, sources: list[SourceConfig], shuffle: bool, limit: int | None = None):
         for s in sources:
@@ -148,22 +203,31 @@ class DetokDataModule(L.LightningDataModule):
         self.val_set = (
             self._dataset(self.val_sources, False, self.val_max_samples) if self.val_sources else None
         )
+        if isinstance(self.train_set, IterableDataset):
+            self.train_sampler = None
+        elif self.train_sampler is None or self.train_sampler.sizes != [len(self.train_set)]:
+            n = len(self.train_set)
+            self.train_sampler = MixtureSampler([n], [1.0], num_samples=n, seed=self.seed, shuffle=self.shuffle)
 
-    def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, sampler=None, generator=None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle and not isinstance(dataset, IterableDataset),
+            sampler=sampler,
+            shuffle=False,
             num_workers=self.num_workers,
             collate_fn=collate_samples,
             persistent_workers=self.num_workers > 0,
+            generator=generator,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, self.shuffle)
+        if self.train_sampler is None:  # streamed shards: no sampler, no position
+            return self._loader(self.train_set, self.batch_size, generator=self.fixed_generator())
+        return self._loader(self.train_set, self.batch_size, **self.train_loader_kwargs())
 
     def val_dataloader(self):
         if self.val_set is None:
             return []
-        return self._loader(self.val_set, self.val_batch_size, False)
+        return self._loader(self.val_set, self.val_batch_size, generator=self.fixed_generator())
 

@@ -1,14 +1,24 @@
 """Weighted mixture of datasets: a torch ``Sampler`` over a ``ConcatDataset`` of the sources.
 
 For epoch ``e`` the source of each of the ``num_samples`` positions is drawn i.i.d. with the normalised
-weights; source ``k`` is then walked through its own permutation (``offset_k + perm[j]``), a fresh
-permutation each time it is exhausted (cycling). Everything is a pure function of ``(seed, epoch)``, so
-every rank and every resume sees the same order.
+weights; source ``k`` is then walked through its own permutation (``offset_k + perm[j]``; in order with
+``shuffle=False``), a fresh permutation each time it is exhausted (cycling). Everything is a pure function of
+``(seed, epoch)``: this is the *global order* of the epoch, the same on every rank and every resume. One
+source with ``num_samples == size`` is a plain seeded permutation (the de-tokenizer's map-style data).
 
-``state_dict()`` holds the epoch and how many indices of it were consumed; after ``load_state_dict`` the
-next iteration continues from there (once), then whole epochs again. A finished pass advances the epoch by
-one, so a wrapper that never calls ``set_epoch`` (e.g. Lightning's distributed sampler wrapper) still sees
-a new mixture every epoch; calling ``set_epoch(e)`` explicitly always wins.
+Distributed: with ``set_distributed(rank, world_size)`` rank ``r`` takes the strided share
+``order[start + r :: world_size]`` of the global order from the global offset ``start``, the same number
+of samples on every rank (the last ``< world_size`` positions of an epoch are left out, never repeated).
+So the data position is ``(epoch, consumed)`` with ``consumed`` counted in *global* samples: it does not
+depend on the world size, and a position written by 2 processes resumes on 1 (or 4) with no sample
+skipped or repeated.
+
+``state_dict()`` holds the epoch and the global position of what this sampler handed out; after
+``load_state_dict`` the next iteration continues from there (once), then whole epochs again. (A
+DataLoader prefetches, so what a sampler handed out is ahead of what the model consumed: training code
+checkpoints the consumed position instead, see ``src/data/position.py``.) A finished pass advances the
+epoch by one, so a loop that never calls ``set_epoch`` still sees a new mixture every epoch; calling
+``set_epoch(e)`` explicitly always wins.
 """
 
 from __future__ import annotations
@@ -27,7 +37,8 @@ _PERM_STREAM = 0x9E3
 
 class MixtureSampler(Sampler[int]):
     def __init__(self, sizes: Sequence[int], weights: Sequence[float], num_samples: int, seed: int = 0,
-                 names: Sequence[str] | None = None) -> None:
+                 names: Sequence[str] | None = None, shuffle: bool = True, rank: int = 0,
+                 world_size: int = 1) -> None:
         sizes, weights = list(sizes), list(weights)
         names = list(names) if names is not None else [f"#{k}" for k in range(len(sizes))]
         if not sizes:
@@ -54,12 +65,29 @@ class MixtureSampler(Sampler[int]):
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
         self.num_samples = int(num_samples)
         self.seed = int(seed) % 2**63
+        self.shuffle = bool(shuffle)
         self.epoch = 0
-        self._start = 0  # where the next iteration begins (set by load_state_dict)
-        self._consumed = 0  # indices handed out in the current epoch
+        self._start = 0  # global position where the next iteration begins (set by load_state_dict)
+        self._consumed = 0  # global position of what was handed out in the current epoch
+        self.rank, self.world_size = 0, 1
+        self.set_distributed(rank, world_size)
+
+    def set_distributed(self, rank: int, world_size: int) -> None:
+        rank, world_size = int(rank), int(world_size)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"mixture: rank {rank} is not in a world of {world_size} processes")
+        self.rank, self.world_size = rank, world_size
+
+    def local_length(self, start: int = 0) -> int:
+        """How many samples each rank draws from global position ``start`` to the end of the epoch."""
+        return max(self.num_samples - int(start), 0) // self.world_size
+
+    def position(self, start: int, local_samples: int) -> int:
+        """Global position after each rank drew ``local_samples`` of its share from ``start``."""
+        return int(start) + self.world_size * min(int(local_samples), self.local_length(start))
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.local_length(0)  # per rank, a whole epoch
 
     def set_epoch(self, epoch: int) -> None:
         epoch = int(epoch)
@@ -74,7 +102,7 @@ class MixtureSampler(Sampler[int]):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch = int(state["epoch"])
-        self._consumed = self._start = min(int(state.get("consumed", 0)), self.num_samples)
+        self._consumed = self._start = min(max(int(state.get("consumed", 0)), 0), self.num_samples)
 
     def indices(self, epoch: int) -> np.ndarray:
         """All ``num_samples`` dataset indices of ``epoch`` (a pure function of seed and epoch)."""
@@ -88,6 +116,7 @@ class MixtureSampler(Sampler[int]):
             cycles = -(-where.size // size)
             walk = np.concatenate([
                 np.random.default_rng([self.seed, epoch, _PERM_STREAM, k, c]).permutation(size)
+                if self.shuffle else np.arange(size)
                 for c in range(cycles)
             ])[: where.size]
             out[where] = self.offsets[k] + walk
@@ -96,11 +125,12 @@ class MixtureSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         epoch, start = self.epoch, self._start
         self._start = 0
-        order = self.indices(epoch)
+        n, world = self.local_length(start), self.world_size
+        mine = self.indices(epoch)[start + self.rank: start + self.rank + n * world: world]
         self._consumed = start
-        for i in range(start, self.num_samples):
-            self._consumed = i + 1
-            yield int(order[i])
+        for i, index in enumerate(mine):
+            self._consumed = start + (i + 1) * world
+            yield int(index)
         if self.epoch == epoch:  # a finished pass moves on, unless set_epoch intervened
             self.epoch = epoch + 1
             self._consumed = 0

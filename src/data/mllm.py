@@ -3,8 +3,12 @@
 Sources are map-style (jsonl files, image folders), read eagerly in ``setup``; read-time
 ``SkippedSample`` entries stay in the lists so they are counted (``batch["skipped"]``) when reached.
 Training draws from a :class:`MixtureSampler` (weights per source, ``samples_per_epoch`` per epoch,
-deterministic from ``seed`` and the epoch); validation walks the val sources in order.
+deterministic from ``seed`` and the epoch), each rank its strided share, resumable at the exact global
+position (see ``src/data/position.py``); validation walks the val sources in order.
 ``batch_size`` counts samples; with ``packing`` the collator packs them into rows of ``max_length``.
+``features_dir`` (a store of ``data_prep/precompute_features.py``, layout in ``src/data/features.py``): the
+datasets build samples from stored ViT features (batches carry ``vit_features``, no image is decoded and
+the stage runs no ViT); ``builder`` stays the pixel builder for probes of images outside the store.
 """
 
 from __future__ import annotations
@@ -12,13 +16,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 from torch.utils.data import ConcatDataset, DataLoader
 
 from src.data.any_res import DEFAULT_GRIDS
 from src.data.mixture import MixtureSampler
 from src.data.mllm_collate import MLLMCollator
 from src.data.mllm_sequence import SeedXSequenceBuilder
+from src.data.position import ResumableDataModule
 from src.data.sources import RecordDataset, SourceConfig, read_source, source_name
 from src.data.special_tokens import add_seedx_tokens
 
@@ -39,10 +43,10 @@ def load_tokenizer(path: str | None, key: str = "data.tokenizer_path"):
     return tokenizer
 
 
-class MLLMDataModule(L.LightningDataModule):
+class MLLMDataModule(ResumableDataModule):
     def __init__(
         self,
-        tokenizer_path: str,
+        tokenizer_path: str | None,
         train_sources: list[dict],
         val_sources: list[dict] | None = None,
         vit_image_size: int = 448,
@@ -60,6 +64,7 @@ class MLLMDataModule(L.LightningDataModule):
         min_image_size: int = 8,
         max_aspect_ratio: float = 8.0,
         chat_format: str = "llama2",
+        features_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.train_sources = [SourceConfig(**s) for s in train_sources]
@@ -86,27 +91,41 @@ class MLLMDataModule(L.LightningDataModule):
             "max_length": max_length, "truncation": truncation, "t2i_ratio": t2i_ratio, "seed": seed,
             "min_image_size": min_image_size, "max_aspect_ratio": max_aspect_ratio, "chat_format": chat_format,
         }
+        self.features_dir = features_dir
         self.tokenizer = None
         self.builder: SeedXSequenceBuilder | None = None
+        self.dataset_builder: SeedXSequenceBuilder | None = None  # = builder, or the feature-store one
         self.collator: MLLMCollator | None = None
         self.train_set: ConcatDataset | None = None
         self.val_set: ConcatDataset | None = None
-        self.train_sampler: MixtureSampler | None = None
 
     def _datasets(self, sources: list[SourceConfig]) -> list[RecordDataset]:
         out = []
         for s in sources:
             if not Path(s.path).exists():
                 raise FileNotFoundError(f"data source path does not exist: {s.path} (kind={s.kind})")
-            out.append(RecordDataset(read_source(s), self.builder))
+            out.append(RecordDataset(read_source(s), self.dataset_builder))
         return out
+
+    def _feature_store(self):
+        if not self.features_dir:
+            return None
+        from src.data.features import FeatureStore
+
+        kw = self.builder_kwargs
+        return FeatureStore(self.features_dir, expect={
+            "kind": "mllm", "vit_image_size": kw["vit_image_size"], "grids": list(kw["grids"])})
 
     def setup(self, stage: str | None = None) -> None:
         if self.builder is None:
             self.tokenizer = load_tokenizer(self.tokenizer_path)
             self.builder = SeedXSequenceBuilder(self.tokenizer, **self.builder_kwargs)
+            store = self._feature_store()
+            self.dataset_builder = (SeedXSequenceBuilder(self.tokenizer, **self.builder_kwargs, features=store)
+                                    if store is not None else self.builder)
             self.collator = MLLMCollator(self.tokenizer.pad_token_id, self.max_length, packing=self.packing,
-                                         vit_image_size=self.vit_image_size)
+                                         vit_image_size=self.vit_image_size,
+                                         feature_shape=(store.tokens, store.dim) if store is not None else None)
         if self.train_set is None:
             parts = self._datasets(self.train_sources)
             sizes = [len(p) for p in parts]
@@ -119,7 +138,7 @@ class MLLMDataModule(L.LightningDataModule):
         if self.val_set is None and self.val_sources:
             self.val_set = ConcatDataset(self._datasets(self.val_sources))
 
-    def _loader(self, dataset, batch_size: int, sampler=None) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, sampler=None, generator=None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -128,16 +147,17 @@ class MLLMDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=self.collator,
             persistent_workers=self.num_workers > 0,
+            generator=generator,
         )
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
-        return self._loader(self.train_set, self.batch_size, self.train_sampler)
+        return self._loader(self.train_set, self.batch_size, **self.train_loader_kwargs())
 
     def val_dataloader(self):
         if self.builder is None:
             self.setup("validate")
         if self.val_set is None:
             return []
-        return self._loader(self.val_set, self.val_batch_size)
+        return self._loader(self.val_set, self.val_batch_size, generator=self.fixed_generator())

@@ -16,6 +16,10 @@ that sample order too (in packing mode it differs from the input order).
 
 Skipped samples (``{"skipped": SkippedSample}``) go to ``batch["skipped"]``; a batch of only bad samples is
 still a valid batch with ``batch_size`` 0 and empty tensors.
+
+Samples built from precomputed features carry ``vit_features`` and so does their batch (``(N, T, D)``, same
+view order); ``feature_shape=(T, D)`` makes a batch without samples ``vit_features`` of shape ``(0, T, D)``
+too. A batch never mixes the two.
 """
 
 from __future__ import annotations
@@ -53,10 +57,12 @@ def pack_first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 class MLLMCollator:
     """``collate_fn`` for the MLLM datamodule; see the module docstring.
 
-    ``vit_image_size`` only sizes ``vit_pixels`` of a batch without any sample (shape (0, 3, S, S)).
+    ``vit_image_size`` only sizes ``vit_pixels`` of a batch without any sample (shape (0, 3, S, S));
+    ``feature_shape`` (T, D) switches to ``vit_features``.
     """
 
-    def __init__(self, pad_token_id: int, max_length: int, packing: bool = False, vit_image_size: int = 448):
+    def __init__(self, pad_token_id: int, max_length: int, packing: bool = False, vit_image_size: int = 448,
+                 feature_shape: tuple[int, int] | None = None):
         if pad_token_id is None:
             raise ValueError("pad_token_id: needs an id (Llama has no pad token; use unk or eos)")
         if max_length < 1:
@@ -65,6 +71,7 @@ class MLLMCollator:
         self.max_length = int(max_length)
         self.packing = bool(packing)
         self.vit_image_size = int(vit_image_size)
+        self.feature_shape = tuple(feature_shape) if feature_shape is not None else None
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         skipped: list[SkippedSample] = [s["skipped"] for s in samples if "skipped" in s]
@@ -112,8 +119,16 @@ class MLLMCollator:
                 position_ids[b] = torch.arange(width)
 
         ordered = [good[i] for i in order]
-        size = self._view_size(ordered)
-        views = [s["vit_pixels"] for s in ordered]
+        # Samples from a feature store carry vit_features; probes build from pixels even in a feature run.
+        if (ordered and "vit_features" in ordered[0]) or (not ordered and self.feature_shape is not None):
+            view_key = "vit_features"
+            views = [s[view_key] for s in ordered]
+            empty = torch.zeros(0, *(self.feature_shape or ()))
+        else:
+            view_key = "vit_pixels"
+            size = self._view_size(ordered)
+            views = [s[view_key] for s in ordered]
+            empty = torch.zeros(0, 3, size, size)
         batch: dict[str, Any] = {
             "input_ids": input_ids,
             "labels": labels,
@@ -121,7 +136,7 @@ class MLLMCollator:
             "attention_mask": None if self.packing else attention_mask,
             "ids_cmp_mask": ids_cmp_mask,
             "ids_gen_mask": ids_gen_mask,
-            "vit_pixels": torch.cat(views) if views else torch.zeros(0, 3, size, size),
+            view_key: torch.cat(views) if views else empty,
             "embeds_cmp_mask": self._cat([s["embeds_cmp_mask"] for s in ordered], torch.bool),
             "embeds_gen_mask": self._cat([s["embeds_gen_mask"] for s in ordered], torch.bool),
             "patch_positions": (torch.cat([s["patch_positions"] for s in ordered]).reshape(-1, 2).float()

@@ -23,6 +23,12 @@ are built from token ids, so nothing merges across a span boundary.
 
 Bad input never raises: the builder returns ``{"skipped": SkippedSample}`` (reasons of ``load_image`` and
 ``validate_record``, plus ``special_token_in_text``, ``box_without_image``, ``too_long``).
+
+Precomputed features (``features=FeatureStore``, see ``src/data/features.py``): no image is decoded; the
+grid comes from the stored image size and the sample carries ``vit_features`` (n, T, D), the frozen ViT's
+output for the same views in the same order, instead of ``vit_pixels``. Missing or broken entries are
+skipped (``missing_features``, ``bad_features``) like bad images. The views themselves are made by
+:meth:`SeedXSequenceBuilder.image_views`, which ``data_prep/precompute_features.py`` calls too.
 """
 
 from __future__ import annotations
@@ -38,7 +44,14 @@ import torch
 from src.data.any_res import DEFAULT_GRIDS, parse_grid, select_grid, tile_image, tile_positions
 from src.data.bbox import quantize_box
 from src.data.images import vit_view
-from src.data.records import BadSample, SkippedSample, load_image, validate_record
+from src.data.records import (
+    BadSample,
+    SkippedSample,
+    check_image_size,
+    load_image,
+    record_images,
+    validate_record,
+)
 from src.data.special_tokens import NUM_IMG_TOKENS, SEEDX_TOKENS, image_token_ids
 
 IGNORE_INDEX = -100
@@ -98,8 +111,9 @@ class SeedXSequenceBuilder:
     """Turns a record (or a read-time :class:`SkippedSample`) into a sample dict; see the module docstring.
 
     Sample keys: ``input_ids``, ``labels`` (LongTensor (L,), labels not shifted), ``ids_cmp_mask``,
-    ``ids_gen_mask`` (BoolTensor (L,)), ``vit_pixels`` (n, 3, S, S), ``embeds_cmp_mask``,
-    ``embeds_gen_mask`` (BoolTensor (n,)), ``patch_positions`` (n, 2), ``id``, ``source``, ``truncated``.
+    ``ids_gen_mask`` (BoolTensor (L,)), ``vit_pixels`` (n, 3, S, S) -- or ``vit_features`` (n, T, D) with a
+    feature store --, ``embeds_cmp_mask``, ``embeds_gen_mask`` (BoolTensor (n,)), ``patch_positions`` (n, 2),
+    ``id``, ``source``, ``truncated``.
     """
 
     def __init__(
@@ -115,6 +129,7 @@ class SeedXSequenceBuilder:
         min_image_size: int = 8,
         max_aspect_ratio: float = 8.0,
         chat_format: str = "llama2",
+        features=None,
     ) -> None:
         if truncation not in TRUNCATION_MODES:
             raise ValueError(f"truncation: expected one of {TRUNCATION_MODES}, got {truncation!r}")
@@ -141,6 +156,7 @@ class SeedXSequenceBuilder:
         self.min_image_size = int(min_image_size)
         self.max_aspect_ratio = max_aspect_ratio
         self.chat = CHAT_FORMATS[chat_format]
+        self.features = features  # a src.data.features.FeatureStore, or None: pixels
 
         self.tok = image_token_ids(tokenizer)  # raises if add_seedx_tokens was not called
         if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
@@ -192,11 +208,44 @@ class SeedXSequenceBuilder:
             return [{"role": None, "content": [text, gen_image]}]
         return turns
 
+    # ------------------------------------------------------------------------------------------ views
+    def image_grid(self, width: int, height: int, item: dict) -> tuple[int, int] | None:
+        """(ncols, nrows) of a comprehension image's tiles; None for a generated image (global view only)."""
+        if item.get("generate", False):
+            return None
+        grid = item.get("grid", "any")
+        if grid == "any":
+            return select_grid(width, height, self.grids, tile=self.vit_image_size)
+        return parse_grid(grid)
+
+    def image_views(self, img, item: dict) -> torch.Tensor:
+        """The ViT views of one image item, (n, 3, S, S) in span order: tiles row-major then the global view
+        (comprehension), or the one generation view (``generate``)."""
+        size = self.vit_image_size
+        grid = self.image_grid(img.width, img.height, item)
+        if grid is None:
+            return vit_view(img, size).unsqueeze(0)
+        views = tile_image(img, *grid, tile=size)  # tiles row-major, then the global view
+        return torch.stack([vit_view(view, size) for view in views])
+
+    def _image_input(self, record: dict, item: dict, k: int, feats) -> tuple[tuple[int, int], torch.Tensor]:
+        """(width, height) of image item ``k`` and its views: pixels, or stored ViT features."""
+        if feats is None:
+            img = load_image(record, item, min_size=self.min_image_size, max_aspect_ratio=self.max_aspect_ratio)
+            return img.size, self.image_views(img, item)
+        w, h = feats.size(k)
+        check_image_size(w, h, f"image {item['image']!r}", self.min_image_size, self.max_aspect_ratio)
+        grid = self.image_grid(w, h, item)
+        views = feats.gen(k).unsqueeze(0) if grid is None else feats.cmp(k, grid[0] * grid[1] + 1)
+        return (w, h), views
+
     def _build(self, record: dict) -> dict[str, Any]:
         for i, turn in enumerate(record["turns"]):
             for j, item in enumerate(turn["content"]):
                 if "text" in item:
                     self._check_text(item["text"], f"turns[{i}].content[{j}].text")
+        # After the text checks, so a record skips with the same reason either way; text-only: no entry.
+        feats = self.features.load(record) if self.features is not None and record_images(record) else None
 
         # 1) a flat list of pieces: ("text", str, supervised) | ("image", item, supervised) | ("box", ...)
         pieces: list[tuple[str, Any, bool]] = []
@@ -225,6 +274,7 @@ class SeedXSequenceBuilder:
         # 2) segments: merge adjacent text pieces with the same supervision, build spans from ids
         segments: list[_Segment] = []
         last_size: tuple[int, int] | None = None
+        n_images = 0  # image items so far = the item's index in record order (a t2i flip keeps its one image)
         pending_text: list[str] = []
         pending_sup = False
 
@@ -244,10 +294,9 @@ class SeedXSequenceBuilder:
                 continue
             flush()
             if kind == "image":
-                img = load_image(record, value, min_size=self.min_image_size,
-                                 max_aspect_ratio=self.max_aspect_ratio)
-                last_size = img.size
-                segments.append(self._image_segment(img, value, supervised))
+                last_size, views = self._image_input(record, value, n_images, feats)
+                n_images += 1
+                segments.append(self._image_segment(last_size, value, supervised, views))
             else:
                 if last_size is None:
                     raise BadSample("box_without_image", f"box {value['box']!r} has no image before it")
@@ -269,23 +318,19 @@ class SeedXSequenceBuilder:
         none = [False] * (n + 2)
         return ids, labels, (none if gen else inner), (inner if gen else none)
 
-    def _image_segment(self, img, item: dict, supervised: bool) -> _Segment:
+    def _image_segment(self, img_size: tuple[int, int], item: dict, supervised: bool,
+                       views: torch.Tensor) -> _Segment:
         seg = _Segment([], [], image=True, atomic=True)
-        size = self.vit_image_size
-        if item.get("generate", False):
+        grid = self.image_grid(*img_size, item)
+        if grid is None:
             ids, labels, cmp, gen = self._span(self.tok.img_start, self.tok.img_end,
                                                self.tok.img_start if supervised else IGNORE_INDEX, gen=True)
             seg.ids, seg.labels, seg.cmp, seg.gen = ids, labels, cmp, gen
-            seg.views.append(vit_view(img, size))
+            seg.views.append(views[0])
             seg.view_is_gen.append(True)
             seg.positions.append((0.5, 0.5))
             return seg
-        grid = item.get("grid", "any")
-        if grid == "any":
-            ncols, nrows = select_grid(img.width, img.height, self.grids, tile=size)
-        else:
-            ncols, nrows = parse_grid(grid)
-        views = tile_image(img, ncols, nrows, tile=size)  # tiles row-major, then the global view
+        ncols, nrows = grid
         for k, (view, pos) in enumerate(zip(views, tile_positions(ncols, nrows))):
             is_global = k == len(views) - 1
             start, end = ((self.tok.img_start, self.tok.img_end) if is_global
@@ -295,7 +340,7 @@ class SeedXSequenceBuilder:
             seg.labels += labels
             seg.cmp += cmp
             seg.gen += gen
-            seg.views.append(vit_view(view, size))
+            seg.views.append(view)
             seg.view_is_gen.append(False)
             seg.positions.append(tuple(float(p) for p in pos))
         return seg
@@ -346,12 +391,16 @@ class SeedXSequenceBuilder:
 
         size = self.vit_image_size
         is_gen = torch.tensor(view_is_gen, dtype=torch.bool)
+        if self.features is not None:
+            view_key, empty = "vit_features", self.features.empty_views()
+        else:
+            view_key, empty = "vit_pixels", torch.zeros(0, 3, size, size)
         return {
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "ids_cmp_mask": torch.tensor(cmp, dtype=torch.bool),
             "ids_gen_mask": torch.tensor(gen, dtype=torch.bool),
-            "vit_pixels": torch.stack(views) if views else torch.zeros(0, 3, size, size),
+            view_key: torch.stack(views) if views else empty,
             "embeds_cmp_mask": ~is_gen,
             "embeds_gen_mask": is_gen,
             "patch_positions": torch.tensor(positions, dtype=torch.float32).reshape(-1, 2),

@@ -75,6 +75,7 @@ __all__ = [
     "BadSample",
     "SkipCounter",
     "SkippedSample",
+    "check_image_size",
     "load_image",
     "read_image_folder",
     "read_jsonl",
@@ -401,6 +402,17 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def check_image_size(w: int, h: int, name: str, min_size: int = 1, max_aspect_ratio: float | None = None,
+                     **ctx) -> None:
+    """``image_too_small`` / ``bad_aspect_ratio`` checks of :func:`load_image` on a known size (also used on
+    the stored sizes of precomputed features, which decode no image)."""
+    if min(w, h) < max(min_size, 1):
+        raise BadSample("image_too_small", f"{name} is {w}x{h}, shorter side < min_size={min_size}", **ctx)
+    if max_aspect_ratio is not None and max(w, h) / min(w, h) > max_aspect_ratio:
+        raise BadSample("bad_aspect_ratio", f"{name} is {w}x{h}, aspect ratio "
+                                            f"{max(w, h) / min(w, h):.2f} > {max_aspect_ratio}", **ctx)
+
+
 def load_image(record: dict, item: dict | str, min_size: int = 1,
                max_aspect_ratio: float | None = None) -> Image.Image:
     """Decode one image item of ``record`` to an RGB ``PIL.Image`` (fully decoded, file closed).
@@ -431,13 +443,7 @@ def load_image(record: dict, item: dict | str, min_size: int = 1,
         fp = path
     try:
         with Image.open(fp) as im:
-            w, h = im.size
-            if min(w, h) < max(min_size, 1):
-                raise BadSample("image_too_small", f"{name} is {w}x{h}, shorter side < min_size={min_size}",
-                                **ctx)
-            if max_aspect_ratio is not None and max(w, h) / min(w, h) > max_aspect_ratio:
-                raise BadSample("bad_aspect_ratio", f"{name} is {w}x{h}, aspect ratio "
-                                                    f"{max(w, h) / min(w, h):.2f} > {max_aspect_ratio}", **ctx)
+            check_image_size(*im.size, name, min_size, max_aspect_ratio, **ctx)
             im.load()  # full decode: truncated files fail here, not later in a collate
             return _to_rgb(im)
     except BadSample:

@@ -11,6 +11,8 @@ Precomputed inputs (`data.features_dir`, data_prep/precompute_features.py) skip 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +36,7 @@ class DetokPretrainModule(StageModule):
         "src.models.qwen_vit.VisualAttentionBlock",
         "diffusers.models.attention.BasicTransformerBlock",
     )
+    fsdp_forward_methods: ClassVar[dict[str, tuple[str, ...]]] = {"vae": ("encode", "decode")}
 
     def __init__(
         self,

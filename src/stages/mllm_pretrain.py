@@ -147,9 +147,11 @@ class MLLMPretrainModule(StageModule):
             return batch["vit_features"].to(dtype)
         pixels = batch["vit_pixels"]
         chunks = list(pixels.split(self.vit_chunk_size)) if pixels.shape[0] else []
+        # Sharded ViT: as many calls as the busiest rank (each call all-gathers), agreed on before the
+        # first one; the extra calls encode a dummy view.
+        calls = same_call_count(self.vit, len(chunks), pixels.device)
         out = [self.vit(c.to(dtype)) for c in chunks]
-        # Sharded ViT: as many calls as the busiest rank (each call all-gathers); extra ones on a dummy view.
-        for _ in range(same_call_count(self.vit, len(chunks), pixels.device) - len(chunks)):
+        for _ in range(calls - len(chunks)):
             self.vit(pixels.new_zeros(1, *pixels.shape[1:]).to(dtype))
         if not out:
             return pixels.new_zeros(0, self.vit_cfg.n_queries, self.vit_cfg.output_dim, dtype=dtype)
