@@ -202,3 +202,13 @@ class QwenViT(nn.Module):
                     break
             sd[k] = v
         load_state_dict_strict(self, sd, what=f"QwenViT ({path})")
+
+
+def load_vit_weights(vit: QwenViT, allow_random_init: bool) -> None:
+    """`model.vit.weights` into `vit`; without a path only tiny twins (random init allowed) may go on."""
+    if vit.cfg.weights:
+        vit.load_official(vit.cfg.weights)
+    elif not allow_random_init:
+        from src.utils.weights import missing_weights_error
+
+        raise missing_weights_error("model.vit.weights", "the Qwen-VL ViT state dict (qwen_vit_G.pt)")

@@ -25,7 +25,7 @@ from src.models.detokenizer import (
     is_attention_kv,
     load_adapter_checkpoint,
 )
-from src.models.qwen_vit import QwenViT, QwenViTConfig
+from src.models.qwen_vit import QwenViT, QwenViTConfig, load_vit_weights
 from src.pipelines.detok import decode_latents, denoise
 from src.stages.base import StageModule
 
@@ -86,12 +86,7 @@ class DetokPretrainModule(StageModule):
         self.set_trainable()
 
     def _load_vit_weights(self, vit: QwenViT) -> None:
-        if self.vit_cfg.weights:
-            vit.load_official(self.vit_cfg.weights)
-        elif not self.detok_cfg.allow_random_init:
-            from src.utils.weights import missing_weights_error
-
-            raise missing_weights_error("model.vit.weights", "the Qwen-VL ViT state dict (qwen_vit_G.pt)")
+        load_vit_weights(vit, self.detok_cfg.allow_random_init)
 
     def build_frozen_encoders(self) -> dict[str, torch.nn.Module]:
         """ViT and VAE exactly as `build_models(load_weights=True)` makes them (data_prep/precompute_features.py).

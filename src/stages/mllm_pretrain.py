@@ -18,7 +18,7 @@ import torch
 from src.data.mllm import load_tokenizer
 from src.data.special_tokens import NUM_SEEDX_TOKENS
 from src.models.mllm import LORA_TARGETS, AgentConfig, LLMConfig, SeedXMLLM, apply_lora, build_llm
-from src.models.qwen_vit import QwenViT, QwenViTConfig
+from src.models.qwen_vit import QwenViT, QwenViTConfig, load_vit_weights
 from src.parallel import same_call_count
 from src.stages.base import StageModule
 from src.utils.flops import mllm_step_flops
@@ -86,10 +86,7 @@ class MLLMPretrainModule(StageModule):
         self.freeze_towers()
 
     def _load_vit_weights(self, vit: QwenViT) -> None:
-        if self.vit_cfg.weights:
-            vit.load_official(self.vit_cfg.weights)
-        elif not self.llm_cfg.allow_random_init:
-            raise missing_weights_error("model.vit.weights", "the Qwen-VL ViT state dict (qwen_vit_G.pt)")
+        load_vit_weights(vit, self.llm_cfg.allow_random_init)
 
     def build_frozen_encoders(self) -> dict[str, torch.nn.Module]:
         """The frozen ViT exactly as `build_models(load_weights=True)` makes it (the first module built under

@@ -14,13 +14,14 @@ import ctypes
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "atomic_torch_save", "fsync_dir", "replace_dir"]
+__all__ = ["AtomicCheckpointIO", "atomic_torch_save", "atomic_write", "fsync_dir", "replace_dir"]
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -33,13 +34,14 @@ def fsync_dir(path: str | Path) -> None:
             os.close(fd)
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """`write(file)` into a temp file beside `path`, fsync, rename onto `path`, fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -48,6 +50,10 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+
+from src.utils.checkpoint import atomic_write
 
 
 def instantiate_named(cfg: DictConfig | None) -> list[Any]:
@@ -22,15 +22,8 @@ def instantiate_named(cfg: DictConfig | None) -> list[Any]:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Temp file in the same folder + rename: a reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """A reader never sees a half-written file (temp + rename)."""
+    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
