@@ -171,6 +171,9 @@ class StageModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int):
         if self.batch_size_of(batch) == 0:
+            # Sharded models all-gather in forward: run the same forward as the other ranks, log nothing.
+            if self._last_good_batch is not None and self._trainer is not None and self.trainer.world_size > 1:
+                self.compute_losses(self._last_good_batch, "val")
             return None
         losses = self.compute_losses(batch, "val")
         self._log_losses(losses, "val", self.batch_size_of(batch))
