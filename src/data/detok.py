@@ -20,7 +20,6 @@ share, resumable at the exact global position (``src/data/position.py``). Webdat
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +36,7 @@ from src.data.records import (
     read_shards,
     record_images,
 )
-from src.data.sources import RecordDataset, SourceConfig, read_source
+from src.data.sources import RecordDataset, SourceConfig, parse_sources, read_source, require_exists
 
 
 def split_target_condition(record: dict) -> tuple[dict, dict | None]:
@@ -165,10 +164,7 @@ class DetokDataModule(ResumableDataModule):
         features_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.train_sources = [SourceConfig(**s) for s in train_sources]
-        self.val_sources = [SourceConfig(**s) for s in (val_sources or [])]
-        if not self.train_sources:
-            raise ValueError("data.train_sources is empty: give at least one {path, kind} source")
+        self.train_sources, self.val_sources = parse_sources(train_sources, val_sources)
         store = None
         if features_dir:
             from src.data.features import FeatureStore
@@ -186,8 +182,7 @@ class DetokDataModule(ResumableDataModule):
 
     def _dataset(self, sources: list[SourceConfig], shuffle: bool, limit: int | None = None):
         for s in sources:
-            if not Path(s.path).exists():
-                raise FileNotFoundError(f"data source path does not exist: {s.path} (kind={s.kind})")
+            require_exists(s)
         shards = [s for s in sources if s.kind == "shards"]
         if shards:
             if len(sources) > 1:

@@ -23,7 +23,14 @@ from src.data.mixture import MixtureSampler
 from src.data.mllm_collate import MLLMCollator
 from src.data.mllm_sequence import SeedXSequenceBuilder
 from src.data.position import ResumableDataModule
-from src.data.sources import RecordDataset, SourceConfig, read_source, source_name
+from src.data.sources import (
+    RecordDataset,
+    SourceConfig,
+    parse_sources,
+    read_source,
+    require_exists,
+    source_name,
+)
 from src.data.special_tokens import add_seedx_tokens
 
 __all__ = ["MLLMDataModule", "load_tokenizer"]
@@ -67,10 +74,7 @@ class MLLMDataModule(ResumableDataModule):
         features_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.train_sources = [SourceConfig(**s) for s in train_sources]
-        self.val_sources = [SourceConfig(**s) for s in (val_sources or [])]
-        if not self.train_sources:
-            raise ValueError("data.train_sources is empty: give at least one {path, kind, weight} source")
+        self.train_sources, self.val_sources = parse_sources(train_sources, val_sources)
         for s in self.train_sources + self.val_sources:
             if s.kind == "shards":
                 raise ValueError(f"data sources: the MLLM datamodule reads jsonl/folder sources; shards are not "
@@ -102,8 +106,7 @@ class MLLMDataModule(ResumableDataModule):
     def _datasets(self, sources: list[SourceConfig]) -> list[RecordDataset]:
         out = []
         for s in sources:
-            if not Path(s.path).exists():
-                raise FileNotFoundError(f"data source path does not exist: {s.path} (kind={s.kind})")
+            require_exists(s)
             out.append(RecordDataset(read_source(s), self.dataset_builder))
         return out
 

@@ -19,7 +19,8 @@ from src.data.records import SkippedSample, read_image_folder, read_jsonl
 
 SOURCE_KINDS = ("jsonl", "folder", "shards")
 
-__all__ = ["SOURCE_KINDS", "RecordDataset", "SourceConfig", "read_source", "source_name"]
+__all__ = ["SOURCE_KINDS", "RecordDataset", "SourceConfig", "parse_sources", "read_source", "require_exists",
+           "source_name"]
 
 
 @dataclass
@@ -37,6 +38,19 @@ class SourceConfig:
             raise ValueError(f"data source weight must be a finite number >= 0, got {self.weight!r} "
                              f"({self.name or self.path})")
         self.weight = float(self.weight)
+
+
+def parse_sources(train: list[dict], val: list[dict] | None) -> tuple[list[SourceConfig], list[SourceConfig]]:
+    """`data.train_sources` / `data.val_sources` entries -> SourceConfig; at least one training source."""
+    train_sources = [SourceConfig(**s) for s in train]
+    if not train_sources:
+        raise ValueError("data.train_sources is empty: give at least one {path, kind, weight} source")
+    return train_sources, [SourceConfig(**s) for s in (val or [])]
+
+
+def require_exists(src: SourceConfig) -> None:
+    if not Path(src.path).exists():
+        raise FileNotFoundError(f"data source path does not exist: {src.path} (kind={src.kind})")
 
 
 def source_name(src: SourceConfig) -> str:
