@@ -55,7 +55,7 @@ __all__ = [
     "ImageBlob",
     "ImageIndex",
     "RecordWriter",
-    "add_common_args",
+    "converter_parser",
     "expand_inputs",
     "field_value",
     "image_from_bytes",
@@ -642,9 +642,11 @@ def summary_text(stats: dict, examples: dict[str, SkippedSample] | None = None) 
 
 
 # --------------------------------------------------------------------------------------------- CLI
-def add_common_args(parser: argparse.ArgumentParser, default_name: str | None, input_help: str) -> None:
-    """--input, --out, --name, --source, --shards, --shard-maxcount (``default_name`` None: the converter
-    picks the name)."""
+def converter_parser(doc: str, default_name: str | None, input_help: str) -> argparse.ArgumentParser:
+    """A converter's CLI with the shared options: --input, --out, --name, --source, --shards,
+    --shard-maxcount (``default_name`` None: the converter picks the name). ``doc``: the module docstring."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help=input_help)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--name", default=default_name,
@@ -654,6 +656,7 @@ def add_common_args(parser: argparse.ArgumentParser, default_name: str | None, i
     parser.add_argument("--shards", action="store_true",
                         help="write webdataset shards <out>/<name>/<name>-NNNNNN.tar instead of jsonl + images")
     parser.add_argument("--shard-maxcount", type=int, default=10_000, help="records per shard (default 10000)")
+    return parser
 
 
 def writer_from_args(args: argparse.Namespace) -> dict:

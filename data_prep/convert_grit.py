@@ -31,7 +31,6 @@ to ground), ``failed_download``, ``bad_shard``, ``bad_file``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -41,7 +40,7 @@ from data_prep.common import (
     ImageBlob,
     ImageIndex,
     RecordWriter,
-    add_common_args,
+    converter_parser,
     count_rows,
     expand_inputs,
     image_from_bytes,
@@ -215,9 +214,7 @@ def convert(inputs: str | Path | list, out: str | Path, *, images: str | Path | 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, DEFAULT_NAME, "img2dataset GRIT shards (.tar) and/or GRIT metadata "
+    parser = converter_parser(__doc__, DEFAULT_NAME, "img2dataset GRIT shards (.tar) and/or GRIT metadata "
                                           "(.parquet / .jsonl): files, folders, globs, brace patterns")
     parser.add_argument("--images", default=None,
                         help="image folder for metadata rows (img2dataset output, or <key>.<ext> files)")

@@ -21,14 +21,13 @@ Record: ``{"id": "<source>/<key>", "source": ..., "url": ..., "turns": [{"role":
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 from data_prep.common import (
     RecordWriter,
-    add_common_args,
+    converter_parser,
     expand_inputs,
     field_value,
     image_from_bytes,
@@ -108,9 +107,7 @@ def convert(inputs: str | Path | list, out: str | Path, *, name: str = DEFAULT_N
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, DEFAULT_NAME, "img2dataset shards: folder(s), .tar files, globs or brace patterns")
+    parser = converter_parser(__doc__, DEFAULT_NAME, "img2dataset shards: folder(s), .tar files, globs or brace patterns")
     parser.add_argument("--caption-field", default="txt",
                         help="'txt' (the <key>.txt member, default) or a <key>.json key, e.g. top_caption")
     args = parser.parse_args(argv)

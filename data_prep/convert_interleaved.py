@@ -32,7 +32,6 @@ whole document is skipped with the image's reason (``--on-bad-image skip``). Ski
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +41,7 @@ from data_prep.common import (
     ImageBlob,
     ImageIndex,
     RecordWriter,
-    add_common_args,
+    converter_parser,
     count_rows,
     expand_inputs,
     file_stem,
@@ -193,9 +192,7 @@ def convert(inputs: str | Path | list, out: str | Path, *, image_root: str | Pat
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, None, "OBELICS .parquet/.jsonl or MMC4 .jsonl(.zip/.gz): files, folders, globs")
+    parser = converter_parser(__doc__, None, "OBELICS .parquet/.jsonl or MMC4 .jsonl(.zip/.gz): files, folders, globs")
     parser.add_argument("--format", default="auto", choices=["auto", *FORMATS],
                         help="input dataset (default: detect from the columns; also the default --name)")
     parser.add_argument("--image-root", default=None, help="folder with the downloaded images")

@@ -24,7 +24,6 @@ image).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from data_prep.common import (
     ImageBlob,
     ImageIndex,
     RecordWriter,
-    add_common_args,
+    converter_parser,
     expand_inputs,
     iter_rows,
     progress,
@@ -122,9 +121,7 @@ def convert(inputs: str | Path | list, out: str | Path, *, image_root: str | Pat
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, DEFAULT_NAME, "LLaVA-format .json (a list) or .jsonl files, folders, globs")
+    parser = converter_parser(__doc__, DEFAULT_NAME, "LLaVA-format .json (a list) or .jsonl files, folders, globs")
     parser.add_argument("--image-root", default=None, help="folder the entries' 'image' paths are relative to")
     args = parser.parse_args(argv)
     return convert(args.input, args.out, image_root=args.image_root, **writer_from_args(args))

@@ -17,13 +17,12 @@ Skips: ``too_short``, ``missing_text`` (field absent / not a string / blank), ``
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterator
 from pathlib import Path
 
 from data_prep.common import (
     RecordWriter,
-    add_common_args,
+    converter_parser,
     expand_inputs,
     field_value,
     file_stem,
@@ -90,9 +89,7 @@ def convert(inputs: str | Path | list, out: str | Path, *, name: str = DEFAULT_N
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, DEFAULT_NAME, ".txt / .jsonl corpora (.gz/.zip ok): files, folders, globs")
+    parser = converter_parser(__doc__, DEFAULT_NAME, ".txt / .jsonl corpora (.gz/.zip ok): files, folders, globs")
     parser.add_argument("--text-field", default="text", help="jsonl field holding the document (default text)")
     parser.add_argument("--min-chars", type=int, default=20, help="skip documents shorter than this (default 20)")
     args = parser.parse_args(argv)

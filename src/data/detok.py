@@ -204,17 +204,8 @@ class DetokDataModule(ResumableDataModule):
             n = len(self.train_set)
             self.train_sampler = MixtureSampler([n], [1.0], num_samples=n, seed=self.seed, shuffle=self.shuffle)
 
-    def _loader(self, dataset, batch_size: int, sampler=None, generator=None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=collate_samples,
-            persistent_workers=self.num_workers > 0,
-            generator=generator,
-        )
+    def collate_fn(self):
+        return collate_samples
 
     def train_dataloader(self) -> DataLoader:
         if self.train_sampler is None:  # streamed shards: no sampler, no position

@@ -141,17 +141,8 @@ class MLLMDataModule(ResumableDataModule):
         if self.val_set is None and self.val_sources:
             self.val_set = ConcatDataset(self._datasets(self.val_sources))
 
-    def _loader(self, dataset, batch_size: int, sampler=None, generator=None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=self.collator,
-            persistent_workers=self.num_workers > 0,
-            generator=generator,
-        )
+    def collate_fn(self):
+        return self.collator
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

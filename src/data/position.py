@@ -29,6 +29,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch.utils.data import DataLoader
 
 from src.data.mixture import MixtureSampler
 
@@ -164,6 +165,22 @@ class ResumableDataModule(L.LightningDataModule):
         for field in ("ready", "started", "processed", "completed"):
             if hasattr(current, field):
                 setattr(current, field, max(int(getattr(current, field)) + delta, 0))
+
+    def collate_fn(self):
+        """The batch collate function (a plain callable, so DataLoader workers never pickle the datamodule)."""
+        raise NotImplementedError
+
+    def _loader(self, dataset, batch_size: int, sampler=None, generator=None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=False,  # order comes from the sampler (training) or the dataset (validation, shards)
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn(),
+            persistent_workers=self.num_workers > 0,
+            generator=generator,
+        )
 
     def fixed_generator(self) -> torch.Generator:
         """For loaders without a position (validation, streamed shards): never draw from the global RNG."""
