@@ -660,6 +660,6 @@ def converter_parser(doc: str, default_name: str | None, input_help: str) -> arg
 
 
 def writer_from_args(args: argparse.Namespace) -> dict:
-    """The writer options of :func:`add_common_args` as keyword arguments for a ``convert()``."""
+    """The writer options of :func:`converter_parser` as keyword arguments for a ``convert()``."""
     return {"name": args.name, "source": args.source, "shards": args.shards,
             "shard_maxcount": args.shard_maxcount}
