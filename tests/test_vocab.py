@@ -1,11 +1,11 @@
-"""SEED-X special tokens: vocabulary extension, embedding init and image-token layout."""
+"""SEED-X vocabulary (src/models/vocab.py): token extension, embedding init and image-token layout."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from src.data.special_tokens import (
+from src.models.vocab import (
     IMG_START,
     NUM_IMG_TOKENS_USED,
     NUM_SEEDX_TOKENS,

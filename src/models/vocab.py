@@ -1,5 +1,9 @@
 """SEED-X special tokens, tokenizer extension and the image-token layout in the text stream.
 
+The one vocabulary of the SEED-X tokens: the datamodule extends its tokenizer and builds spans with it,
+the model sizes and initialises its new embedding rows with it. It lives beside the models because the
+model must not depend on the data package (tests/test_layering.py); data may import it.
+
 Token order (fixed; it decides the new ids, 32000..32329 on Llama-2):
 
     <img>, </img>, <patch>, </patch>,      4 image markers
