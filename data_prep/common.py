@@ -41,8 +41,10 @@ from typing import Any, Self
 from PIL import Image
 from tqdm import tqdm
 
+from src.data.bbox import oriented_size
 from src.data.records import (
     IMAGE_EXTENSIONS,
+    ORIENTATION_KEY,
     BadSample,
     SkipCounter,
     SkippedSample,
@@ -99,7 +101,9 @@ def image_from_bytes(data: bytes | None, hint_ext: str | None = None) -> ImageBl
     except Exception:  # noqa: BLE001 - decoded above, so this should not happen
         fmt = None
     ext = _PIL_FORMAT_EXT.get(fmt or "") or (hint_ext or "jpg").lower().lstrip(".")
-    return ImageBlob(data=bytes(data), ext=ext, width=im.width, height=im.height)
+    # load_image turns the image upright; record boxes are in the stored frame, so keep the stored size.
+    width, height = oriented_size(im.width, im.height, im.info[ORIENTATION_KEY])
+    return ImageBlob(data=bytes(data), ext=ext, width=width, height=height)
 
 
 def image_from_file(path: str | Path) -> ImageBlob:

@@ -29,7 +29,7 @@ same reason it would give with pixels); read-time skips (bad json lines) have no
 Per-record files are written atomically; ``--skip-existing`` resumes, ``--shard i/n`` splits the records
 across n processes (by record-key hash); ``--dtype bfloat16`` halves the store (the default float32 keeps
 training bit-comparable with the encoder run inline on CPU). Under ``trainer.precision=bf16-mixed`` the
-encoders run under bf16 autocast as they do in training.
+ViT runs under bf16 autocast as it does in training; the VAE encodes in fp32 always, as in training.
 """
 
 from __future__ import annotations
@@ -50,7 +50,14 @@ import torch
 from tqdm import tqdm
 
 from src.data.features import FORMAT, MANIFEST, record_key, record_path, write_record
-from src.data.records import BadSample, SkippedSample, load_image, read_shards, record_images
+from src.data.records import (
+    ORIENTATION_KEY,
+    BadSample,
+    SkippedSample,
+    load_image,
+    read_shards,
+    record_images,
+)
 from src.data.sources import SourceConfig, read_source
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -129,7 +136,7 @@ class MLLMJob(Job):
                 img = load_image(record, item, min_size=b.min_image_size, max_aspect_ratio=b.max_aspect_ratio)
             except BadSample as e:  # the builder skips the whole record at its first bad image
                 return self._skip(record, e)
-            meta.append({"size": list(img.size)})
+            meta.append({"size": list(img.size), "orientation": img.info[ORIENTATION_KEY]})
             if not item.get("generate", False):
                 views[f"cmp.{k}"] = b.image_views(img, item)
             if k in gen:
@@ -163,7 +170,8 @@ class DetokJob(Job):
         for n, (item, img) in enumerate(loaded):
             k = index[id(item)]
             v = self.build.image_views(img)
-            meta[k] = {"size": list(img.size), "original_size": list(v["original_size"]),
+            meta[k] = {"size": list(img.size), "orientation": img.info[ORIENTATION_KEY],
+                       "original_size": list(v["original_size"]),
                        "crop_top_left": list(v["crop_top_left"])}
             if n == 0:
                 vit[f"gen.{k}"] = v["vit_pixels"]
@@ -204,9 +212,10 @@ class Encoder:
                 at += n
         if vae_in:
             flat = torch.stack([t for _, _, t in vae_in])
-            with self._ctx():
-                moments = torch.cat([self.vae.encode(c.to(self.device).float()).latent_dist.parameters
-                                     for c in flat.split(self.vae_chunk)])
+            from src.models.detokenizer import encode_posterior  # fp32, outside autocast: as training
+
+            moments = torch.cat([encode_posterior(self.vae, c.to(self.device)).parameters
+                                 for c in flat.split(self.vae_chunk)])
             for (it, key, _), m in zip(vae_in, moments):
                 it["tensors"][key] = m.float().cpu().clone()  # the VAE runs in fp32 (SDXL overflows in half)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -87,7 +88,8 @@ def worker(rank: int, world: int, port: int, mode: str, out: str) -> None:
         records = Path(out) / "divergence.jsonl"
         records.write_text("".join(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}) + "\n"
                                    for r in (EDIT, CAPTION, T2I, TEXT)))
-        (Path(out) / "images").symlink_to(Path(BASE) / "images")  # the records' relative image paths
+        # The records' relative image paths; a copy, since a symlink out of the jsonl's folder is refused.
+        shutil.copytree(Path(BASE) / "images", Path(out) / "images")
         precompute(["--experiment", "seedx_pretrain_tiny", "--out", str(store), "--source", str(records)])
     dist.barrier()
     dm_features = hydra.utils.instantiate(cfg.data, features_dir=str(store) if mode == "guarded" else None)

@@ -7,6 +7,10 @@ so we quantise with round-half-up of ``value / size * bins`` (the nearest grid v
 clamp to ``[0, bins - 1]``. The clamp only matters for centres or sizes touching the far edge. Decoded
 corners are clipped to the image, and each corner ends up within one grid cell (``size / bins`` px) of
 the input.
+
+Record boxes are in the stored pixel frame of their image (what converters and detectors reading raw
+pixels produce); images are decoded upright (EXIF orientation applied, ``load_image``), so
+:func:`orient_box` moves a box into the upright frame with the same orientation before quantising.
 """
 
 from __future__ import annotations
@@ -15,13 +19,37 @@ import math
 import re
 from collections.abc import Sequence
 
-from src.data.special_tokens import BOX_END, BOX_START, LOC_TOKEN, NUM_LOC_TOKENS
+from src.models.vocab import BOX_END, BOX_START, LOC_TOKEN, NUM_LOC_TOKENS
 
 DEFAULT_BINS = NUM_LOC_TOKENS  # one <loc-N> token per grid value
 
 # Well-formed span: exactly four loc tokens; whitespace between tokens is tolerated because some
 # decoders put spaces around added tokens.
 _BOX_PATTERN = re.compile(r"<box_start>\s*<loc-(\d+)>\s*<loc-(\d+)>\s*<loc-(\d+)>\s*<loc-(\d+)>\s*<box_end>")
+
+
+def oriented_size(width: float, height: float, orientation: int) -> tuple[float, float]:
+    """Size after undoing EXIF ``orientation`` (1-8): width and height swap for 5-8 (a quarter turn or a
+    transpose). Its own inverse, so it also gives the stored size from the upright one."""
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def orient_box(box: Sequence[float], width: float, height: float, orientation: int) -> list[float]:
+    """Pixel ``[x0, y0, x1, y1]`` on a stored ``width`` x ``height`` image -> the same region of the image
+    turned upright for EXIF ``orientation`` (``PIL.ImageOps.exif_transpose``): 1 none, 2 mirror left-right,
+    3 rotate 180, 4 mirror top-bottom, 5 transpose, 6 rotate 90 clockwise, 7 transverse, 8 rotate 90
+    counter-clockwise. Coordinates are pixel edges, so a mirror maps ``x`` to ``width - x``."""
+    if orientation not in range(1, 9):
+        raise ValueError(f"orientation: EXIF orientation must be 1-8, got {orientation!r}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    w, h = float(width), float(height)
+
+    def point(x: float, y: float) -> tuple[float, float]:
+        return {1: (x, y), 2: (w - x, y), 3: (w - x, h - y), 4: (x, h - y),
+                5: (y, x), 6: (h - y, x), 7: (h - y, w - x), 8: (y, w - x)}[orientation]
+
+    (ax, ay), (bx, by) = point(x0, y0), point(x1, y1)
+    return [min(ax, bx), min(ay, by), max(ax, bx), max(ay, by)]
 
 
 def _check_size(width: float, height: float, bins: int) -> None:

@@ -23,8 +23,10 @@ A record file holds, for its ``k``-th image item (``record_images`` order, 0-bas
   so training with or without the store sees the same latents for the same RNG state.
 
 and safetensors metadata ``{"record": json}`` with ``id``, ``source`` and ``images``: one entry per image
-item, ``{"size": [w, h]}`` (pixels of the stored image; the builder picks the tile grid and quantises
-boxes from it, so no image is decoded at train time) plus, for VAE views, ``"original_size": [h, w]`` and
+item, ``{"size": [w, h], "orientation": o}`` (pixels of the image as decoded, i.e. upright, and the EXIF
+orientation 1-8 undone to get there; the builder picks the tile grid and turns and quantises boxes from
+them, so no image is decoded at train time; a missing ``orientation`` reads as 1) plus, for VAE views,
+``"original_size": [h, w]`` and
 ``"crop_top_left": [top, left]`` (SDXL micro-conditioning). A record whose image could not be used when
 the store was written is stored as a marker with ``"skipped": {"reason", "detail"}`` and no tensors, so the
 run skips it with the same reason it would have had with pixels (``corrupt_image``, ``missing_file``, ...).
@@ -47,7 +49,9 @@ import torch
 
 from src.data.records import BadSample
 
-FORMAT = "seedx-features/1"
+# /2: images are stored upright (EXIF orientation applied) with that orientation kept per image; /1 stores
+# held unrotated pixels for EXIF-rotated photos, so they must be recomputed.
+FORMAT = "seedx-features/2"
 MANIFEST = "manifest.json"
 
 __all__ = ["FORMAT", "FeatureStore", "RecordFeatures", "record_key", "record_path", "write_record"]
@@ -99,6 +103,13 @@ class RecordFeatures:
         if not (isinstance(size, list) and len(size) == 2):
             raise self._bad(f"image item {k} has no size")
         return int(size[0]), int(size[1])
+
+    def orientation(self, k: int) -> int:
+        """EXIF orientation (1-8) undone when image item k was encoded; 1 for stores written without it."""
+        o = self.image(k).get("orientation", 1)
+        if not (isinstance(o, int) and 1 <= o <= 8):
+            raise self._bad(f"image item {k} has orientation {o!r}, expected 1-8")
+        return o
 
     def _get(self, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         t = self.tensors.get(key)

@@ -10,6 +10,17 @@ Record schema (see DESIGN.md, "One record schema for every stage")::
 
 A document (caption pair, interleaved web page) is one turn with ``role: null``. Every content item has
 exactly one of ``text`` / ``image`` / ``box``. Image paths in a jsonl are relative to the jsonl's folder.
+A box is in pixels of the image before it *as stored* (the raw pixel grid, before any EXIF orientation).
+
+Image paths are untrusted data: :func:`load_image` resolves every path (relative ones against
+``_base_dir``; symlinks and ``..`` resolved) and refuses one that ends up outside the source's root (the
+jsonl's folder or the image folder) and the source's ``allowed_roots`` (``path_outside_root``). Records
+without ``_base_dir`` (built by code, not read from a source) are used as they are. Shard records name
+members by extension; those are not paths.
+
+Decoding: the EXIF orientation is applied (the image comes out upright; its ``info[ORIENTATION_KEY]``
+says which of the 8 orientations was undone, so boxes can follow with ``src.data.bbox.orient_box``), and
+images deeper than 8 bits are scaled to 8 bits, never clipped (see :func:`_to_rgb`).
 
 Readers
 -------
@@ -19,11 +30,14 @@ consumer decides what to do and counts it with :class:`SkipCounter`. One bad lin
 iteration. Records carry private keys the loaders use and the tokenizer ignores:
 
 * ``_where``    -- ``"path/to/file.jsonl:LINE"`` or ``"path/to/shard.tar:KEY"`` (for logs and skip reports)
-* ``_base_dir`` -- absolute folder that relative image paths resolve against (jsonl / folder readers)
+* ``_base_dir`` -- absolute folder that relative image paths resolve against, and the source's root
+  (jsonl / folder readers)
+* ``_allowed_roots`` -- resolved extra folders the record's images may live in (the source's
+  ``allowed_roots``; absent when there are none)
 * ``_blobs``    -- ``{extension: bytes}`` of the sample's image members (shard reader)
 
 Images are decoded lazily with :func:`load_image`, which raises :class:`BadSample` (``missing_file``,
-``corrupt_image``, ``image_too_small``, ``bad_aspect_ratio``, ``image_too_large``).
+``path_outside_root``, ``corrupt_image``, ``image_too_small``, ``bad_aspect_ratio``, ``image_too_large``).
 
 Shard layout (webdataset)
 -------------------------
@@ -44,8 +58,13 @@ A record's image item names its member by that extension, e.g. ``{"image": "jpg"
     000042.tgt.jpg
 
 Skip reasons (``BadSample.reason``): ``bad_json``, ``bad_schema``, ``empty_text``, ``missing_json`` (shard
-sample without ``.json``), ``missing_file`` (absent file or shard member), ``corrupt_image``,
+sample without ``.json``), ``missing_file`` (absent file or shard member), ``path_outside_root`` (an
+image path that resolves outside the source's root and ``allowed_roots``), ``corrupt_image``,
 ``image_too_small``, ``bad_aspect_ratio``, ``image_too_large``, ``bad_shard`` (unreadable / truncated tar).
+
+Skips of a shard sample whose record names no source are reported under the shard's name
+(:func:`shard_source_name`: ``laion-000003.tar`` and ``laion-{000000..000009}.tar`` -> ``laion``), as a
+jsonl's are under its file stem.
 """
 
 from __future__ import annotations
@@ -62,7 +81,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+import numpy as np
+from PIL import ExifTags, Image, ImageOps
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +90,10 @@ ROLES = (None, "user", "assistant", "system")
 ITEM_KINDS = ("text", "image", "box")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 _GRID = re.compile(r"^(any|[1-9][0-9]*x[1-9][0-9]*)$")
+ORIENTATION_KEY = "exif_orientation"  # info key of load_image's result: the EXIF orientation (1-8) it undid
 
 __all__ = [
+    "ORIENTATION_KEY",
     "BadSample",
     "SkipCounter",
     "SkippedSample",
@@ -82,6 +104,7 @@ __all__ = [
     "read_shards",
     "record_images",
     "record_text",
+    "shard_source_name",
     "validate_record",
 ]
 
@@ -215,15 +238,22 @@ def _str_or_none(obj: Any, key: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------- readers
-def read_jsonl(path: str | Path, source: str | None = None) -> Iterator[dict | SkippedSample]:
+def _resolved_roots(allowed_roots: Iterable[str | Path]) -> list[str]:
+    return [str(Path(r).expanduser().resolve()) for r in allowed_roots]
+
+
+def read_jsonl(path: str | Path, source: str | None = None,
+               allowed_roots: Iterable[str | Path] = ()) -> Iterator[dict | SkippedSample]:
     """Yield the records of a jsonl file, and a :class:`SkippedSample` for every line that is not one.
 
     ``source`` fills in records that have no ``source`` and names the dataset in skip reports of lines that
     could not be parsed (default: the file's stem). Blank lines are ignored. A missing file raises
-    ``FileNotFoundError`` (that is a configuration error, not bad data).
+    ``FileNotFoundError`` (that is a configuration error, not bad data). Image paths may point into the
+    jsonl's folder and ``allowed_roots`` only (checked by :func:`load_image`).
     """
     path = Path(path)
     base_dir = str(path.resolve().parent)
+    roots = _resolved_roots(allowed_roots)
     fallback = source or path.stem
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -245,20 +275,25 @@ def read_jsonl(path: str | Path, source: str | None = None) -> Iterator[dict | S
                 yield e.to_skipped(_str_or_none(obj, "source") or fallback, _str_or_none(obj, "id"), where)
                 continue
             obj["_base_dir"] = base_dir
+            if roots:
+                obj["_allowed_roots"] = roots
             obj["_where"] = where
             yield obj
 
 
-def read_image_folder(path: str | Path, source: str) -> Iterator[dict]:
+def read_image_folder(path: str | Path, source: str,
+                      allowed_roots: Iterable[str | Path] = ()) -> Iterator[dict]:
     """Every image file under ``path`` (recursive, sorted by relative path) as an image-only document.
 
     Record id is ``"<source>/<relative path>"``. Hidden files (``.name``) are ignored. Images are not
-    decoded here; :func:`load_image` reports broken ones.
+    decoded here; :func:`load_image` reports broken ones, and symlinks that lead outside the folder and
+    ``allowed_roots`` (``path_outside_root``).
     """
     root = Path(path)
     if not root.is_dir():
         raise NotADirectoryError(f"image folder {root} does not exist")
     base_dir = str(root.resolve())
+    extra = {"_allowed_roots": roots} if (roots := _resolved_roots(allowed_roots)) else {}
     files = [p for p in root.rglob("*")
              if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".")
                                                                  for part in p.relative_to(root).parts)
@@ -267,10 +302,22 @@ def read_image_folder(path: str | Path, source: str) -> Iterator[dict]:
         rel = p.relative_to(root).as_posix()
         yield {"id": f"{source}/{rel}", "source": source,
                "turns": [{"role": None, "content": [{"image": rel}]}],
-               "_base_dir": base_dir, "_where": str(p)}
+               "_base_dir": base_dir, **extra, "_where": str(p)}
 
 
 # --------------------------------------------------------------------------------------------- shards
+def shard_source_name(url: str | Path) -> str:
+    """Default source name of a shard or shard pattern: its file name without the shard number or brace
+    range (``dir/laion-000003.tar``, ``dir/laion-{000000..000009}.tar`` -> ``laion``), else (a bare number
+    such as ``dir/000003.tar``) the folder's name; ``unknown`` only when neither names anything."""
+    p = Path(str(url))
+    name = p.name.split("{", 1)[0]  # a brace pattern: the part before the range
+    if "{" not in p.name:
+        name = re.sub(r"\.(tar|tgz)(\.\w+)?$", "", name)
+    name = re.sub(r"[-_.]*\d*[-_.]*$", "", name)
+    return name or p.parent.name or "unknown"
+
+
 class _ShardSkips:
     """A webdataset exception handler that turns every exception into a queued :class:`SkippedSample`.
 
@@ -300,7 +347,7 @@ class _ShardSkips:
         if self._last_shard_error == (where, message):
             return True  # the same failure reported again by an outer webdataset stage
         self._last_shard_error = (where, message)
-        source = self.source or re.sub(r"[-_.]?\d+$", "", Path(where).stem) or "unknown"
+        source = self.source or shard_source_name(where)
         self.pending.append(SkippedSample("bad_shard", source, None, where,
                                           f"{type(exn).__name__}: {message}"[:500]))
         return True
@@ -338,7 +385,8 @@ def _shard_sample_to_record(sample: dict, source: str | None, check_images: bool
     except BadSample as e:
         e.where = e.where or where
         e.id = e.id or _str_or_none(obj, "id")
-        e.source = e.source or _str_or_none(obj, "source") or source
+        e.source = (e.source or _str_or_none(obj, "source") or source
+                    or shard_source_name(sample.get("__url__") or "unknown"))
         raise
 
 
@@ -392,9 +440,42 @@ def read_shards(urls: str | list[str], source: str | None = None, shuffle: bool 
 
 
 # --------------------------------------------------------------------------------------------- images
+def _bits_per_sample(im: Image.Image) -> int:
+    """Bits of full scale of a 32-bit-int (mode ``I``) image: the TIFF's BitsPerSample where it says (one
+    less for signed samples, whose positive range it is), else 16 (PNG / PGM hand 16-bit samples over
+    in mode ``I``)."""
+    tags = getattr(im, "tag_v2", {})
+
+    def first(tag: int):  # TIFF tags hold an int or one value per band
+        value = tags.get(tag)
+        return value[0] if isinstance(value, tuple) and value else value
+
+    bits, signed = first(258), first(339) == 2  # BitsPerSample, SampleFormat (2 = signed integer)
+    return max(8, int(bits) - signed) if isinstance(bits, int) and 8 <= bits <= 32 else 16
+
+
+def _high_bit_to_l(im: Image.Image) -> Image.Image:
+    """A single-band image deeper than 8 bits (``I;16*``, ``I``, ``F``) as 8-bit ``L``, scaled, not clipped:
+    ``v >> (bits - 8)`` for integers (the top 8 bits; what PIL itself keeps of 16-bit RGB / RGBA / LA
+    PNGs), ``round(255 * v)`` for floats, which are taken as [0, 1] (NaN -> 0). PIL's own ``convert``
+    clips every value above 255 instead, which turns a 16-bit photo white."""
+    arr = np.asarray(im)
+    if im.mode == "F":
+        out = np.rint(np.clip(np.nan_to_num(arr.astype(np.float64)), 0.0, 1.0) * 255.0)
+    else:
+        bits = 16 if im.mode.startswith("I;16") else _bits_per_sample(im)
+        out = np.clip(arr.astype(np.int64), 0, (1 << bits) - 1) >> (bits - 8)
+    transparent = im.info.get("transparency")  # a 16-bit grey PNG's tRNS value: those pixels onto white
+    if isinstance(transparent, int):
+        out = np.where(arr == transparent, 255, out)
+    return Image.fromarray(out.astype(np.uint8), "L")
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGB":
         return im.copy()
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        return _high_bit_to_l(im).convert("RGB")
     if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")  # transparent pixels onto white, not onto whatever colour they hold
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -413,15 +494,36 @@ def check_image_size(w: int, h: int, name: str, min_size: int = 1, max_aspect_ra
                                             f"{max(w, h) / min(w, h):.2f} > {max_aspect_ratio}", **ctx)
 
 
+def _resolve_image_path(record: dict, ref: str, ctx: dict) -> Path:
+    """The real path of a (non-shard) image reference, refused when outside the record's source roots."""
+    base = record.get("_base_dir")
+    path = Path(ref)
+    if base is None:  # not from a source reader: the caller chose the path
+        return path.resolve()
+    path = (Path(base) / path).resolve()  # an absolute ref replaces base; symlinks and .. are followed
+    roots = [base, *(record.get("_allowed_roots") or ())]
+    if not any(path.is_relative_to(Path(r).resolve()) for r in roots):
+        raise BadSample("path_outside_root", f"image {ref!r} resolves to {path}, outside the source root "
+                                             f"{base} and allowed_roots {roots[1:]}", **ctx)
+    return path
+
+
 def load_image(record: dict, item: dict | str, min_size: int = 1,
                max_aspect_ratio: float | None = None) -> Image.Image:
-    """Decode one image item of ``record`` to an RGB ``PIL.Image`` (fully decoded, file closed).
+    """Decode one image item of ``record`` to an upright RGB ``PIL.Image`` (fully decoded, file closed).
 
-    Shard records resolve the item against ``record["_blobs"]``; others against ``record["_base_dir"]``
-    (absolute paths are used as they are). EXIF orientation is not applied (boxes refer to stored pixels).
-    Raises :class:`BadSample` with reason ``missing_file``, ``corrupt_image`` (undecodable or truncated),
-    ``image_too_small`` (shorter side < ``min_size``), ``bad_aspect_ratio`` (long/short side >
-    ``max_aspect_ratio``) or ``image_too_large`` (PIL decompression-bomb limit).
+    Shard records resolve the item against ``record["_blobs"]`` (member names, not paths). Others resolve
+    it against ``record["_base_dir"]`` (absolute paths as they are), then follow symlinks and ``..``; with
+    a ``_base_dir`` (every record a source reader made) the result must lie inside it or one of
+    ``record["_allowed_roots"]``, else ``path_outside_root``.
+
+    The EXIF orientation is applied, and ``info[ORIENTATION_KEY]`` of the result holds the one undone
+    (1 = none): boxes of the record are in the stored pixel frame, ``src.data.bbox.orient_box`` turns them
+    upright with it. High-bit-depth images are scaled to 8 bits (:func:`_high_bit_to_l`); transparent
+    pixels go onto white. Raises :class:`BadSample` with reason ``missing_file``, ``path_outside_root``,
+    ``corrupt_image`` (undecodable or truncated), ``image_too_small`` (shorter side < ``min_size``),
+    ``bad_aspect_ratio`` (long/short side > ``max_aspect_ratio``) or ``image_too_large`` (PIL
+    decompression-bomb limit).
     """
     ref = item["image"] if isinstance(item, dict) else item
     blobs = record.get("_blobs")
@@ -434,18 +536,22 @@ def load_image(record: dict, item: dict | str, min_size: int = 1,
         name = f"member {ref!r}"
         fp: Any = io.BytesIO(data)
     else:
-        path = Path(ref)
-        if not path.is_absolute():
-            path = Path(record.get("_base_dir") or ".") / path
+        path = _resolve_image_path(record, ref, ctx)
         if not path.is_file():
             raise BadSample("missing_file", f"{path} does not exist", **ctx)
         name = str(path)
         fp = path
     try:
         with Image.open(fp) as im:
-            check_image_size(*im.size, name, min_size, max_aspect_ratio, **ctx)
+            check_image_size(*im.size, name, min_size, max_aspect_ratio, **ctx)  # orientation-invariant
             im.load()  # full decode: truncated files fail here, not later in a collate
-            return _to_rgb(im)
+            orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+            orientation = int(orientation) if orientation in range(1, 9) else 1  # invalid tags: as stored
+            if orientation != 1:
+                ImageOps.exif_transpose(im, in_place=True)
+            rgb = _to_rgb(im)
+        rgb.info[ORIENTATION_KEY] = orientation
+        return rgb
     except BadSample:
         raise
     except Image.DecompressionBombError as e:

@@ -3,19 +3,22 @@
 A source is a jsonl file of records or a folder of images (read eagerly into a list: map-style), or
 webdataset shards (streamed by the datamodule that supports them; :func:`read_source` refuses them).
 ``weight`` is the relative sampling weight of the source in a training mixture (see ``mixture.py``).
+``allowed_roots``: folders besides the source's root (the jsonl's folder, the image folder) that its
+records' image paths may resolve into; anything else is skipped as ``path_outside_root`` (see
+``records.py``). ``name`` defaults to :func:`source_name`, for skip reports too.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
 
-from src.data.records import SkippedSample, read_image_folder, read_jsonl
+from src.data.records import SkippedSample, read_image_folder, read_jsonl, shard_source_name
 
 SOURCE_KINDS = ("jsonl", "folder", "shards")
 
@@ -29,6 +32,7 @@ class SourceConfig:
     kind: str = "jsonl"
     name: str | None = None
     weight: float = 1.0
+    allowed_roots: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.kind not in SOURCE_KINDS:
@@ -38,6 +42,11 @@ class SourceConfig:
             raise ValueError(f"data source weight must be a finite number >= 0, got {self.weight!r} "
                              f"({self.name or self.path})")
         self.weight = float(self.weight)
+        roots = self.allowed_roots
+        if isinstance(roots, (str, bytes)) or not all(isinstance(r, str) and r for r in roots or ()):
+            raise ValueError(f"data source allowed_roots must be a list of folder paths, got {roots!r} "
+                             f"({self.name or self.path})")
+        self.allowed_roots = list(roots or ())
 
 
 def parse_sources(train: list[dict], val: list[dict] | None) -> tuple[list[SourceConfig], list[SourceConfig]]:
@@ -54,17 +63,22 @@ def require_exists(src: SourceConfig) -> None:
 
 
 def source_name(src: SourceConfig) -> str:
-    """The name a source's records and skip reports carry: ``name``, else the file stem / folder name."""
-    return src.name or (Path(src.path).name if src.kind == "folder" else Path(src.path).stem)
+    """The name a source's records and skip reports carry: ``name``, else the jsonl's stem, the folder's
+    name, or the shards' name without shard number / brace range (:func:`shard_source_name`)."""
+    if src.name:
+        return src.name
+    if src.kind == "shards":
+        return shard_source_name(src.path)
+    return Path(src.path).name if src.kind == "folder" else Path(src.path).stem
 
 
 def read_source(src: SourceConfig) -> list[dict | SkippedSample]:
     """All records of a jsonl or folder source, with read-time :class:`SkippedSample` s left in place
     (so they are counted when a loader reaches them)."""
-    if src.kind == "jsonl":
-        return list(read_jsonl(src.path, source=src.name))
+    if src.kind == "jsonl":  # read_jsonl falls back to the same stem for lines without a source
+        return list(read_jsonl(src.path, source=src.name, allowed_roots=src.allowed_roots))
     if src.kind == "folder":
-        return list(read_image_folder(src.path, source=src.name or Path(src.path).name))
+        return list(read_image_folder(src.path, source=source_name(src), allowed_roots=src.allowed_roots))
     raise ValueError(f"source kind {src.kind!r} is not map-style (shards are streamed): {src.path}")
 
 
