@@ -14,6 +14,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.utils.config import check_config
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig, overrides=(), choices=None) -> tuple[dict[str, float], dict[str, Any]]:
-    check_config(cfg, overrides, choices)
+    check_config(cfg, overrides, choices, for_training=True)  # every problem at once, before any build
     out = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -38,6 +39,10 @@ def train(cfg: DictConfig, overrides=(), choices=None) -> tuple[dict[str, float]
         save_resolved_config(cfg, out)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SIGTERMException:
+        # SLURM preemption / time limit: Lightning stopped at a step boundary and callbacks.exact_resume
+        # saved last.ckpt there; a clean exit (code 0), resume with ckpt_path=<dir>/checkpoints/last.ckpt.
+        log.warning("SIGTERM: stopped at step %d; resume from last.ckpt", trainer.global_step)
     finally:
         _close_wandb()
     metrics = dict(trainer.callback_metrics)

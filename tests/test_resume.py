@@ -1,4 +1,5 @@
-"""Exact resume: SIGKILL mid-epoch + resume gives the uninterrupted loss sequence; a 2-process checkpoint
+"""Exact resume: SIGKILL mid-epoch + resume gives the uninterrupted loss sequence, and so does a run that
+stopped (max_steps raised afterwards, should_stop as max_time does, SIGTERM); a 2-process checkpoint
 resumes in 1 process with every sample of the epoch seen exactly once; sampler positions map across world
 sizes; checkpoint writes are atomic."""
 
@@ -12,6 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -107,6 +109,137 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_losses(tmp_path):
     reference = losses(whole)
     assert sorted(reference) == list(range(steps))
     assert {**before, **after} == reference  # bit-equal losses (as logged) at every step
+
+
+# ---- a run that stopped, resumed: max_steps raised, should_stop (max_time), SIGTERM -------------------------
+STEPS, PER_EPOCH = 8, 40  # 20 batches an epoch: every stop below is mid-epoch
+# A constant schedule: raising max_steps changes a cosine schedule's horizon (README, exact resume).
+STOPPED = [f"data.samples_per_epoch={PER_EPOCH}", "stage.scheduler.name=constant", "stage.scheduler.warmup_steps=0",
+           "callbacks.model_checkpoint.every_n_train_steps=1000"]
+
+
+class StopAtStep(L.Callback):
+    """Test callback: stops training after `step` steps the way Lightning's Timer (`trainer.max_time`) does,
+    `trainer.should_stop = True` in on_train_batch_end, without the timing that makes a max_time test flaky."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+class Straight:
+    """The uninterrupted STEPS-step reference, shared by the module's tests; it runs in the background
+    beside the first test's own runs (one thread each, 2 cores)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.log = out, out.with_suffix(".log")
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(train_cmd(out, *STOPPED, f"trainer.max_steps={STEPS}"), cwd=ROOT,
+                                         env=env_1thread(), stdout=log, stderr=subprocess.STDOUT)
+
+    def losses(self) -> dict[int, str]:
+        assert self.proc.wait(timeout=300) == 0, self.log.read_text()[-3000:]
+        reference = losses(self.out)
+        assert sorted(reference) == list(range(STEPS))
+        return reference
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    ref = Straight(tmp_path_factory.mktemp("straight") / "whole")
+    yield ref
+    if ref.proc.poll() is None:
+        ref.proc.kill()
+
+
+def resume_to_the_end(out: Path, stopped: Path) -> dict[int, str]:
+    last = stopped / "checkpoints" / "last.ckpt"
+    run(train_cmd(out, *STOPPED, f"trainer.max_steps={STEPS}", f"ckpt_path={last}"), env=env_1thread())
+    return losses(out)
+
+
+def test_finished_run_resumed_with_more_max_steps_gives_the_straight_losses(tmp_path, straight):
+    """The Must-show of issue 9 item 10: 3 steps, then `trainer.max_steps` raised and `ckpt_path=last.ckpt`.
+    Lightning counts the epoch as ended when max_steps stops a run, so the old code began a new epoch (other
+    data, other losses). A step checkpoint at 2 also checks that last.ckpt holds the final step (3), not 2."""
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    run(train_cmd(first, *STOPPED, "trainer.max_steps=3", "callbacks.model_checkpoint.every_n_train_steps=2"),
+        env=env_1thread())
+    assert global_step(first / "checkpoints" / "last.ckpt") == 3
+    before = losses(first)
+    assert sorted(before) == [0, 1, 2]
+    after = resume_to_the_end(resumed, first)
+    assert sorted(after) == list(range(3, STEPS)), sorted(after)
+    assert {**before, **after} == straight.losses()  # bit-equal losses (as logged) at every step
+
+
+def test_run_stopped_by_should_stop_resumes_mid_epoch(tmp_path, straight):
+    """`trainer.max_time` stops through the Timer callback setting `trainer.should_stop`; StopAtStep does the
+    same at a fixed step (a small max_time would make the test flaky). Same fault as max_steps on the old
+    code: Lightning ends the epoch before writing last.ckpt, and the resume began a new epoch."""
+    stopped, resumed = tmp_path / "stopped", tmp_path / "resumed"
+    stop_at = ["+callbacks.stop_at._target_=tests.test_resume.StopAtStep", "+callbacks.stop_at.step=3"]
+    run(train_cmd(stopped, *STOPPED, f"trainer.max_steps={STEPS}", *stop_at), env=env_1thread())
+    assert global_step(stopped / "checkpoints" / "last.ckpt") == 3
+    before = losses(stopped)
+    assert sorted(before) == [0, 1, 2]
+    after = resume_to_the_end(resumed, stopped)
+    assert sorted(after) == list(range(3, STEPS)), sorted(after)
+    assert {**before, **after} == straight.losses()
+
+
+def test_sigterm_saves_last_at_a_step_boundary_exits_cleanly_and_resumes_exactly(tmp_path, straight):
+    """SLURM sends SIGTERM before preemption: the run saves last.ckpt at the step boundary after the signal
+    (it may land mid-step), exits 0, and the resume gives the uninterrupted losses. Old code: Lightning raised
+    SIGTERMException (exit code 1) and no last.ckpt was written at that step."""
+    stopped, resumed = tmp_path / "stopped", tmp_path / "resumed"
+    log_path = tmp_path / "stopped.log"
+    with open(log_path, "w") as log:
+        victim = subprocess.Popen(train_cmd(stopped, *STOPPED, f"trainer.max_steps={STEPS}"), cwd=ROOT,
+                                  env=env_1thread(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while len(losses(stopped)) < 3:  # steps 0..2 logged: the run is in step 3 or later
+                assert victim.poll() is None, f"run ended before the signal: {log_path.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "not 3 steps within 240 s"
+                time.sleep(0.05)
+            os.kill(victim.pid, signal.SIGTERM)
+            assert victim.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+        finally:
+            if victim.poll() is None:
+                victim.kill()
+    at = global_step(stopped / "checkpoints" / "last.ckpt")
+    before = losses(stopped)
+    assert 3 <= at < STEPS and sorted(before) == list(range(at)), (at, sorted(before))  # the last logged step
+    after = resume_to_the_end(resumed, stopped)
+    assert sorted(after) == list(range(at, STEPS)), sorted(after)
+    assert {**before, **after} == straight.losses()
+
+
+def test_only_an_epoch_cut_short_is_reopened():
+    from src.utils.checkpoint import reopen_stopped_epoch
+
+    def ckpt(is_last_batch: bool, completed: int = 1) -> dict:
+        epochs = {"ready": 1, "started": 1, "processed": 1, "completed": completed}
+        return {"epoch": completed, "loops": {"fit_loop": {
+            "epoch_progress": {"total": dict(epochs), "current": dict(epochs)},
+            "epoch_loop.batch_progress": {"current": {"ready": 3}, "is_last_batch": is_last_batch}}}}
+
+    for completed in (1, 0):  # written in on_train_end / in on_train_epoch_end
+        stopped = ckpt(is_last_batch=False, completed=completed)
+        assert reopen_stopped_epoch(stopped)
+        fit = stopped["loops"]["fit_loop"]["epoch_progress"]
+        assert fit["total"] == fit["current"] == {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+        assert stopped["epoch"] == 0
+    finished = ckpt(is_last_batch=True)
+    assert not reopen_stopped_epoch(finished) and finished == ckpt(is_last_batch=True)
+    mid_epoch = ckpt(is_last_batch=False)  # written in on_train_batch_end: already "restarted mid epoch"
+    for c in mid_epoch["loops"]["fit_loop"]["epoch_progress"].values():
+        c["processed"] = c["completed"] = 0
+    assert not reopen_stopped_epoch(mid_epoch)
 
 
 def seen(out: Path, before_step: int | None = None) -> list[str]:
