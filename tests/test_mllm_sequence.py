@@ -8,7 +8,7 @@ from PIL import Image
 from src.data.bbox import quantize_box
 from src.data.mllm_sequence import IGNORE_INDEX, SeedXSequenceBuilder, t2i_flip
 from src.data.records import SkippedSample
-from src.data.special_tokens import add_seedx_tokens, image_token_ids
+from src.models.vocab import add_seedx_tokens, image_token_ids
 
 pytestmark = pytest.mark.unit
 
@@ -210,12 +210,91 @@ def test_t2i_ratio_turns_pairs_into_caption_to_image(tokenizer, ids, images):
     cap = enc(tokenizer, "Blue.")
     assert flipped["input_ids"].tolist() == ([tokenizer.bos_token_id] + cap + span(ids.img_start, ids.img_end, ids)
                                              + [tokenizer.eos_token_id])
-    assert flipped["labels"][1:len(cap) + 2].tolist() == cap + [ids.img_start]
+    # the caption is the condition (no CE); only <img> and EOS are targets
+    assert flipped["labels"].tolist() == ([IGNORE_INDEX] * (1 + len(cap)) + [ids.img_start]
+                                          + [IGNORE_INDEX] * (N + 1) + [tokenizer.eos_token_id])
     # only single-turn [image, text] documents are candidates
     always = make_builder(tokenizer, t2i_ratio=1.0)
     chat = rec(images, [{"role": "user", "content": [{"image": "small.png"}, {"text": "Hi"}]}])
     assert not always(chat)["embeds_gen_mask"].any()
     assert always(pairs[0])["embeds_gen_mask"].all()
+
+
+def _pair(images, caption="Blue.", rid="p/0"):
+    return rec(images, [{"role": None, "content": [{"image": "small.png", "grid": "1x1"}, {"text": caption}]}],
+               rid=rid)
+
+
+def test_t2i_flip_supervises_only_img_and_eos(tokenizer, ids, images):
+    """Official SEED-X: caption -> image carries no caption CE. <s> caption(-100) <img>(CE) 64 slots(-100,
+    gen mask) </img>(-100) </s>(CE); the default t2i_chat_format (plain) adds no prompt text."""
+    sample = make_builder(tokenizer, t2i_ratio=1.0)(_pair(images, "A blue square on white."))
+    cap = enc(tokenizer, "A blue square on white.")
+    boi = 1 + len(cap)
+    assert sample["input_ids"].tolist() == ([tokenizer.bos_token_id] + cap + span(ids.img_start, ids.img_end, ids)
+                                            + [tokenizer.eos_token_id])
+    assert sample["labels"].tolist() == ([IGNORE_INDEX] * boi + [ids.img_start] + [IGNORE_INDEX] * (N + 1)
+                                         + [tokenizer.eos_token_id])
+    assert supervised_positions(sample) == [boi, boi + N + 2]
+    assert torch.nonzero(sample["ids_gen_mask"]).flatten().tolist() == list(range(boi + 1, boi + 1 + N))
+    assert not sample["ids_cmp_mask"].any()
+    assert sample["embeds_gen_mask"].tolist() == [True] and sample["vit_pixels"].shape == (1, 3, S, S)
+    check_masks(sample, ids)
+
+
+def test_t2i_chat_format_wraps_only_the_flipped_caption(tokenizer, ids, images):
+    llama = make_builder(tokenizer, t2i_ratio=1.0, t2i_chat_format="llama2")
+    sample = llama(_pair(images))
+    prompt = enc(tokenizer, "[INST] Blue. [/INST]\n")
+    assert sample["input_ids"].tolist() == ([tokenizer.bos_token_id] + prompt + span(ids.img_start, ids.img_end, ids)
+                                            + [tokenizer.eos_token_id])
+    assert supervised_positions(sample) == [1 + len(prompt), len(sample["input_ids"]) - 1]
+    # a record's own user turns keep chat_format (llama2) while flipped captions are plain
+    plain = make_builder(tokenizer, t2i_ratio=1.0)
+    chat = plain(rec(images, [{"role": "user", "content": [{"text": "Hi"}]},
+                              {"role": "assistant", "content": [{"text": "Hello"}]}]))
+    user, answer = enc(tokenizer, "[INST] Hi [/INST]\n"), enc(tokenizer, "Hello")
+    assert chat["input_ids"].tolist() == [tokenizer.bos_token_id] + user + answer + [tokenizer.eos_token_id]
+    assert chat["labels"].tolist() == [IGNORE_INDEX] * (1 + len(user)) + answer + [tokenizer.eos_token_id]
+    with pytest.raises(ValueError, match="t2i_chat_format"):
+        make_builder(tokenizer, t2i_chat_format="vicuna")
+
+
+def test_t2i_can_be_forced_per_call(tokenizer, ids, images):
+    never, always = make_builder(tokenizer, t2i_ratio=0.0), make_builder(tokenizer, t2i_ratio=1.0)
+    pair = _pair(images)
+    forced = never(pair, t2i=True)
+    for key in ("input_ids", "labels", "ids_gen_mask", "ids_cmp_mask", "embeds_gen_mask"):
+        assert forced[key].tolist() == always(pair)[key].tolist()
+    comprehension = always(pair, t2i=False)
+    assert comprehension["embeds_cmp_mask"].tolist() == [True, True]  # 1x1 tile + global view
+    assert comprehension["labels"].tolist() == never(pair)["labels"].tolist()
+    with pytest.raises(ValueError, match="image-caption pair"):
+        never(rec(images, [{"role": None, "content": [{"text": "no image"}]}]), t2i=True)
+
+
+def test_probe_t2i_sample_is_the_training_flip(tokenizer, ids, images, tmp_path):
+    """The MLLM probe's regression sample is laid out like a t2i_ratio sample: caption without CE."""
+    from types import SimpleNamespace
+
+    from src.callbacks.mllm_probe import MLLMProbeCallback
+
+    builder = make_builder(tokenizer, t2i_ratio=0.5)
+    seen = []
+    module = SimpleNamespace(
+        training=False, device="cpu", eval=lambda: None, train=lambda mode: None,
+        transfer_batch_to_device=lambda batch, device, idx: batch, generate_text=lambda batch, n: [],
+        compute_losses=lambda batch, stage: seen.append(batch) or {"loss_mse": torch.tensor(0.0)})
+    dm = SimpleNamespace(builder=builder, tokenizer=tokenizer, collator=lambda samples: samples[0])
+    trainer = SimpleNamespace(datamodule=dm, is_global_zero=False)
+    MLLMProbeCallback(str(tmp_path), 1, str(images / "small.png"), "Blue.").run(trainer, module, step=1)
+    (probe,) = seen
+    training = make_builder(tokenizer, t2i_ratio=1.0)(rec(images, [{"role": None, "content": [
+        {"image": str(images / "small.png")}, {"text": "Blue."}]}]))
+    for key in ("input_ids", "labels", "ids_gen_mask", "embeds_gen_mask"):
+        assert probe[key].tolist() == training[key].tolist()
+    cap = enc(tokenizer, "Blue.")
+    assert probe["labels"][1:1 + len(cap)].tolist() == [IGNORE_INDEX] * len(cap)
 
 
 # ------------------------------------------------------------------------------------------- bad input

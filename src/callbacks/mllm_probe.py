@@ -1,8 +1,9 @@
 """MLLM probes every N steps: a greedy caption for a fixed image, the regression error for a fixed caption.
 
 Both go through the datamodule's own sequence builder and collator, so the probe sees exactly the
-training layout. The caption is logged as W&B text and appended to `<output_dir>/samples/probe.jsonl`;
-the error as `val/probe_mse`.
+training layout (the caption -> image probe is a caption pair put through the builder's t2i flip, the
+same path as the ``t2i_ratio`` samples). The caption is logged as W&B text and appended to
+`<output_dir>/samples/probe.jsonl`; the error as `val/probe_mse`.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ class MLLMProbeCallback(PeriodicCallback):
         self.caption = caption
         self.max_new_tokens = max_new_tokens
 
-    def _batch(self, dm, record: dict, drop_eos: bool) -> dict | None:
-        sample = dm.builder(record)
+    def _batch(self, dm, record: dict, drop_eos: bool, t2i: bool = False) -> dict | None:
+        sample = dm.builder(record, t2i=t2i)
         if "skipped" in sample:
             return None
         if drop_eos and int(sample["input_ids"][-1]) == dm.tokenizer.eos_token_id:
@@ -51,9 +52,8 @@ class MLLMProbeCallback(PeriodicCallback):
             ids = pl_module.generate_text(pl_module.transfer_batch_to_device(prompt, pl_module.device, 0),
                                           self.max_new_tokens)
             result["caption"] = dm.tokenizer.decode(ids, skip_special_tokens=True)
-        target = self._batch(
-            dm, probe_record("t2i", [{"text": self.caption}, {"image": self.image, "generate": True}]), drop_eos=False
-        )
+        target = self._batch(dm, probe_record("t2i", [{"image": self.image}, {"text": self.caption}]),
+                             drop_eos=False, t2i=True)
         if target is not None:
             losses = pl_module.compute_losses(pl_module.transfer_batch_to_device(target, pl_module.device, 0), "val")
             result["probe_mse"] = float(losses["loss_mse"])

@@ -31,7 +31,8 @@ from src.data.sources import (
     require_exists,
     source_name,
 )
-from src.data.special_tokens import add_seedx_tokens
+from src.models.vocab import add_seedx_tokens
+from src.utils.constraints import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, TokenizerDir
 
 __all__ = ["MLLMDataModule", "load_tokenizer"]
 
@@ -53,25 +54,26 @@ def load_tokenizer(path: str | None, key: str = "data.tokenizer_path"):
 class MLLMDataModule(ResumableDataModule):
     def __init__(
         self,
-        tokenizer_path: str | None,
+        tokenizer_path: TokenizerDir,
         train_sources: list[dict],
         val_sources: list[dict] | None = None,
-        vit_image_size: int = 448,
-        max_length: int = 2048,
+        vit_image_size: PositiveInt = 448,
+        max_length: PositiveInt = 2048,
         packing: bool = False,
-        batch_size: int = 4,
-        val_batch_size: int | None = None,
-        num_workers: int = 0,
-        t2i_ratio: float = 0.0,
-        samples_per_epoch: int | None = None,
+        batch_size: PositiveInt = 4,
+        val_batch_size: PositiveInt | None = None,
+        num_workers: NonNegativeInt = 0,
+        t2i_ratio: Fraction = 0.0,
+        samples_per_epoch: PositiveInt | None = None,
         seed: int = 0,
         truncation: str = "cut",
         grids: Sequence[str] = DEFAULT_GRIDS,
-        num_image_tokens: int = 64,
-        min_image_size: int = 8,
-        max_aspect_ratio: float = 8.0,
+        num_image_tokens: PositiveInt = 64,
+        min_image_size: PositiveInt = 8,
+        max_aspect_ratio: PositiveFloat = 8.0,
         chat_format: str = "llama2",
         features_dir: str | None = None,
+        t2i_chat_format: str = "plain",
     ) -> None:
         super().__init__()
         self.train_sources, self.val_sources = parse_sources(train_sources, val_sources)
@@ -94,6 +96,7 @@ class MLLMDataModule(ResumableDataModule):
             "vit_image_size": vit_image_size, "grids": tuple(grids), "num_image_tokens": num_image_tokens,
             "max_length": max_length, "truncation": truncation, "t2i_ratio": t2i_ratio, "seed": seed,
             "min_image_size": min_image_size, "max_aspect_ratio": max_aspect_ratio, "chat_format": chat_format,
+            "t2i_chat_format": t2i_chat_format,
         }
         self.features_dir = features_dir
         self.tokenizer = None

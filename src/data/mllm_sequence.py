@@ -4,8 +4,9 @@ Layout (official SEED-X, see shared/reference/official-seedx.md "MLLM wrapper"):
 
 * ``<s>`` first (label -100); ``</s>`` last, with CE when the sample has any supervised position.
 * Role ``null`` (documents): every text item is supervised. ``system``: its text then ``"\\n"``, no CE.
-  ``user``: ``[INST] {content} [/INST]\\n`` with no CE (a ``"\\n"`` turn separator before every user turn
-  that follows another turn, as official ``sft_clm.py``); ``assistant``: its text is supervised.
+  ``user``: wrapped by ``chat_format`` (``llama2``: ``[INST] {content} [/INST]\\n``) with no CE (a ``"\\n"``
+  turn separator before every user turn that follows another turn, as official ``sft_clm.py``);
+  ``assistant``: its text is supervised.
 * A comprehension image (not ``generate``) is tiled at dynamic resolution (``select_grid`` over ``grids``
   with tile = ``vit_image_size``, or the item's own ``"grid": "AxB"``): one ``<patch>`` + 64 image tokens
   + ``</patch>`` span per tile (row-major), then ``<img>`` + 64 + ``</img>`` for the global view -- also
@@ -14,8 +15,14 @@ Layout (official SEED-X, see shared/reference/official-seedx.md "MLLM wrapper"):
 * A generated image (``"generate": true``) is one ``<img>`` + 64 + ``</img>`` span of the global view
   only: ``<img>`` gets CE when its turn is supervised (null / assistant), the 64 inner positions are
   ``ids_gen_mask`` (label -100), ``</img>`` is -100; its view is ``embeds_gen_mask``.
+* Caption -> image (a caption pair drawn by ``t2i_ratio``, or ``t2i=True``): a user turn holding the
+  caption, wrapped by ``t2i_chat_format`` (default ``plain``: no wrapping, official pre-training has no
+  instruction prompt), then an assistant turn holding the generated image. So the caption is -100, as
+  officially, and only ``<img>`` and ``</s>`` carry CE.
 * A box item becomes ``<box_start><loc-xc><loc-yc><loc-w><loc-h><box_end>``, quantised against the most
-  recent image before it, and is supervised like the text around it. A box ``label`` is metadata only.
+  recent image before it (after turning it, like the image, by the image's EXIF orientation: record
+  boxes are in the stored pixel frame), and is supervised like the text around it. A box ``label`` is
+  metadata only.
 
 Text is tokenised with ``add_special_tokens=False``; adjacent text pieces that share a label are joined
 into one string first (so ``[INST] `` + question + `` [/INST]\\n`` is one piece), and image / box spans
@@ -42,9 +49,10 @@ from typing import Any
 import torch
 
 from src.data.any_res import DEFAULT_GRIDS, parse_grid, select_grid, tile_image, tile_positions
-from src.data.bbox import quantize_box
+from src.data.bbox import orient_box, oriented_size, quantize_box
 from src.data.images import vit_view
 from src.data.records import (
+    ORIENTATION_KEY,
     BadSample,
     SkippedSample,
     check_image_size,
@@ -52,7 +60,7 @@ from src.data.records import (
     record_images,
     validate_record,
 )
-from src.data.special_tokens import NUM_IMG_TOKENS, SEEDX_TOKENS, image_token_ids
+from src.models.vocab import NUM_IMG_TOKENS, SEEDX_TOKENS, image_token_ids
 
 IGNORE_INDEX = -100
 TRUNCATION_MODES = ("cut", "skip")
@@ -71,6 +79,8 @@ class ChatFormat:
 CHAT_FORMATS: dict[str, ChatFormat] = {
     # SEED-X-I (official sft_clm.py: instruction_prompt='[INST] {instruction} [/INST]\n', turn_sep='\n')
     "llama2": ChatFormat(user_prefix="[INST] ", user_suffix=" [/INST]\n", turn_sep="\n", system_suffix="\n"),
+    # No wrapping: the pretrained model's text-to-image prompt is `{caption}<img>` (official inference)
+    "plain": ChatFormat(user_prefix="", user_suffix="", turn_sep="", system_suffix=""),
 }
 
 __all__ = ["CHAT_FORMATS", "IGNORE_INDEX", "SeedXSequenceBuilder", "t2i_flip"]
@@ -130,11 +140,13 @@ class SeedXSequenceBuilder:
         max_aspect_ratio: float = 8.0,
         chat_format: str = "llama2",
         features=None,
+        t2i_chat_format: str = "plain",
     ) -> None:
         if truncation not in TRUNCATION_MODES:
             raise ValueError(f"truncation: expected one of {TRUNCATION_MODES}, got {truncation!r}")
-        if chat_format not in CHAT_FORMATS:
-            raise ValueError(f"chat_format: expected one of {sorted(CHAT_FORMATS)}, got {chat_format!r}")
+        for key, value in (("chat_format", chat_format), ("t2i_chat_format", t2i_chat_format)):
+            if value not in CHAT_FORMATS:
+                raise ValueError(f"{key}: expected one of {sorted(CHAT_FORMATS)}, got {value!r}")
         if not 1 <= num_image_tokens <= NUM_IMG_TOKENS:
             raise ValueError(f"num_image_tokens: must be in [1, {NUM_IMG_TOKENS}], got {num_image_tokens}")
         if max_length < 2:
@@ -156,6 +168,7 @@ class SeedXSequenceBuilder:
         self.min_image_size = int(min_image_size)
         self.max_aspect_ratio = max_aspect_ratio
         self.chat = CHAT_FORMATS[chat_format]
+        self.t2i_chat = CHAT_FORMATS[t2i_chat_format]  # wraps the caption turn of a caption -> image sample
         self.features = features  # a src.data.features.FeatureStore, or None: pixels
 
         self.tok = image_token_ids(tokenizer)  # raises if add_seedx_tokens was not called
@@ -169,7 +182,9 @@ class SeedXSequenceBuilder:
         self._reserved = re.compile("|".join(re.escape(t) for t in sorted(reserved, key=len, reverse=True)))
 
     # ------------------------------------------------------------------------------------------ public
-    def __call__(self, record: dict | SkippedSample) -> dict[str, Any]:
+    def __call__(self, record: dict | SkippedSample, t2i: bool | None = None) -> dict[str, Any]:
+        """``t2i``: None draws the direction of a caption pair by ``t2i_ratio``; True / False force it (probes;
+        True on a record that is not a caption pair raises ValueError)."""
         if isinstance(record, SkippedSample):
             return {"skipped": record}
         source = record.get("source") if isinstance(record, dict) else None
@@ -177,7 +192,7 @@ class SeedXSequenceBuilder:
         where = record.get("_where") if isinstance(record, dict) else None
         try:
             validate_record(record)
-            return self._build(record)
+            return self._build(record, t2i)
         except BadSample as e:
             return {"skipped": e.to_skipped(source if isinstance(source, str) else None,
                                             rid if isinstance(rid, str) else None,
@@ -198,15 +213,22 @@ class SeedXSequenceBuilder:
         if m:
             raise BadSample("special_token_in_text", f"{at} contains the special token {m.group(0)!r}")
 
-    def _turns(self, record: dict) -> list[dict]:
+    def _turns(self, record: dict, t2i: bool | None = None) -> tuple[list[dict], ChatFormat]:
+        """The turns to lay out and the format wrapping their user turns."""
         turns = record["turns"]
-        if self.t2i_ratio > 0 and self.is_t2i_candidate(record) and t2i_flip(self.seed, record["id"],
-                                                                               self.t2i_ratio):
+        if t2i and not self.is_t2i_candidate(record):
+            raise ValueError(f"t2i=True: record {record['id']!r} is not an image-caption pair")
+        if t2i is None:
+            t2i = (self.t2i_ratio > 0 and self.is_t2i_candidate(record)
+                   and t2i_flip(self.seed, record["id"], self.t2i_ratio))
+        if t2i:
             image, text = turns[0]["content"]
             gen_image = {k: v for k, v in image.items() if k != "grid"}
             gen_image["generate"] = True
-            return [{"role": None, "content": [text, gen_image]}]
-        return turns
+            # The caption is the condition, not a target: a user turn, so it gets no CE (official SEED-X).
+            flipped = [{"role": "user", "content": [text]}, {"role": "assistant", "content": [gen_image]}]
+            return flipped, self.t2i_chat
+        return turns, self.chat
 
     # ------------------------------------------------------------------------------------------ views
     def image_grid(self, width: int, height: int, item: dict) -> tuple[int, int] | None:
@@ -228,18 +250,20 @@ class SeedXSequenceBuilder:
         views = tile_image(img, *grid, tile=size)  # tiles row-major, then the global view
         return torch.stack([vit_view(view, size) for view in views])
 
-    def _image_input(self, record: dict, item: dict, k: int, feats) -> tuple[tuple[int, int], torch.Tensor]:
-        """(width, height) of image item ``k`` and its views: pixels, or stored ViT features."""
+    def _image_input(self, record: dict, item: dict, k: int,
+                     feats) -> tuple[tuple[int, int], int, torch.Tensor]:
+        """(width, height) of image item ``k`` as decoded (upright), the EXIF orientation undone to get
+        there (the record's boxes are in the stored frame), and its views: pixels, or stored ViT features."""
         if feats is None:
             img = load_image(record, item, min_size=self.min_image_size, max_aspect_ratio=self.max_aspect_ratio)
-            return img.size, self.image_views(img, item)
+            return img.size, img.info[ORIENTATION_KEY], self.image_views(img, item)
         w, h = feats.size(k)
         check_image_size(w, h, f"image {item['image']!r}", self.min_image_size, self.max_aspect_ratio)
         grid = self.image_grid(w, h, item)
         views = feats.gen(k).unsqueeze(0) if grid is None else feats.cmp(k, grid[0] * grid[1] + 1)
-        return (w, h), views
+        return (w, h), feats.orientation(k), views
 
-    def _build(self, record: dict) -> dict[str, Any]:
+    def _build(self, record: dict, t2i: bool | None = None) -> dict[str, Any]:
         for i, turn in enumerate(record["turns"]):
             for j, item in enumerate(turn["content"]):
                 if "text" in item:
@@ -250,13 +274,14 @@ class SeedXSequenceBuilder:
         # 1) a flat list of pieces: ("text", str, supervised) | ("image", item, supervised) | ("box", ...)
         pieces: list[tuple[str, Any, bool]] = []
         seen_dialogue = False
-        for turn in self._turns(record):
+        turns, chat = self._turns(record, t2i)
+        for turn in turns:
             role = turn.get("role")
             supervised = role in (None, "assistant")
             if role == "user":
                 if seen_dialogue:
-                    pieces.append(("text", self.chat.turn_sep, False))
-                pieces.append(("text", self.chat.user_prefix, False))
+                    pieces.append(("text", chat.turn_sep, False))
+                pieces.append(("text", chat.user_prefix, False))
             for item in turn["content"]:
                 if "text" in item:
                     pieces.append(("text", item["text"], supervised))
@@ -265,15 +290,16 @@ class SeedXSequenceBuilder:
                 else:
                     pieces.append(("box", item, supervised))
             if role == "user":
-                pieces.append(("text", self.chat.user_suffix, False))
+                pieces.append(("text", chat.user_suffix, False))
             elif role == "system":
-                pieces.append(("text", self.chat.system_suffix, False))
+                pieces.append(("text", chat.system_suffix, False))
             if role in ("user", "assistant"):
                 seen_dialogue = True
 
         # 2) segments: merge adjacent text pieces with the same supervision, build spans from ids
         segments: list[_Segment] = []
         last_size: tuple[int, int] | None = None
+        last_orientation = 1
         n_images = 0  # image items so far = the item's index in record order (a t2i flip keeps its one image)
         pending_text: list[str] = []
         pending_sup = False
@@ -294,13 +320,15 @@ class SeedXSequenceBuilder:
                 continue
             flush()
             if kind == "image":
-                last_size, views = self._image_input(record, value, n_images, feats)
+                last_size, last_orientation, views = self._image_input(record, value, n_images, feats)
                 n_images += 1
                 segments.append(self._image_segment(last_size, value, supervised, views))
             else:
                 if last_size is None:
                     raise BadSample("box_without_image", f"box {value['box']!r} has no image before it")
-                q = quantize_box(value["box"], *last_size)
+                # The box is in the stored pixel frame; the image was turned upright, so turn the box too.
+                stored = oriented_size(*last_size, last_orientation)
+                q = quantize_box(orient_box(value["box"], *stored, last_orientation), *last_size)
                 ids = [self.tok.box_start, *(self.tok.loc[v] for v in q), self.tok.box_end]
                 segments.append(_Segment(ids, list(ids) if supervised else [IGNORE_INDEX] * len(ids),
                                          atomic=True))

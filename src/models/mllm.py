@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from src.data.special_tokens import NUM_SEEDX_TOKENS, init_new_embeddings
 from src.models.pos_emb import init_patch_pos_embed, patch_pos_term
 from src.models.resampler import QwenResampler, ResamplerConfig
-from src.utils.weights import missing_weights_error
+from src.models.vocab import NUM_SEEDX_TOKENS, init_new_embeddings
+from src.utils.constraints import NonNegativeFloat, PositiveInt
+from src.utils.weights import RequiredPath, missing_weights_error
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -43,6 +44,16 @@ class LLMConfig:
     def tokenizer_path(self) -> str | None:
         return self.tokenizer or self.weights
 
+    def required_paths(self) -> list[RequiredPath]:
+        """What a weight-loading build reads: the HF folder (unless random init) and the tokenizer folder."""
+        own_tokenizer = bool(self.tokenizer) and self.tokenizer != self.weights
+        paths = [RequiredPath("model.llm.weights", "a local Llama-2-chat HF folder" + (
+            "" if own_tokenizer else " (with its tokenizer files)"), self.weights, "dir",
+            required=not (self.allow_random_init and own_tokenizer))]
+        if own_tokenizer:
+            paths.append(RequiredPath("model.llm.tokenizer", "a local tokenizer folder", self.tokenizer, "dir"))
+        return paths
+
     def hf_config(self) -> LlamaConfig:
         return LlamaConfig(**self.config, attn_implementation=self.attn_implementation)
 
@@ -54,10 +65,13 @@ class AgentConfig:
     input_resampler: dict[str, Any] = field(default_factory=dict)
     output_resampler: dict[str, Any] = field(default_factory=dict)
     add_patch_pos: bool = True
-    lm_loss_scale: float = 1.0
-    rec_loss_scale: float = 6.0
-    gen_pool_kernel: int = 4  # 256 ViT tokens -> 64 regression targets (1-D avg-pool, official vit_down)
+    lm_loss_scale: NonNegativeFloat = 1.0
+    rec_loss_scale: NonNegativeFloat = 6.0
+    gen_pool_kernel: PositiveInt = 4  # 256 ViT tokens -> 64 regression targets (1-D avg-pool, official vit_down)
     weights: str | None = None  # official agent pytorch_model.bin (resamplers + patch_pos_embed)
+
+    def required_paths(self) -> list[RequiredPath]:
+        return [RequiredPath("model.agent.weights", "the official agent pytorch_model.bin", self.weights, required=False)]
 
     def __post_init__(self) -> None:
         self.input_cfg = ResamplerConfig(**self.input_resampler)
