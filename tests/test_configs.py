@@ -127,7 +127,7 @@ def test_every_experiment_passes_the_type_checks(experiment, tmp_path):
         ("model.vit.width=abc", "model.vit.width: expected int, got str 'abc'"),
         ("data.batch_size=2.5", "data.batch_size: expected int"),
         ("+model.vit.widht=3", "model.vit.widht: unknown key"),
-        ("stage.optimizer.lr=fast", None),  # partial optimizer args are torch's business: not checked here
+        ("stage.optimizer.lr=fast", "stage.optimizer.lr: expected float"),  # the nested optimizer node too
     ],
 )
 def test_type_errors_name_key_and_origin(override, message, tmp_path):

@@ -19,7 +19,8 @@ from src.models.resampler import (
     ResamplerConfig,
     interpolate_pos_embed,
 )
-from src.utils.weights import load_state_dict_file, load_state_dict_strict
+from src.utils.constraints import PositiveFloat, PositiveInt
+from src.utils.weights import RequiredPath, load_state_dict_file, load_state_dict_strict
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -31,18 +32,18 @@ _PREFIXES = ("transformer.visual.", "visual.")
 
 @dataclass
 class QwenViTConfig:
-    width: int = 1664
-    layers: int = 48
-    heads: int = 16
-    mlp_ratio: float = 4.9231
-    image_size: int = 448
-    patch_size: int = 14
-    output_dim: int = 4096
-    n_queries: int = 256
-    ln_eps: float = 1e-6
-    gen_pool_kernel: int = 4
+    width: PositiveInt = 1664
+    layers: PositiveInt = 48
+    heads: PositiveInt = 16
+    mlp_ratio: PositiveFloat = 4.9231
+    image_size: PositiveInt = 448
+    patch_size: PositiveInt = 14
+    output_dim: PositiveInt = 4096
+    n_queries: PositiveInt = 256
+    ln_eps: PositiveFloat = 1e-6
+    gen_pool_kernel: PositiveInt = 4
     # Official attn_pool heads = output_dim // 128; exposed only so the tiny twin can divide.
-    pool_head_dim: int = 128
+    pool_head_dim: PositiveInt = 128
     weights: str | None = None
 
     def __post_init__(self):
@@ -71,6 +72,11 @@ class QwenViTConfig:
             raise ValueError(f"output_dim={self.output_dim} must be divisible by pool_head_dim and 4")
         if self.n_queries % self.gen_pool_kernel:
             raise ValueError(f"gen_pool_kernel={self.gen_pool_kernel} must divide n_queries={self.n_queries}")
+
+    def required_paths(self, allow_random_init: bool) -> list[RequiredPath]:
+        """What `load_vit_weights` reads; random init (tiny twins) needs nothing."""
+        return [RequiredPath("model.vit.weights", "the Qwen-VL ViT state dict (qwen_vit_G.pt)", self.weights,
+                             required=not allow_random_init)]
 
     @property
     def grid(self) -> int:

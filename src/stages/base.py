@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
 from src.parallel import FSDP2Strategy, block_classes, clean_name, parallelize, writes_sharded_checkpoints
+from src.utils.constraints import Fraction, NonNegativeInt
+from src.utils.weights import RequiredPath, check_paths
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,15 @@ def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> 
     return [g for g in groups if g["params"]]
 
 
+@dataclass
+class SchedulerConfig:
+    """`stage.scheduler` (the arguments of build_lr_scheduler), checked before a run by src/utils/config.py."""
+
+    name: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: NonNegativeInt = 0
+    min_lr_ratio: Fraction = 0.0
+
+
 def build_lr_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int, min_lr_ratio: float):
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     if name == "cosine":
@@ -49,6 +61,9 @@ def build_lr_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int
 
 
 class StageModule(L.LightningModule):
+    # Plain-dict constructor arguments and the dataclass that says which keys/values they take.
+    config_schemas: ClassVar[dict[str, type]] = {"scheduler": SchedulerConfig}
+
     def __init__(
         self,
         model: dict,
@@ -73,6 +88,11 @@ class StageModule(L.LightningModule):
     def build_models(self, load_weights: bool = True) -> None:
         raise NotImplementedError
 
+    def required_paths(self) -> list[RequiredPath]:
+        """Every local path `build_models(load_weights=True)` reads, from the model configs; checked all at
+        once before a run (src/utils/config.py) and before the build (configure_model)."""
+        return []
+
     def compute_losses(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -82,6 +102,9 @@ class StageModule(L.LightningModule):
     # Methods other than forward that stages call on a sharded child (e.g. the VAE's encode/decode):
     # FSDP2 must unshard around them as around forward.
     fsdp_forward_methods: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # Children FSDP2 gathers in their own dtype whatever strategy.fsdp2.param_dtype is (e.g. the VAE,
+    # whose encode must stay fp32).
+    fsdp_keep_dtype: tuple[str, ...] = ()
     # Frozen towers: no gradients, and always in eval mode (Lightning's .train() would flip them).
     frozen_towers: tuple[str, ...] = ()
 
@@ -100,13 +123,17 @@ class StageModule(L.LightningModule):
         # Called by Lightning before fit/restore (under the strategy's init context, e.g. FSDP).
         if self._built:
             return
+        check_paths(self.required_paths())  # every missing path at once, before anything is built
         self.build_models(load_weights=True)
         self._built = True
         strategy = self._trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, FSDP2Strategy):
             blocks = block_classes(list(self.fsdp_blocks))
             for name, child in self.named_children():
-                parallelize(child, blocks, self.device_mesh, strategy.fsdp2,
+                opts = strategy.fsdp2
+                if name in self.fsdp_keep_dtype:
+                    opts = replace(opts, param_dtype=None)
+                parallelize(child, blocks, self.device_mesh, opts,
                             forward_methods=self.fsdp_forward_methods.get(name, ()))
 
     def batch_size_of(self, batch: dict) -> int:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import torch
 
 from src.data.mllm import load_tokenizer
-from src.data.special_tokens import NUM_SEEDX_TOKENS
 from src.models.mllm import LORA_TARGETS, AgentConfig, LLMConfig, SeedXMLLM, apply_lora, build_llm
 from src.models.qwen_vit import QwenViT, QwenViTConfig, load_vit_weights
+from src.models.vocab import NUM_SEEDX_TOKENS
 from src.parallel import same_call_count
 from src.stages.base import StageModule
+from src.utils.constraints import PositiveInt
 from src.utils.flops import mllm_step_flops
-from src.utils.weights import load_state_dict_file, missing_weights_error
+from src.utils.weights import RequiredPath, load_state_dict_file, missing_weights_error
 
 AGENT_KEYS_PREFIXES = ("input_resampler.", "output_resampler.", "patch_pos_embed")
 
@@ -43,7 +44,7 @@ class MLLMPretrainModule(StageModule):
         nonfinite_loss: str = "skip",
         lora: dict | None = None,
         full_finetune: bool = False,
-        vit_chunk_size: int = 16,
+        vit_chunk_size: PositiveInt = 16,
         init_seed: int = 0,
     ) -> None:
         super().__init__(model, optimizer, scheduler, checkpoint_frozen, nonfinite_loss)
@@ -87,6 +88,10 @@ class MLLMPretrainModule(StageModule):
 
     def _load_vit_weights(self, vit: QwenViT) -> None:
         load_vit_weights(vit, self.llm_cfg.allow_random_init)
+
+    def required_paths(self) -> list[RequiredPath]:
+        return (self.vit_cfg.required_paths(self.llm_cfg.allow_random_init) + self.llm_cfg.required_paths()
+                + self.agent_cfg.required_paths())
 
     def build_frozen_encoders(self) -> dict[str, torch.nn.Module]:
         """The frozen ViT exactly as `build_models(load_weights=True)` makes it (the first module built under

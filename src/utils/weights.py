@@ -2,14 +2,55 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(FileNotFoundError, ValueError):
     """A weight path is unset or absent; the message names the config key to set."""
+
+
+@dataclass(frozen=True)
+class RequiredPath:
+    """One local path a build reads: model configs list theirs (`required_paths()`), so the pre-run check
+    (src/utils/config.py) and the build-time check (`check_paths`) share one source of truth."""
+
+    key: str  # the config key, e.g. "model.vit.weights"
+    what: str  # what belongs there, e.g. "the Qwen-VL ViT state dict (qwen_vit_G.pt)"
+    value: str | None
+    kind: str = "file"  # "file" | "dir"
+    required: bool = True  # False: only checked when set
+
+    def problem(self) -> str | None:
+        if not self.value:
+            return f"needs {self.what}, but it is not set" if self.required else None
+        p = Path(self.value)
+        if p.is_dir() if self.kind == "dir" else p.exists():
+            return None
+        return f"needs {self.what}, but '{self.value}' does not exist"
+
+
+def missing_paths(paths: Iterable[RequiredPath]) -> list[tuple[str, str]]:
+    """(key, problem) for every required path that is unset or absent, each key once."""
+    out: dict[str, str] = {}
+    for p in paths:
+        msg = p.problem()
+        if msg and p.key not in out:
+            out[p.key] = f"{msg}; set `{p.key}=/local/path`"
+    return list(out.items())
+
+
+def check_paths(paths: Iterable[RequiredPath]) -> None:
+    """Raise one MissingWeightsError that lists every missing path (not one per try)."""
+    missing = missing_paths(paths)
+    if missing:
+        lines = [f"{len(missing)} missing weight path(s) (weights are never downloaded):"]
+        lines += [f"  {key}: {msg}" for key, msg in missing]
+        raise MissingWeightsError("\n".join(lines))
 
 
 def missing_weights_error(key: str, what: str, path: str | None = None) -> MissingWeightsError:
