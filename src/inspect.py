@@ -1,7 +1,11 @@
 """`python -m src.inspect experiment=<name>`: build the stage's models on the meta device and count.
 
 No weights are read and no memory is allocated. Prints total and trainable parameters per top-level
-module, then one JSON line: {"experiment", "total", "trainable", "modules": {name: {total, trainable}}}.
+module, an analytic memory estimate per GPU, then one JSON line: {"experiment", "total", "trainable",
+"modules": {name: {total, trainable}}, "memory_per_gpu_gib": {...}}. The estimate is, under a sharded
+strategy (FSDP, FSDP2, DeepSpeed), the stage's own peak estimate if it has one; otherwise (DDP, one
+device) the model state every GPU holds: weights by trainable/frozen in their dtypes, gradients, DDP
+buckets, AdamW states (src/utils/memory.py), so e.g. `stage.frozen_dtype=bf16` shows in frozen_weights.
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ import torch
 from omegaconf import DictConfig
 
 from src.utils.config import check_config
+from src.utils.memory import estimate_replicated_memory
+
+# `_target_` names of strategies that shard parameters (anything else replicates them: DDP, one device).
+SHARDED_STRATEGIES = ("FSDP2Strategy", "fsdp_strategy", "FSDPStrategy", "DeepSpeedStrategy")
 
 
 def build_on_meta(cfg: DictConfig):
@@ -45,13 +53,21 @@ def count_parameters(module: torch.nn.Module) -> dict:
     }
 
 
+def is_sharded(cfg: DictConfig) -> bool:
+    target = str((cfg.get("strategy") or {}).get("_target_", ""))
+    return target.rpartition(".")[2] in SHARDED_STRATEGIES
+
+
 def memory_estimate(module, cfg: DictConfig) -> dict | None:
-    """For stages that can estimate it: per-GPU memory at the configured devices x nodes and micro batch."""
+    """Per-GPU memory: a replicated run's model state, or (sharded, for stages that can estimate it) the peak
+    at the configured devices x nodes and micro batch."""
+    if not is_sharded(cfg):
+        return estimate_replicated_memory(module.parameters()).as_gib()
     if not hasattr(module, "memory_estimate") or not isinstance(cfg.trainer.devices, int):
         return None
     strategy = cfg.get("strategy") or {}
     ac = bool(strategy.get("fsdp2", {}).get("activation_checkpointing", False)) or bool(
-        cfg.model.llm.get("gradient_checkpointing", False)
+        (cfg.model.get("llm") or {}).get("gradient_checkpointing", False)
     )
     world = cfg.trainer.devices * cfg.trainer.num_nodes
     return module.memory_estimate(world, cfg.data.batch_size, cfg.data.max_length, ac).as_gib()
@@ -74,7 +90,8 @@ def main(cfg: DictConfig) -> None:
     print(format_table(counts))
     memory = memory_estimate(module, cfg)
     if memory:
-        print("estimated peak memory per GPU (GiB, analytic): " + json.dumps(memory))
+        what = "peak memory" if is_sharded(cfg) else "model state (replicated, activations not included)"
+        print(f"estimated {what} per GPU (GiB, analytic): " + json.dumps(memory))
         counts["memory_per_gpu_gib"] = memory
     print(json.dumps({"experiment": cfg.get("task_name"), **counts}))
 

@@ -55,6 +55,26 @@ def test_resume_continues_at_the_right_step(tmp_path):
     assert steps and min(steps) >= 4, f"resumed run re-did steps: {sorted(steps)[:5]}"
 
 
+def train_losses(out: Path) -> dict[int, str]:
+    with open(out / "csv" / "metrics.csv") as f:
+        return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def test_resume_with_another_seed_continues_the_noise_stream_bit_equal(tmp_path):
+    # Noise, timesteps and drop masks are a function of (noise seed, rank, step); the checkpoint's noise
+    # seed wins over `seed=` of the resumed run (data.seed is pinned: the data order is not under test).
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    common = ["trainer.max_steps=4", "callbacks.sample_images.every_n_steps=0", "data.seed=42",
+              "callbacks.model_checkpoint.every_n_train_steps=2", "trainer.limit_val_batches=0"]
+    train(tiny_run_cfg("seedx_detok_pretrain_tiny", whole, common))
+    ckpt = whole / "checkpoints" / "step_0000002.ckpt"
+    assert torch.load(ckpt, weights_only=True)["detok_noise_seed"] == 42
+    train(tiny_run_cfg("seedx_detok_pretrain_tiny", resumed, [*common, "seed=7", f"ckpt_path={ckpt}"]))
+    reference, after = train_losses(whole), train_losses(resumed)
+    assert sorted(after) == [2, 3]
+    assert after == {s: reference[s] for s in (2, 3)}
+
+
 def test_lean_checkpoint_holds_only_trainable_weights(tmp_path):
     train(tiny_run_cfg("seedx_detok_pretrain_tiny", tmp_path, ["trainer.max_steps=1"]))
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]

@@ -37,6 +37,7 @@ from src.data.records import (
     record_images,
 )
 from src.data.sources import RecordDataset, SourceConfig, parse_sources, read_source, require_exists
+from src.utils.constraints import NonNegativeInt, PositiveFloat, PositiveInt
 
 
 def split_target_condition(record: dict) -> tuple[dict, dict | None]:
@@ -151,15 +152,15 @@ class DetokDataModule(ResumableDataModule):
         self,
         train_sources: list[dict],
         val_sources: list[dict] | None = None,
-        vit_image_size: int = 448,
-        resolution: int = 1024,
-        batch_size: int = 4,
-        val_batch_size: int | None = None,
-        num_workers: int = 0,
+        vit_image_size: PositiveInt = 448,
+        resolution: PositiveInt = 1024,
+        batch_size: PositiveInt = 4,
+        val_batch_size: PositiveInt | None = None,
+        num_workers: NonNegativeInt = 0,
         shuffle: bool = True,
-        min_image_size: int = 8,
-        max_aspect_ratio: float = 8.0,
-        val_max_samples: int | None = None,
+        min_image_size: PositiveInt = 8,
+        max_aspect_ratio: PositiveFloat = 8.0,
+        val_max_samples: PositiveInt | None = None,
         seed: int = 0,
         features_dir: str | None = None,
     ) -> None:

@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from src.models.detok_adapter import DetokAdapterConfig
-from src.utils.weights import load_state_dict_file, missing_weights_error
+from src.utils.constraints import PositiveInt
+from src.utils.weights import RequiredPath, load_state_dict_file, missing_weights_error
 
 # SDXL micro-conditioning: original (h, w) + crop top-left (y, x) + target (h, w).
 NUM_TIME_IDS = 6
@@ -28,10 +30,12 @@ class DetokenizerConfig:
     vae: dict[str, Any]
     scheduler: dict[str, Any]
     adapter: dict[str, Any] = field(default_factory=dict)
-    resolution: int = 1024
+    resolution: PositiveInt = 1024
     pretrained_dir: str | None = None
     adapter_weights: str | None = None
     allow_random_init: bool = False
+    # Recompute UNet activations in backward (diffusers' own checkpointing): less memory, ~30% slower.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         self.adapter_cfg = DetokAdapterConfig(**self.adapter)
@@ -62,6 +66,16 @@ class DetokenizerConfig:
     def latent_size(self) -> int:
         return self.resolution // self.vae_scale_factor
 
+    def required_paths(self, need_adapter: bool = False) -> list[RequiredPath]:
+        """What a weight-loading build reads; `need_adapter`: stage 2 starts from a stage-1 checkpoint."""
+        return [
+            RequiredPath("model.detokenizer.pretrained_dir", "a diffusers SDXL base folder (unet/, vae/, scheduler/)",
+                         self.pretrained_dir, "dir", required=not self.allow_random_init),
+            RequiredPath("model.detokenizer.adapter_weights", "a stage-1 checkpoint (seedx_detok_pretrain's "
+                         "last.ckpt or the official first_stage pytorch_model.bin)", self.adapter_weights,
+                         required=need_adapter and not self.allow_random_init),
+        ]
+
     def check_weights_present(self) -> None:
         """Full-size runs must start from SDXL weights: say which key to set when they are missing."""
         if self.allow_random_init:
@@ -77,8 +91,12 @@ class DetokenizerConfig:
 def build_unet(cfg: DetokenizerConfig, load_weights: bool = True) -> UNet2DConditionModel:
     if load_weights and cfg.pretrained_dir:
         cfg.check_weights_present()
-        return UNet2DConditionModel.from_pretrained(cfg.pretrained_dir, subfolder="unet", local_files_only=True)
-    return UNet2DConditionModel.from_config(dict(cfg.unet))
+        unet = UNet2DConditionModel.from_pretrained(cfg.pretrained_dir, subfolder="unet", local_files_only=True)
+    else:
+        unet = UNet2DConditionModel.from_config(dict(cfg.unet))
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet
 
 
 def build_vae(cfg: DetokenizerConfig, load_weights: bool = True) -> AutoencoderKL:
@@ -89,6 +107,21 @@ def build_vae(cfg: DetokenizerConfig, load_weights: bool = True) -> AutoencoderK
         vae = AutoencoderKL.from_config(dict(cfg.vae))
     # SDXL's VAE overflows in fp16/bf16 (diffusers keeps it fp32 "to avoid NaN losses").
     return vae.float()
+
+
+def encode_posterior(vae: AutoencoderKL, pixels: torch.Tensor) -> DiagonalGaussianDistribution:
+    """The VAE posterior of `pixels` in [-1, 1], computed in fp32 also under bf16 autocast (bf16-mixed
+    training would otherwise run the encoder convs, and so latents and targets, in bf16)."""
+    with torch.autocast(device_type=pixels.device.type, enabled=False):
+        return vae.encode(pixels.float()).latent_dist
+
+
+def hold_decoder_in(vae: AutoencoderKL, dtype: torch.dtype) -> None:
+    """Cast only the decoding half (post_quant_conv + decoder): the encoder stays fp32 for the latents
+    training learns from; decoding runs only for sample grids, and bf16 has fp32's range (no overflow)."""
+    if vae.post_quant_conv is not None:
+        vae.post_quant_conv.to(dtype)
+    vae.decoder.to(dtype)
 
 
 def build_noise_scheduler(cfg: DetokenizerConfig) -> DDPMScheduler:

@@ -1,8 +1,9 @@
 """Decode images from ViT features with the de-tokenizer (stage 1) or features + condition (stage 2).
 
-Classifier-free guidance uses zeroed features as the unconditional branch (what stage training drops
-to). With a condition latent it is InstructPix2Pix's 3-branch form:
-    eps = eps(0, 0) + s_img * (eps(0, c) - eps(0, 0)) + s_feat * (eps(f, c) - eps(0, c)).
+Classifier-free guidance puts `negative` in place of the features in the unconditional branch: the
+same tensor stage training drops features to (`stage.negative`: the official de-tokenizers' ViT
+features of an all-zero image, or zeros). With a condition latent it is InstructPix2Pix's 3-branch form:
+    eps = eps(n, 0) + s_img * (eps(n, c) - eps(n, 0)) + s_feat * (eps(f, c) - eps(n, c)).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ def denoise(
     feats: torch.Tensor,
     time_ids: torch.Tensor,
     latent_shape: tuple[int, int, int],
+    *,
+    negative: torch.Tensor,
     steps: int = 25,
     guidance_scale: float = 7.5,
     cond_latents: torch.Tensor | None = None,
@@ -32,12 +35,12 @@ def denoise(
     latents = torch.randn((b, *latent_shape), generator=generator).to(feats.device, dtype)
     latents = latents * scheduler.init_noise_sigma
 
-    zero = torch.zeros_like(feats)
+    neg = negative.to(feats).expand_as(feats)  # (1, T, D) or (B, T, D)
     if cond_latents is None:
-        branch_feats = [feats, zero]
+        branch_feats = [feats, neg]
         branch_cond = None
     else:
-        branch_feats = [feats, zero, zero]
+        branch_feats = [feats, neg, neg]
         branch_cond = torch.cat([cond_latents, cond_latents, torch.zeros_like(cond_latents)])
     prompt, pooled = resampler(torch.cat(branch_feats).to(dtype))
     ids = time_ids.repeat(len(branch_feats), 1).to(feats.device, dtype)
@@ -59,6 +62,7 @@ def denoise(
 
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> images in [0, 1] (VAE in fp32)."""
-    images = vae.decode(latents.float() / vae.config.scaling_factor).sample
-    return ((images + 1) / 2).clamp(0, 1)
+    """Scaled latents -> images in [0, 1], in the decoder's dtype (fp32, or bf16 with stage.frozen_dtype)."""
+    dtype = vae.decoder.conv_in.weight.dtype
+    images = vae.decode((latents.float() / vae.config.scaling_factor).to(dtype)).sample
+    return ((images.float() + 1) / 2).clamp(0, 1)

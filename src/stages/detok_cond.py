@@ -1,34 +1,50 @@
 """De-tokenizer stage 2: condition image latent concatenated to the noisy latent (InstructPix2Pix).
 
 `conv_in` widens 4 -> 8 (new channels zero, so the stage-1 UNet is unchanged at start); the whole
-UNet and the adapter train. The condition is the VAE latent of the source image (mode, unscaled);
-caption/image-only records have no source and get zeros, and at `cond_drop_rate` a present condition
-is zeroed too so the model learns the unconditional branch for classifier-free guidance.
+UNet and the adapter train. The condition is the VAE latent of the source image (mode, unscaled, fp32
+encode); caption/image-only records have no source and get zeros.
+
+Classifier-free-guidance dropout follows InstructPix2Pix: one uniform draw u per sample and disjoint
+intervals, features only [0, f), both [f, f+b), image only [f+b, f+b+c) with f, b, c =
+`feature_drop_rate`, `both_drop_rate`, `cond_drop_rate`. Dropped features become `stage.negative`, a
+dropped image zeros. The logged train/drop_{features,image,both} are fractions of the batch's samples
+that have a condition image (omitted when none has); a caption sample draws the same way, but has no
+image to lose, so its features drop at f + b.
 """
 
 from __future__ import annotations
 
 import torch
 
-from src.models.detokenizer import widen_conv_in
+from src.models.detokenizer import encode_posterior, widen_conv_in
 from src.pipelines.detok import decode_latents
 from src.stages.detok_pretrain import DetokPretrainModule
+from src.utils.constraints import Fraction
 
 
 class DetokCondModule(DetokPretrainModule):
     def __init__(
         self,
         *args,
-        cond_drop_rate: float = 0.05,
+        cond_drop_rate: Fraction = 0.05,
+        both_drop_rate: Fraction = 0.0,
         image_guidance_scale: float = 1.5,
         require_stage1: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if not 0.0 <= cond_drop_rate <= 1.0:
-            raise ValueError(f"stage.cond_drop_rate must be in [0, 1], got {cond_drop_rate}")
+        for key, rate in (("cond_drop_rate", cond_drop_rate), ("both_drop_rate", both_drop_rate)):
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"stage.{key} must be in [0, 1], got {rate}")
+        total = self.feature_drop_rate + both_drop_rate + cond_drop_rate
+        if total > 1.0 + 1e-9:  # three disjoint intervals of one uniform draw
+            raise ValueError(
+                f"stage.feature_drop_rate + stage.both_drop_rate + stage.cond_drop_rate must be <= 1, got "
+                f"{self.feature_drop_rate} + {both_drop_rate} + {cond_drop_rate} = {total}"
+            )
         self.require_stage1 = require_stage1
         self.cond_drop_rate = cond_drop_rate
+        self.both_drop_rate = both_drop_rate
         self.image_guidance_scale = image_guidance_scale
 
     def build_models(self, load_weights: bool = True) -> None:
@@ -68,14 +84,29 @@ class DetokCondModule(DetokPretrainModule):
         if "cond_vae_moments" in batch:  # precomputed posterior (data.features_dir): its mean is the mode
             cond = batch["cond_vae_moments"].float().chunk(2, dim=1)[0]
         else:
-            cond = self.vae.encode(batch["cond_pixels"].float()).latent_dist.mode()
+            cond = encode_posterior(self.vae, batch["cond_pixels"]).mode()
         return cond * batch["has_cond"].view(-1, 1, 1, 1).to(cond)
 
-    def unet_extra_input(self, batch: dict, latents: torch.Tensor, split: str) -> torch.Tensor:
+    def drop_masks(self, u: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        f, b, c = self.feature_drop_rate, self.both_drop_rate, self.cond_drop_rate
+        return {"features": u < f + b, "image": (u >= f) & (u < f + b + c)}
+
+    def drop_rates(self, drops: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
+        has = batch["has_cond"].bool().cpu()
+        n = int(has.sum())
+        if n == 0:
+            return {}
+        feat, img = drops["features"], drops["image"]
+        return {
+            "drop_features": (feat & ~img & has).sum() / n,
+            "drop_image": (img & ~feat & has).sum() / n,
+            "drop_both": (feat & img & has).sum() / n,
+        }
+
+    def unet_extra_input(self, batch: dict, drops: dict[str, torch.Tensor] | None) -> torch.Tensor:
         cond = self.condition_latents(batch)
-        if split == "train" and self.cond_drop_rate > 0:
-            keep = torch.rand(cond.shape[0], 1, 1, 1, device=cond.device) >= self.cond_drop_rate
-            cond = cond * keep
+        if drops is not None:
+            cond = cond * (~drops["image"]).view(-1, 1, 1, 1).to(cond)
         return cond
 
     @torch.no_grad()

@@ -6,28 +6,52 @@ load into this module's state dict as they are.
 
 Precomputed inputs (`data.features_dir`, data_prep/precompute_features.py) skip both frozen encoders:
 `batch["vit_features"]` is the ViT output (B, 256, D), pooled here as the ViT path pools it, and
-`batch["vae_moments"]` the VAE posterior (mean, logvar), sampled here as `encode_latents` samples it.
+`batch["vae_moments"]` the VAE posterior (mean, logvar), sampled here as a live encode is sampled.
+The VAE always encodes in fp32, outside bf16 autocast; latents, noise and the eps target stay fp32.
+
+Randomness of a training step (drop draws, latent sample, noise, noise offset, timesteps) comes from a
+generator seeded from (stage.noise_seed, global rank, step, micro-batch): ranks draw different noise,
+and a resume continues every rank's stream without saved RNG state (the seed travels in the checkpoint
+and wins over the config's, so `seed=` on a resumed run does not switch streams). Validation draws from
+one fixed generator so its loss is comparable across steps.
+
+Dropped features (classifier-free guidance) become `stage.negative`: `official` = the frozen ViT's
+pooled features of an all-zero image (what the released de-tokenizers were trained and sample with),
+or `zeros`. The same tensor is the unconditional branch of sampling.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import logging
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from src.data.position import loader_generator
 from src.models.detok_adapter import ResamplerXLV2
 from src.models.detokenizer import (
     DetokenizerConfig,
     build_noise_scheduler,
     build_unet,
     build_vae,
+    encode_posterior,
+    hold_decoder_in,
     is_attention_kv,
     load_adapter_checkpoint,
 )
 from src.models.qwen_vit import QwenViT, QwenViTConfig, load_vit_weights
 from src.pipelines.detok import decode_latents, denoise
 from src.stages.base import StageModule
+from src.utils.constraints import Fraction, PositiveInt
+from src.utils.weights import RequiredPath
+
+log = logging.getLogger(__name__)
+
+NEGATIVES = ("official", "zeros")
+VAL_NOISE_SEED = 1234
+NOISE_SEED_KEY = "detok_noise_seed"  # top-level checkpoint entry
 
 
 class DetokPretrainModule(StageModule):
@@ -37,6 +61,7 @@ class DetokPretrainModule(StageModule):
         "diffusers.models.attention.BasicTransformerBlock",
     )
     fsdp_forward_methods: ClassVar[dict[str, tuple[str, ...]]] = {"vae": ("encode", "decode")}
+    fsdp_keep_dtype = ("vae",)  # latents are encoded in fp32 under strategy.fsdp2.param_dtype=bfloat16 too
 
     def __init__(
         self,
@@ -45,13 +70,22 @@ class DetokPretrainModule(StageModule):
         scheduler: dict | None = None,
         checkpoint_frozen: bool = False,
         nonfinite_loss: str = "skip",
-        feature_drop_rate: float = 0.0,
+        feature_drop_rate: Fraction = 0.0,
         noise_offset: float = 0.0,
-        sample_steps: int = 25,
+        sample_steps: PositiveInt = 25,
         guidance_scale: float = 7.5,
         init_seed: int = 0,
+        noise_seed: int = 0,
+        negative: Literal["official", "zeros"] = "official",
+        frozen_dtype: Literal["bf16"] | None = None,
     ) -> None:
         super().__init__(model, optimizer, scheduler, checkpoint_frozen, nonfinite_loss)
+        if not 0.0 <= feature_drop_rate <= 1.0:
+            raise ValueError(f"stage.feature_drop_rate must be in [0, 1], got {feature_drop_rate}")
+        if negative not in NEGATIVES:
+            raise ValueError(f"stage.negative must be one of {NEGATIVES}, got {negative!r}")
+        if frozen_dtype not in (None, "bf16"):
+            raise ValueError(f"stage.frozen_dtype must be null or 'bf16', got {frozen_dtype!r}")
         # Parse configs now: a config mistake fails before any model is built.
         self.vit_cfg = QwenViTConfig(**model["vit"])
         self.detok_cfg = DetokenizerConfig(**model["detokenizer"])
@@ -65,6 +99,30 @@ class DetokPretrainModule(StageModule):
         self.sample_steps = sample_steps
         self.guidance_scale = guidance_scale
         self.init_seed = init_seed
+        self.noise_seed = int(noise_seed)
+        self.negative = negative
+        self.frozen_dtype = frozen_dtype
+        self._negative: torch.Tensor | None = None  # cached; not a buffer, so never in a checkpoint
+        self._micro = (-1, 0)  # (step, micro-batch index) of the last training draw
+
+    def configure_model(self) -> None:
+        if not self._built and self.frozen_dtype and self._trainer is not None:
+            self._check_frozen_dtype()  # before anything is built
+        super().configure_model()
+
+    def _check_frozen_dtype(self) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from src.parallel import FSDP2Strategy
+
+        precision = str(self.trainer.precision)
+        if not precision.startswith("bf16"):
+            raise ValueError(f"stage.frozen_dtype={self.frozen_dtype} needs bf16 training (trainer.precision="
+                             f"bf16-mixed), got trainer.precision={precision}")
+        sharded = isinstance(self.trainer.strategy, (FSDP2Strategy, FSDPStrategy))
+        if sharded:
+            raise ValueError("stage.frozen_dtype is for DDP: FSDP shards the frozen towers and computes them in "
+                             "its param_dtype (strategy.fsdp2.param_dtype); set stage.frozen_dtype=null")
 
     # ---- models -----------------------------------------------------------------------------------------
     def build_models(self, load_weights: bool = True) -> None:
@@ -84,9 +142,18 @@ class DetokPretrainModule(StageModule):
         if load_weights and self.detok_cfg.adapter_weights:
             self.load_adapter_weights(self.detok_cfg.adapter_weights)
         self.set_trainable()
+        if self.frozen_dtype == "bf16":
+            # Frozen weights at half the bytes: the ViT whole, the VAE only where it decodes.
+            self.vit.to(torch.bfloat16)
+            hold_decoder_in(self.vae, torch.bfloat16)
 
     def _load_vit_weights(self, vit: QwenViT) -> None:
         load_vit_weights(vit, self.detok_cfg.allow_random_init)
+
+    def required_paths(self) -> list[RequiredPath]:
+        # Stage 2 (require_stage1) also starts from the stage-1 adapter checkpoint.
+        need_adapter = bool(getattr(self, "require_stage1", False))
+        return self.vit_cfg.required_paths(self.detok_cfg.allow_random_init) + self.detok_cfg.required_paths(need_adapter)
 
     def build_frozen_encoders(self) -> dict[str, torch.nn.Module]:
         """ViT and VAE exactly as `build_models(load_weights=True)` makes them (data_prep/precompute_features.py).
@@ -139,14 +206,15 @@ class DetokPretrainModule(StageModule):
             return self.vit.pool_for_generation(batch["vit_features"].to(self._vit_dtype()))
         return self.vit_features(batch["vit_pixels"])
 
-    def batch_latents(self, batch: dict) -> torch.Tensor:
-        """Scaled VAE latents of the target: sampled from a precomputed posterior, or encoded now."""
+    def batch_latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled fp32 VAE latents of the target, sampled from a precomputed posterior or one encoded now
+        (the same draw from `generator` either way)."""
         if "vae_moments" in batch:
-            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-            latents = DiagonalGaussianDistribution(batch["vae_moments"].float()).sample()
-            return latents * self.vae.config.scaling_factor
-        return self.encode_latents(batch["vae_pixels"])
+            posterior = DiagonalGaussianDistribution(batch["vae_moments"].float())
+        else:
+            with torch.no_grad():
+                posterior = encode_posterior(self.vae, batch["vae_pixels"])
+        return posterior.sample(generator=generator) * self.vae.config.scaling_factor
 
     def batch_originals(self, batch: dict) -> torch.Tensor:
         """Targets in [0, 1] for sample grids; from precomputed latents, their VAE reconstruction (posterior mean)."""
@@ -155,43 +223,95 @@ class DetokPretrainModule(StageModule):
         mean = batch["vae_moments"].float().chunk(2, dim=1)[0]
         return decode_latents(self.vae, mean * self.vae.config.scaling_factor).cpu()
 
-    @torch.no_grad()
-    def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        latents = self.vae.encode(pixels.float()).latent_dist.sample()
-        return latents * self.vae.config.scaling_factor
-
     def time_ids(self, batch: dict) -> torch.Tensor:
         res = self.detok_cfg.resolution
         target = torch.tensor([res, res], device=self.device).expand(len(batch["original_size"]), 2)
         return torch.cat([batch["original_size"], batch["crop_top_left"], target], dim=1).float()
 
-    def unet_extra_input(self, batch: dict, latents: torch.Tensor, split: str) -> torch.Tensor | None:
+    def unet_extra_input(self, batch: dict, drops: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
         """Channels concatenated to the noisy latents (stage 2); stage 1 has none."""
         return None
 
-    def drop_features(self, feats: torch.Tensor, split: str) -> torch.Tensor:
-        if split != "train" or self.feature_drop_rate <= 0:
+    # ---- randomness and classifier-free-guidance dropout ----------------------------------------------
+    def step_generator(self, split: str) -> torch.Generator:
+        """Every draw of one compute_losses call: per (rank, step, micro-batch) in training, fixed otherwise."""
+        if split != "train":
+            return torch.Generator().manual_seed(VAL_NOISE_SEED)
+        step = int(self.global_step)
+        last, micro = self._micro
+        # Gradient accumulation runs several batches at one global_step: each gets its own stream.
+        micro = micro + 1 if step == last else 0
+        self._micro = (step, micro)
+        return loader_generator(self.noise_seed, self.global_rank, step, micro)
+
+    def drop_masks(self, u: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """Which samples lose which condition, from one uniform draw `u` per sample."""
+        return {"features": u < self.feature_drop_rate}
+
+    def drop_rates(self, drops: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
+        """Realised fractions of the batch, logged as train/drop_*."""
+        return {"drop_features": drops["features"].float().mean()}
+
+    def negative_features(self) -> torch.Tensor:
+        """(1, 64, D): what dropped features become, and the unconditional branch of sampling."""
+        if self._negative is None:
+            self._negative = self._compute_negative()
+        return self._negative
+
+    @torch.no_grad()
+    def _compute_negative(self) -> torch.Tensor:
+        if self.negative == "zeros":
+            tokens = self.vit_cfg.n_queries // self.vit_cfg.gen_pool_kernel
+            return torch.zeros(1, tokens, self.vit_cfg.output_dim, device=self.device, dtype=self._vit_dtype())
+        # Official SDXLAdapter: the ViT of a zero image tensor (zeros after normalisation), pooled 256 -> 64.
+        size = self.vit_cfg.image_size
+        return self.vit_features(torch.zeros(1, 3, size, size, device=self.device))
+
+    def on_fit_start(self) -> None:
+        # A sharded ViT all-gathers in forward: every rank computes the negative here, at the same point.
+        self._negative = None
+        self.negative_features()
+
+    def on_validation_start(self) -> None:
+        self.negative_features()  # trainer.validate without fit: same reason as on_fit_start
+
+    def apply_negative(self, feats: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        if not bool(drop.any()):
             return feats
-        keep = torch.rand(feats.shape[0], 1, 1, device=feats.device) >= self.feature_drop_rate
-        return feats * keep
+        neg = self.negative_features().to(feats)
+        return torch.where(drop.to(feats.device).view(-1, 1, 1), neg, feats)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[NOISE_SEED_KEY] = int(self.noise_seed)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        stored = checkpoint.get(NOISE_SEED_KEY)
+        if stored is not None and int(stored) != self.noise_seed:
+            log.info("resume: noise stream of the checkpoint (stage.noise_seed=%d), not %d", stored, self.noise_seed)
+            self.noise_seed = int(stored)
+        super().on_load_checkpoint(checkpoint)
 
     # ---- loss --------------------------------------------------------------------------------------
     def compute_losses(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
-        feats = self.drop_features(self.batch_features(batch), split)
+        # CPU draws, then moved: the same stream on any device.
+        generator = self.step_generator(split)
+        feats = self.batch_features(batch)
+        drops = None
+        if split == "train":  # drawn even at zero rates, so changing a rate does not shift the noise
+            drops = self.drop_masks(torch.rand(feats.shape[0], generator=generator), batch)
+            feats = self.apply_negative(feats, drops["features"])
         prompt_embeds, pooled = self.resampler(feats)
-        latents = self.batch_latents(batch)
-        generator = None
-        if split != "train":
-            # Validation loss uses fixed noise and timesteps so values are comparable across steps.
-            generator = torch.Generator(device="cpu").manual_seed(1234)
+        latents = self.batch_latents(batch, generator)
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         if self.noise_offset and split == "train":
-            noise = noise + self.noise_offset * torch.randn(latents.shape[:2] + (1, 1)).to(latents)
+            offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator)
+            noise = noise + self.noise_offset * offset.to(latents)
         t = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
         ).to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        extra = self.unet_extra_input(batch, latents, split)
+        extra = self.unet_extra_input(batch, drops)
         if extra is not None:
             noisy = torch.cat([noisy, extra.to(noisy)], dim=1)
         pred = self.unet(
@@ -200,9 +320,11 @@ class DetokPretrainModule(StageModule):
             encoder_hidden_states=prompt_embeds,
             added_cond_kwargs={"text_embeds": pooled, "time_ids": self.time_ids(batch)},
         ).sample
-        target = self.prediction_target(latents, noise, t)
-        loss = F.mse_loss(pred.float(), target.float())
-        return {"loss": loss}
+        target = self.prediction_target(latents, noise, t)  # fp32, as latents and noise
+        losses = {"loss": F.mse_loss(pred.float(), target.float())}
+        if drops is not None:
+            losses.update({k: v.detach() for k, v in self.drop_rates(drops, batch).items()})
+        return losses
 
     def prediction_target(self, latents, noise, t) -> torch.Tensor:
         kind = self.noise_scheduler.config.prediction_type
@@ -222,6 +344,7 @@ class DetokPretrainModule(StageModule):
             self.batch_features(batch),
             self.time_ids(batch),
             latent_shape=(self.unet.config.out_channels, self.detok_cfg.latent_size, self.detok_cfg.latent_size),
+            negative=self.negative_features(),
             steps=self.sample_steps,
             guidance_scale=self.guidance_scale,
             cond_latents=cond_latents,

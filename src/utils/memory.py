@@ -1,4 +1,4 @@
-"""Analytic per-GPU memory of a sharded (FSDP/FSDP2) run: what a preset should fit into.
+"""Analytic per-GPU memory: of a sharded (FSDP/FSDP2) run, and the model state of a replicated (DDP) one.
 
 An estimate, not a measurement (the terms and their sources are below); `python -m src.inspect` prints it
 for the composed config. Terms, in bytes:
@@ -12,7 +12,10 @@ for the composed config. Terms, in bytes:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+import torch
 
 GIB = 1024**3
 
@@ -60,3 +63,45 @@ def estimate_sharded_memory(
         one_block=block,
         logits=tokens_per_gpu * vocab * 12,
     )
+
+
+@dataclass
+class ReplicatedMemoryEstimate:
+    """Model state every GPU of a DDP run holds whole, in bytes, from the parameters' own dtypes:
+      frozen weights      frozen numel x their bytes        (bf16 towers: 2, fp32: 4)
+      trainable weights   trainable numel x their bytes
+      gradients           the same again                     (.grad)
+      ddp buckets         the same again                     (DDP's flat all-reduce buffers; gradient_as_bucket_view
+                                                            would share them with .grad)
+      optimizer           2 x trainable numel x their bytes  (AdamW exp_avg, exp_avg_sq, like the parameter)
+    Activations are not modelled here (they depend on resolution, batch and gradient checkpointing).
+    """
+
+    frozen_weights: float
+    trainable_weights: float
+    gradients: float
+    ddp_buckets: float
+    optimizer: float
+    overhead: float = 2 * GIB
+
+    @property
+    def total(self) -> float:
+        return (self.frozen_weights + self.trainable_weights + self.gradients + self.ddp_buckets + self.optimizer
+                + self.overhead)
+
+    def as_gib(self) -> dict[str, float]:
+        fields = ("frozen_weights", "trainable_weights", "gradients", "ddp_buckets", "optimizer", "overhead", "total")
+        return {k: round(getattr(self, k) / GIB, 2) for k in fields}
+
+
+def estimate_replicated_memory(params: Iterable[torch.nn.Parameter], optimizer_states: int = 2) -> ReplicatedMemoryEstimate:
+    """Works on meta-device parameters (only numel and dtype are read)."""
+    frozen = trainable = 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        if p.requires_grad:
+            trainable += nbytes
+        else:
+            frozen += nbytes
+    return ReplicatedMemoryEstimate(frozen_weights=frozen, trainable_weights=trainable, gradients=trainable,
+                                    ddp_buckets=trainable, optimizer=optimizer_states * trainable)
