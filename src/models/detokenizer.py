@@ -8,7 +8,6 @@ SDXL `encoder_hidden_states` (64 x 2048) and the pooled `text_embeds` (1280).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 
 from src.models.detok_adapter import DetokAdapterConfig
 from src.utils.constraints import PositiveInt
-from src.utils.weights import RequiredPath, load_state_dict_file, missing_weights_error
+from src.utils.weights import RequiredPath, check_paths, load_state_dict_file
 
 # SDXL micro-conditioning: original (h, w) + crop top-left (y, x) + target (h, w).
 NUM_TIME_IDS = 6
@@ -78,14 +77,7 @@ class DetokenizerConfig:
 
     def check_weights_present(self) -> None:
         """Full-size runs must start from SDXL weights: say which key to set when they are missing."""
-        if self.allow_random_init:
-            return
-        if not self.pretrained_dir:
-            raise missing_weights_error("model.detokenizer.pretrained_dir", "a diffusers SDXL base folder")
-        if not Path(self.pretrained_dir).is_dir():
-            raise missing_weights_error(
-                "model.detokenizer.pretrained_dir", "a diffusers SDXL base folder", self.pretrained_dir
-            )
+        check_paths(self.required_paths()[:1])  # the SDXL folder; the same table as the pre-run check
 
 
 def build_unet(cfg: DetokenizerConfig, load_weights: bool = True) -> UNet2DConditionModel:
