@@ -29,6 +29,9 @@ SHARDED_STRATEGIES = ("FSDP2Strategy", "fsdp_strategy", "FSDPStrategy", "DeepSpe
 def build_on_meta(cfg: DictConfig):
     check_config(cfg)
     module = hydra.utils.instantiate(cfg.stage, _convert_="all")
+    if module.builds_empty:
+        module.build_empty(load_weights=False)
+        return module
     with torch.device("meta"):
         module.build_models(load_weights=False)
     return module

@@ -141,14 +141,6 @@ def same_call_count(module: nn.Module, n: int, device: torch.device | str = "cpu
     return int(t.item())
 
 
-# Wrappers that prefix parameter names; state_dict() already strips them, named_parameters() does not.
-WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def clean_name(name: str) -> str:
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
 
 
 def fsdp_strategy(blocks: list[str], activation_checkpointing: bool = True, **kwargs):

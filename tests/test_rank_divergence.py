@@ -128,7 +128,7 @@ def worker(rank: int, world: int, port: int, mode: str, out: str) -> None:
     opt = torch.optim.SGD([p for _, p in params], lr=LR)
     ref_opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=LR)
 
-    from src.parallel import clean_name
+    from src.utils.materialize import clean_name
 
     for step, (*per_rank, features) in enumerate(STEPS):
         calls.clear()

@@ -11,6 +11,7 @@ pick comprehension inputs and generation targets, `ids_cmp_mask`/`ids_gen_mask` 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,20 @@ from src.models.pos_emb import init_patch_pos_embed, patch_pos_term
 from src.models.resampler import QwenResampler, ResamplerConfig
 from src.models.vocab import NUM_SEEDX_TOKENS, init_new_embeddings
 from src.utils.constraints import NonNegativeFloat, PositiveInt
+from src.utils.materialize import (
+    ExtendedRows,
+    HeldTensor,
+    TensorSource,
+    clean_name,
+    random_tower,
+    safetensors_folder,
+    seeded,
+    state_dict_file,
+)
 from src.utils.weights import RequiredPath, missing_weights_error
 
+# What an official agent checkpoint holds besides the LLM.
+AGENT_KEY_PREFIXES = ("input_resampler.", "output_resampler.", "patch_pos_embed")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -98,21 +111,21 @@ class AgentConfig:
             raise ValueError("; ".join(problems))
 
 
-def build_llm(cfg: LLMConfig, vocab_size: int | None, load_weights: bool = True) -> LlamaForCausalLM:
-    """Llama from local weights (or config), embeddings resized to `vocab_size` with SEED-X row init.
+def build_llm(cfg: LLMConfig, vocab_size: int | None, folder_config: bool = True) -> LlamaForCausalLM:
+    """The Llama architecture, embeddings resized to `vocab_size` with the SEED-X row init; no weights read
+    (`llm_weight_sources` has them). Build it under `src.utils.materialize.empty_init()` to get it on meta.
 
-    `vocab_size=None` means base vocab + the 330 SEED-X tokens (used on the meta device, no tokenizer).
+    `folder_config`: the architecture of `model.llm.weights`' config.json (what its tensors were saved
+    from), else `model.llm.config`. `vocab_size=None`: base vocab + the 330 SEED-X tokens (no tokenizer).
     """
-    if load_weights and cfg.weights:
+    if folder_config and cfg.weights:
         if not Path(cfg.weights).is_dir():
             raise missing_weights_error("model.llm.weights", "a local Llama-2 HF folder", cfg.weights)
-        llm = LlamaForCausalLM.from_pretrained(
-            cfg.weights, local_files_only=True, attn_implementation=cfg.attn_implementation, dtype=torch.float32
-        )
-    elif load_weights and not cfg.allow_random_init:
-        raise missing_weights_error("model.llm.weights", "a local Llama-2-chat HF folder")
+        config = LlamaConfig.from_pretrained(cfg.weights, local_files_only=True)
+        config._attn_implementation = cfg.attn_implementation
     else:
-        llm = LlamaForCausalLM(cfg.hf_config())
+        config = cfg.hf_config()
+    llm = LlamaForCausalLM(config)
     old = llm.get_input_embeddings().weight.shape[0]
     new = vocab_size if vocab_size is not None else old + NUM_SEEDX_TOKENS
     if new != old:
@@ -125,6 +138,51 @@ def build_llm(cfg: LLMConfig, vocab_size: int | None, load_weights: bool = True)
     return llm
 
 
+def hf_key(name: str) -> str:
+    """Our LLM parameter name (peft-wrapped or not) -> its key in the HF folder's safetensors."""
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+def llm_weight_sources(llm: nn.Module, cfg: LLMConfig, vocab_size: int | None, load_weights: bool,
+                       seed: int) -> dict[str, TensorSource]:
+    """What `materialize` fills the (meta-built, maybe peft-wrapped) LLM with, by our parameter names:
+
+    - `model.llm.weights`' safetensors, read shard by shard; vocabulary rows past the file's get the SEED-X
+      init (mean / 3x mean of the file's rows, as `init_new_embeddings` on a plain load);
+    - without weights (tiny twins), the random init of the "llm" tower seed;
+    - LoRA: peft's default init (`init_lora_weights=True`: A Kaiming-uniform a=sqrt(5), B zero), each
+      A drawn under its own seed so no shard depends on another.
+    """
+    if load_weights and cfg.weights:
+        files = safetensors_folder(cfg.weights)
+    elif load_weights and not cfg.allow_random_init:
+        raise missing_weights_error("model.llm.weights", "a local Llama-2-chat HF folder")
+    else:
+        files = random_tower(lambda: build_llm(cfg, vocab_size, folder_config=False), seed, "llm", "")
+    out: dict[str, TensorSource] = {}
+    for name, p in llm.named_parameters():
+        name = clean_name(name)  # sources are asked for before or after AC wrapping alike
+        if ".lora_A." in name:
+            with seeded(seed, f"lora:{name}"):
+                a = torch.empty(p.shape, dtype=p.dtype)
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            out[name] = HeldTensor(a)
+            continue
+        if ".lora_B." in name:
+            out[name] = HeldTensor(torch.zeros(p.shape, dtype=p.dtype))
+            continue
+        key = hf_key(name)
+        if key == "lm_head.weight" and key not in files and llm.config.tie_word_embeddings:
+            key = "model.embed_tokens.weight"
+        src = files.get(key)
+        if src is not None and src.shape[0] < p.shape[0] and key in ("model.embed_tokens.weight", "lm_head.weight"):
+            src = ExtendedRows(src, p.shape[0], 3.0 if key == "lm_head.weight" else 1.0, p.dtype)
+        if src is not None:
+            out[name] = src
+    return out
+
+
 def apply_lora(llm: nn.Module, r: int, alpha: int, dropout: float, targets=LORA_TARGETS) -> nn.Module:
     """peft LoRA on the attention and MLP projections; norms, embeddings and lm_head also train."""
     from peft import LoraConfig, get_peft_model
@@ -135,6 +193,19 @@ def apply_lora(llm: nn.Module, r: int, alpha: int, dropout: float, targets=LORA_
         if "norm" in name or "embed_tokens" in name or "lm_head" in name:
             p.requires_grad_(True)
     return model
+
+
+def agent_weight_sources(cfg: AgentConfig, llm_width: int, seed: int) -> dict[str, TensorSource]:
+    """The resamplers and patch positions (names as in `SeedXMLLM`): `model.agent.weights` (the official
+    agent checkpoint; its `llm.*` entries are the LLM's business), else each tower's own seeded init."""
+    if cfg.weights:
+        return {k: v for k, v in state_dict_file(cfg.weights).items() if k.startswith(AGENT_KEY_PREFIXES)}
+    out = {**random_tower(lambda: QwenResampler(cfg.input_cfg), seed, "input_resampler", "input_resampler."),
+           **random_tower(lambda: QwenResampler(cfg.output_cfg), seed, "output_resampler", "output_resampler.")}
+    if cfg.add_patch_pos:
+        with seeded(seed, "patch_pos_embed"):
+            out["patch_pos_embed"] = HeldTensor(init_patch_pos_embed(llm_width).data)
+    return out
 
 
 class SeedXMLLM(nn.Module):

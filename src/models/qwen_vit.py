@@ -20,7 +20,13 @@ from src.models.resampler import (
     interpolate_pos_embed,
 )
 from src.utils.constraints import PositiveFloat, PositiveInt
-from src.utils.weights import RequiredPath, load_state_dict_file, load_state_dict_strict
+from src.utils.materialize import TensorSource, empty_init, materialize, random_tower, state_dict_file
+from src.utils.weights import (
+    RequiredPath,
+    load_state_dict_file,
+    load_state_dict_strict,
+    missing_weights_error,
+)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -200,14 +206,35 @@ class QwenViT(nn.Module):
         path = path or self.cfg.weights
         if path is None:
             raise ValueError("no checkpoint path given and cfg.weights is None")
-        sd = {}
-        for k, v in load_state_dict_file(path, "model.vit.weights").items():
-            for p in _PREFIXES:
-                if k.startswith(p):
-                    k = k[len(p) :]
-                    break
-            sd[k] = v
+        sd = {_strip_prefix(k): v for k, v in load_state_dict_file(path, "model.vit.weights").items()}
         load_state_dict_strict(self, sd, what=f"QwenViT ({path})")
+
+
+def _strip_prefix(key: str) -> str:
+    for p in _PREFIXES:
+        if key.startswith(p):
+            return key[len(p):]
+    return key
+
+
+def vit_weight_sources(cfg: QwenViTConfig, allow_random_init: bool, seed: int) -> dict[str, TensorSource]:
+    """What `materialize` fills a meta-built QwenViT with: `model.vit.weights` (memory-mapped, each rank reads
+    only its shards) or, for tiny twins, the random init drawn under the "vit" tower seed."""
+    if cfg.weights:
+        if not Path(cfg.weights).exists():
+            raise missing_weights_error("model.vit.weights", "the Qwen-VL ViT state dict (qwen_vit_G.pt)", cfg.weights)
+        return {_strip_prefix(k): v for k, v in state_dict_file(cfg.weights).items()}
+    if not allow_random_init:
+        raise missing_weights_error("model.vit.weights", "the Qwen-VL ViT state dict (qwen_vit_G.pt)")
+    return random_tower(lambda: QwenViT(cfg), seed, "vit", "")
+
+
+def build_vit(cfg: QwenViTConfig, allow_random_init: bool, seed: int, device: torch.device | str = "cpu") -> QwenViT:
+    """The frozen ViT as every stage builds it (no stage needed: data_prep/precompute_features.py)."""
+    with empty_init():
+        vit = QwenViT(cfg)
+    materialize(vit, vit_weight_sources(cfg, allow_random_init, seed), device, f"QwenViT ({cfg.weights or 'random'})")
+    return vit.requires_grad_(False).eval()
 
 
 def load_vit_weights(vit: QwenViT, allow_random_init: bool) -> None:
@@ -215,6 +242,4 @@ def load_vit_weights(vit: QwenViT, allow_random_init: bool) -> None:
     if vit.cfg.weights:
         vit.load_official(vit.cfg.weights)
     elif not allow_random_init:
-        from src.utils.weights import missing_weights_error
-
         raise missing_weights_error("model.vit.weights", "the Qwen-VL ViT state dict (qwen_vit_G.pt)")

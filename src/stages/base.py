@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
-from src.parallel import FSDP2Strategy, block_classes, clean_name, parallelize, writes_sharded_checkpoints
+from src.parallel import FSDP2Strategy, block_classes, parallelize, writes_sharded_checkpoints
 from src.utils.constraints import Fraction, NonNegativeInt
+from src.utils.materialize import TensorSource, clean_name, materialize
 from src.utils.weights import RequiredPath, check_paths
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,21 @@ class StageModule(L.LightningModule):
         self._built = False
 
     # ---- what a stage implements -------------------------------------------------------------------
-    def build_models(self, load_weights: bool = True) -> None:
+    # Either `build_empty` + `weight_sources` (builds_empty = True: models on meta, then filled from their
+    # sources, shard by shard under FSDP2), or `build_models` directly (built and loaded in full).
+    builds_empty: ClassVar[bool] = False
+
+    def build_empty(self, load_weights: bool = True) -> None:
         raise NotImplementedError
+
+    def weight_sources(self, load_weights: bool = True) -> dict[str, TensorSource]:
+        raise NotImplementedError
+
+    def build_models(self, load_weights: bool = True) -> None:
+        if not self.builds_empty:
+            raise NotImplementedError
+        self.build_empty(load_weights)
+        materialize(self, self.weight_sources(load_weights), "cpu", type(self).__name__)
 
     def required_paths(self) -> list[RequiredPath]:
         """Every local path `build_models(load_weights=True)` reads, from the model configs; checked all at
@@ -124,17 +138,24 @@ class StageModule(L.LightningModule):
         if self._built:
             return
         check_paths(self.required_paths())  # every missing path at once, before anything is built
-        self.build_models(load_weights=True)
-        self._built = True
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, FSDP2Strategy):
-            blocks = block_classes(list(self.fsdp_blocks))
-            for name, child in self.named_children():
-                opts = strategy.fsdp2
-                if name in self.fsdp_keep_dtype:
-                    opts = replace(opts, param_dtype=None)
-                parallelize(child, blocks, self.device_mesh, opts,
-                            forward_methods=self.fsdp_forward_methods.get(name, ()))
+        if isinstance(strategy, FSDP2Strategy) and self.builds_empty:
+            # torchtitan's order: meta build -> shard -> allocate and read only this rank's shards.
+            self.build_empty(load_weights=True)
+            self.shard(strategy.fsdp2, self.device_mesh)
+            materialize(self, self.weight_sources(load_weights=True), strategy.root_device, type(self).__name__)
+        else:
+            self.build_models(load_weights=True)
+            if isinstance(strategy, FSDP2Strategy):
+                self.shard(strategy.fsdp2, self.device_mesh)
+        self._built = True
+
+    def shard(self, opts, mesh) -> None:
+        """FSDP2 (with AC / compile per block) on every child, as `strategy.fsdp2` says."""
+        blocks = block_classes(list(self.fsdp_blocks))
+        for name, child in self.named_children():
+            child_opts = replace(opts, param_dtype=None) if name in self.fsdp_keep_dtype else opts
+            parallelize(child, blocks, mesh, child_opts, forward_methods=self.fsdp_forward_methods.get(name, ()))
 
     def batch_size_of(self, batch: dict) -> int:
         return int(batch.get("batch_size", 0))

@@ -13,19 +13,29 @@ all-reduce; the others encode a dummy view), see `src.parallel.same_call_count`.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from src.data.mllm import load_tokenizer
-from src.models.mllm import LORA_TARGETS, AgentConfig, LLMConfig, SeedXMLLM, apply_lora, build_llm
-from src.models.qwen_vit import QwenViT, QwenViTConfig, load_vit_weights
+from src.models.mllm import (
+    LORA_TARGETS,
+    AgentConfig,
+    LLMConfig,
+    SeedXMLLM,
+    agent_weight_sources,
+    apply_lora,
+    build_llm,
+    llm_weight_sources,
+)
+from src.models.qwen_vit import QwenViT, QwenViTConfig, build_vit, vit_weight_sources
 from src.models.vocab import NUM_SEEDX_TOKENS
 from src.parallel import same_call_count
 from src.stages.base import StageModule
 from src.utils.constraints import PositiveInt
 from src.utils.flops import mllm_step_flops
-from src.utils.weights import RequiredPath, load_state_dict_file, missing_weights_error
-
-AGENT_KEYS_PREFIXES = ("input_resampler.", "output_resampler.", "patch_pos_embed")
+from src.utils.materialize import TensorSource, empty_init, prefixed
+from src.utils.weights import RequiredPath, missing_weights_error
 
 
 class MLLMPretrainModule(StageModule):
@@ -64,17 +74,19 @@ class MLLMPretrainModule(StageModule):
         self.tokenizer = None
 
     # ---- models -------------------------------------------------------------------------------------
-    def build_models(self, load_weights: bool = True) -> None:
-        vocab = None
+    builds_empty = True
+
+    def build_empty(self, load_weights: bool = True) -> None:
+        """ViT, LLM (+ LoRA) and agent with parameters on meta, trainability set; reads no weights."""
+        self._vocab = None
         if load_weights:
             if not self.llm_cfg.weights and not self.llm_cfg.allow_random_init:
                 raise missing_weights_error("model.llm.weights", "a local Llama-2-chat HF folder")
             self.tokenizer = load_tokenizer(self.llm_cfg.tokenizer_path, "model.llm.tokenizer")
-            vocab = len(self.tokenizer)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.init_seed)  # random-init towers identical on every rank and on resume
+            self._vocab = len(self.tokenizer)
+        with empty_init():
             self.vit = QwenViT(self.vit_cfg)
-            llm = build_llm(self.llm_cfg, vocab, load_weights)
+            llm = build_llm(self.llm_cfg, self._vocab, folder_config=load_weights)
             llm.requires_grad_(self.full_finetune)
             if self.lora_cfg.get("enabled"):
                 llm = apply_lora(
@@ -82,36 +94,28 @@ class MLLMPretrainModule(StageModule):
                     self.lora_cfg.get("targets") or LORA_TARGETS,
                 )
             self.mllm = SeedXMLLM(llm, self.agent_cfg)
-        if load_weights:
-            self._load_frozen_and_agent_weights()
         self.freeze_towers()
 
-    def _load_vit_weights(self, vit: QwenViT) -> None:
-        load_vit_weights(vit, self.llm_cfg.allow_random_init)
+    def weight_sources(self, load_weights: bool = True) -> dict[str, TensorSource]:
+        """Every parameter's initial value: local weight files (read shard by shard) or its tower's own seeded
+        random init (stage.init_seed), so every rank and every resume starts from the same model."""
+        allow_random = self.llm_cfg.allow_random_init
+        vit_cfg = self.vit_cfg if load_weights else replace(self.vit_cfg, weights=None)
+        vit = vit_weight_sources(vit_cfg, allow_random or not load_weights, self.init_seed)
+        llm = llm_weight_sources(self.mllm.llm, self.llm_cfg, self._vocab, load_weights, self.init_seed)
+        width = self.mllm.llm.get_input_embeddings().weight.shape[1]
+        agent_cfg = self.agent_cfg if load_weights else replace(self.agent_cfg, weights=None)
+        agent = agent_weight_sources(agent_cfg, width, self.init_seed)
+        return {**prefixed(vit, "vit."), **prefixed(llm, "mllm.llm."), **prefixed(agent, "mllm.")}
 
     def required_paths(self) -> list[RequiredPath]:
         return (self.vit_cfg.required_paths(self.llm_cfg.allow_random_init) + self.llm_cfg.required_paths()
                 + self.agent_cfg.required_paths())
 
     def build_frozen_encoders(self) -> dict[str, torch.nn.Module]:
-        """The frozen ViT exactly as `build_models(load_weights=True)` makes it (the first module built under
-        `init_seed`, then `model.vit.weights`), without the LLM: for data_prep/precompute_features.py."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.init_seed)
-            vit = QwenViT(self.vit_cfg)
-        self._load_vit_weights(vit)
-        return {"vit": vit.requires_grad_(False).eval()}
-
-    def _load_frozen_and_agent_weights(self) -> None:
-        self._load_vit_weights(self.vit)
-        if self.agent_cfg.weights:
-            state = load_state_dict_file(self.agent_cfg.weights, "model.agent.weights")
-            agent = {k: v for k, v in state.items() if k.startswith(AGENT_KEYS_PREFIXES)}
-            # Shape mismatches raise inside load_state_dict; missing agent keys are checked here.
-            result = self.mllm.load_state_dict(agent, strict=False)
-            missing = [k for k in result.missing_keys if k.startswith(AGENT_KEYS_PREFIXES)]
-            if missing:
-                raise ValueError(f"model.agent.weights: checkpoint lacks {missing}")
+        """The frozen ViT exactly as `build_models(load_weights=True)` makes it (its own tower seed, then
+        `model.vit.weights`), without the LLM: for data_prep/precompute_features.py."""
+        return {"vit": build_vit(self.vit_cfg, self.llm_cfg.allow_random_init, self.init_seed)}
 
     def memory_estimate(self, world_size: int, micro_batch: int, seq_len: int, activation_checkpointing: bool):
         """Per-GPU memory under a sharded strategy (src/utils/memory.py); call after build_models."""
