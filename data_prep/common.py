@@ -458,7 +458,8 @@ class RowContext:
 
 
 class RecordWriter:
-    """Writes validated records as ``<out>/<name>.jsonl`` + images, or as webdataset shards; counts skips.
+    """Writes validated records as ``<out>/<name>.jsonl`` + images, as webdataset shards, or (``stream``) as
+    the MDS stream ``<out>/<name>/`` of ``src/data/stream.py`` (``shard_maxsize`` bytes a shard); counts skips.
 
     Use as a context manager; :meth:`close` prints the summary and returns :meth:`stats`. The jsonl is
     written to ``<name>.jsonl.tmp`` and renamed when the writer closes. In shard mode earlier shards of
@@ -466,13 +467,15 @@ class RecordWriter:
     """
 
     def __init__(self, out: str | Path, name: str, *, source: str | None = None, shards: bool = False,
-                 shard_maxcount: int = 10_000, shard_maxsize: float = 1e9, quiet: bool = False):
+                 shard_maxcount: int = 10_000, shard_maxsize: float = 1e9, quiet: bool = False,
+                 stream: bool = False):
         if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
             raise ValueError(f"name {name!r} must be letters, digits, '_' or '-'")
         self.out = Path(out)
         self.name = name
         self.source = source or name
         self.shards = shards
+        self.stream = stream  # MDS shards of src/data/stream.py in <out>/<name>/ (data.stream_dir)
         self.quiet = quiet
         self.out.mkdir(parents=True, exist_ok=True)
         self.skip_path = self.out / f"{name}.skipped.jsonl"
@@ -484,7 +487,19 @@ class RecordWriter:
         self.n_images = 0
         self._ids: set[str] = set()
         self._closed = False
-        if shards:
+        if stream:
+            from streaming import MDSWriter
+
+            from src.data.stream import COLUMNS
+
+            self.shard_dir = self.out / name
+            self.shard_dir.mkdir(parents=True, exist_ok=True)
+            for old in [self.shard_dir / "index.json", *self.shard_dir.glob("shard.*.mds")]:
+                old.unlink(missing_ok=True)
+            self._sink = MDSWriter(out=str(self.shard_dir), columns=COLUMNS, size_limit=int(shard_maxsize),
+                                   progress_bar=False)
+            self.output = self.shard_dir
+        elif shards:
             import webdataset as wds
 
             self.shard_dir = self.out / name
@@ -533,7 +548,7 @@ class RecordWriter:
         try:
             yield ctx
         except BadSample as e:
-            self.skip(e.reason, id=e.id or ctx.id, where=e.where or ctx.where, detail=e.detail)
+            self.skip(e.reason, id=e.id or ctx.id, where=e.where or ctx.where, detail=e.detail, source=e.source)
         except Exception as e:  # noqa: BLE001 - never crash mid-file; the skip log keeps the details
             last = traceback.format_exc().strip().splitlines()[-3:]
             self.skip("unexpected_error", id=ctx.id, where=ctx.where,
@@ -574,7 +589,11 @@ class RecordWriter:
             return False
         self._ids.add(rid)
         line = json.dumps(final, ensure_ascii=False)
-        if self.shards:
+        if self.stream:
+            from src.data.stream import encode_sample
+
+            self._sink.write(encode_sample(final, {ref: blob.data for blob, ref in zip(blobs, refs)}))
+        elif self.shards:
             sample: dict[str, Any] = {"__key__": f"{self.count:09d}", "json": line.encode("utf-8")}
             for blob, ref in zip(blobs, refs):
                 sample[ref] = blob.data
@@ -590,7 +609,7 @@ class RecordWriter:
         return True
 
     def _refs(self, blobs: list[ImageBlob], rid: Any) -> list[str]:
-        if self.shards:
+        if self.shards or self.stream:
             if len(blobs) == 1:
                 return [blobs[0].ext]
             return [f"{i}.{b.ext}" for i, b in enumerate(blobs)]
@@ -603,7 +622,8 @@ class RecordWriter:
     # -- end
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "name": self.name, "source": self.source, "format": "shards" if self.shards else "jsonl",
+            "name": self.name, "source": self.source,
+            "format": "stream" if self.stream else "shards" if self.shards else "jsonl",
             "output": str(self.output), "records": self.count, "images": self.n_images,
             "skipped": self.skips.counts_by_reason(), "skipped_total": self.skips.total,
             "skip_log": str(self.skip_path),
@@ -619,9 +639,12 @@ class RecordWriter:
         if self._closed:
             return self.stats()
         self._closed = True
-        self._sink.close()
+        if self.stream:
+            self._sink.finish()  # writes index.json
+        else:
+            self._sink.close()
         self._skip_file.close()
-        if not self.shards and success:
+        if not (self.shards or self.stream) and success:
             self._tmp.replace(self.jsonl_path)
         stats = self.stats()
         if not self.quiet:

@@ -14,7 +14,8 @@ target; the stage samples from it) and, for stage 2, ``cond_vae_moments``, in pl
 Map-style training data (jsonl / folder sources) is drawn through a one-source :class:`MixtureSampler`,
 i.e. a permutation seeded from ``(seed, epoch)`` (in order with ``shuffle: false``), each rank its strided
 share, resumable at the exact global position (``src/data/position.py``). Webdataset shards stream
-(split by webdataset across nodes and workers) and restart their epoch on resume.
+(split by webdataset across nodes and workers) and restart their epoch on resume; for exact resume write
+them to a stream dir (``data_prep/write_stream.py``) and train with ``stream_dir`` (``src/data/stream.py``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from src.data.records import (
     record_images,
 )
 from src.data.sources import RecordDataset, SourceConfig, parse_sources, read_source, require_exists
-from src.utils.constraints import NonNegativeInt, PositiveFloat, PositiveInt
+from src.data.stream import StreamSettings
+from src.utils.constraints import NonNegativeInt, PositiveFloat, PositiveInt, StreamDir
 
 
 def split_target_condition(record: dict) -> tuple[dict, dict | None]:
@@ -163,9 +165,13 @@ class DetokDataModule(ResumableDataModule):
         val_max_samples: PositiveInt | None = None,
         seed: int = 0,
         features_dir: str | None = None,
+        stream_dir: StreamDir = None,
+        stream_cache_dir: str | None = None,
+        stream_canonical_nodes: PositiveInt = 1,
     ) -> None:
         super().__init__()
         self.train_sources, self.val_sources = parse_sources(train_sources, val_sources)
+        self.stream = StreamSettings.of(stream_dir, stream_cache_dir, stream_canonical_nodes, self.train_sources)
         store = None
         if features_dir:
             from src.data.features import FeatureStore
@@ -195,10 +201,17 @@ class DetokDataModule(ResumableDataModule):
         return RecordDataset(records, self.build)
 
     def setup(self, stage: str | None = None) -> None:
-        self.train_set = self._dataset(self.train_sources, self.shuffle)
+        if self.stream:  # every stream once an epoch, in the library's order (src/data/stream.py)
+            if self.train_sampler is None:
+                self.train_set = self.open_train_stream(self.stream, self.train_sources, self.build,
+                                                        weighted=False, shuffle=self.shuffle)
+        else:
+            self.train_set = self._dataset(self.train_sources, self.shuffle)
         self.val_set = (
             self._dataset(self.val_sources, False, self.val_max_samples) if self.val_sources else None
         )
+        if self.stream:
+            return
         if isinstance(self.train_set, IterableDataset):
             self.train_sampler = None
         elif self.train_sampler is None or self.train_sampler.sizes != [len(self.train_set)]:

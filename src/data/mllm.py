@@ -9,6 +9,8 @@ position (see ``src/data/position.py``); validation walks the val sources in ord
 ``features_dir`` (a store of ``data_prep/precompute_features.py``, layout in ``src/data/features.py``): the
 datasets build samples from stored ViT features (batches carry ``vit_features``, no image is decoded and
 the stage runs no ViT); ``builder`` stays the pixel builder for probes of images outside the store.
+``stream_dir`` (``data_prep/write_stream.py``; any source kind, shards too): training streams the sources
+from there instead (``src/data/stream.py``: the library's weighted order, our position and builders).
 """
 
 from __future__ import annotations
@@ -31,8 +33,16 @@ from src.data.sources import (
     require_exists,
     source_name,
 )
+from src.data.stream import StreamSettings
 from src.models.vocab import add_seedx_tokens
-from src.utils.constraints import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, TokenizerDir
+from src.utils.constraints import (
+    Fraction,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    StreamDir,
+    TokenizerDir,
+)
 
 __all__ = ["MLLMDataModule", "load_tokenizer"]
 
@@ -74,13 +84,18 @@ class MLLMDataModule(ResumableDataModule):
         chat_format: str = "llama2",
         features_dir: str | None = None,
         t2i_chat_format: str = "plain",
+        stream_dir: StreamDir = None,
+        stream_cache_dir: str | None = None,
+        stream_canonical_nodes: PositiveInt = 1,
     ) -> None:
         super().__init__()
         self.train_sources, self.val_sources = parse_sources(train_sources, val_sources)
-        for s in self.train_sources + self.val_sources:
+        self.stream = StreamSettings.of(stream_dir, stream_cache_dir, stream_canonical_nodes, self.train_sources)
+        for s in (self.val_sources if self.stream else self.train_sources + self.val_sources):
             if s.kind == "shards":
-                raise ValueError(f"data sources: the MLLM datamodule reads jsonl/folder sources; shards are not "
-                                 f"supported here yet ({s.path})")
+                raise ValueError(f"data sources: the MLLM datamodule reads jsonl/folder sources in memory; for "
+                                 f"shards write a stream dir (python -m data_prep.write_stream) and set "
+                                 f"data.stream_dir ({s.path})")
         if samples_per_epoch is not None and samples_per_epoch < 1:
             raise ValueError(f"data.samples_per_epoch must be >= 1 or null, got {samples_per_epoch}")
         self.tokenizer_path = tokenizer_path
@@ -132,6 +147,9 @@ class MLLMDataModule(ResumableDataModule):
             self.collator = MLLMCollator(self.tokenizer.pad_token_id, self.max_length, packing=self.packing,
                                          vit_image_size=self.vit_image_size,
                                          feature_shape=(store.tokens, store.dim) if store is not None else None)
+        if self.train_set is None and self.stream:
+            self.train_set = self.open_train_stream(self.stream, self.train_sources, self.dataset_builder,
+                                                    weighted=True, epoch_size=self.samples_per_epoch)
         if self.train_set is None:
             parts = self._datasets(self.train_sources)
             sizes = [len(p) for p in parts]

@@ -1,6 +1,9 @@
 """Exact, world-size independent data position for training: a base class for our LightningDataModules.
 
-The training loader draws from a :class:`~src.data.mixture.MixtureSampler` made distributed here (rank and
+The training loader draws from a :class:`~src.data.mixture.MixtureSampler` (in-memory jsonl / folder
+sources) or streams from ``data.stream_dir`` (:meth:`ResumableDataModule.open_train_stream`: the streaming
+library owns that order, and a :class:`~src.data.stream.StreamOrder` stands in for the sampler here, so the
+position below is counted the same way and handed to the library), made distributed here (rank and
 world size from the trainer; ``trainer.use_distributed_sampler`` is off, because Lightning's
 ``DistributedSampler`` wrapping cannot start mid-epoch nor remap a position to another world size).
 
@@ -32,6 +35,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader
 
 from src.data.mixture import MixtureSampler
+from src.data.stream import StreamOrder, StreamSettings
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ class ResumableDataModule(L.LightningDataModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.train_sampler: MixtureSampler | None = None
+        self.train_sampler: MixtureSampler | StreamOrder | None = None
         self._epoch = 0  # epoch of the tracked position
         self._start = 0  # global position where this process began consuming that epoch
         self._local = 0  # samples this rank consumed since then
@@ -136,7 +140,31 @@ class ResumableDataModule(L.LightningDataModule):
         else:
             sampler.set_epoch(self._epoch)
         start = sampler._start
-        return {"sampler": sampler, "generator": loader_generator(self.seed, sampler.epoch, start, rank)}
+        kwargs = {"generator": loader_generator(self.seed, sampler.epoch, start, rank)}
+        if isinstance(sampler, StreamOrder):
+            sampler.apply()  # a streamed set: the library starts there itself (no sampler)
+        else:
+            kwargs["sampler"] = sampler
+        return kwargs
+
+    def open_train_stream(self, stream: StreamSettings, sources: list, build, *, weighted: bool,
+                          epoch_size: int | None = None, shuffle: bool = True):
+        """The streamed training set of ``sources`` (one stream each under ``stream.dir``, see
+        ``src/data/stream.py``); sets ``self.train_sampler`` to its :class:`StreamOrder`. ``weighted``: the
+        sources' weights become stream proportions (else every stream once an epoch)."""
+        from src.data.sources import source_name
+        from src.data.stream import open_stream
+
+        trainer = self._trainer_or_none()
+        world = None
+        if trainer is not None:
+            world = (int(trainer.global_rank), int(trainer.world_size), int(trainer.local_rank),
+                     int(getattr(trainer, "num_devices", 1) or 1))
+        dataset, self.train_sampler = open_stream(
+            stream.dir, [source_name(s) for s in sources], build, seed=self.seed, batch_size=int(self.batch_size),
+            weights=[s.weight for s in sources] if weighted else None, epoch_size=epoch_size, shuffle=shuffle,
+            cache_dir=stream.cache_dir, num_canonical_nodes=stream.num_canonical_nodes, world=world)
+        return dataset
 
     def _remap_batch_progress(self, state: dict[str, Any]) -> None:
         """Make Lightning's restored per-epoch batch counter agree with this world and batch size.

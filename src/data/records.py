@@ -98,6 +98,7 @@ __all__ = [
     "SkipCounter",
     "SkippedSample",
     "check_image_size",
+    "image_bytes",
     "load_image",
     "read_image_folder",
     "read_jsonl",
@@ -508,6 +509,37 @@ def _resolve_image_path(record: dict, ref: str, ctx: dict) -> Path:
     return path
 
 
+def _image_ctx(record: dict) -> dict:
+    return {"source": _str_or_none(record, "source"), "id": _str_or_none(record, "id"),
+            "where": _str_or_none(record, "_where")}
+
+
+def _image_source(record: dict, item: dict | str, ctx: dict) -> tuple[str, Any]:
+    """(name for messages, file path or BytesIO) of an image item: a shard member or a checked path."""
+    ref = item["image"] if isinstance(item, dict) else item
+    blobs = record.get("_blobs")
+    if blobs is not None:
+        data = blobs.get(ref, blobs.get(ref.lower()))
+        if data is None:
+            raise BadSample("missing_file", f"no member {ref!r} in shard sample (has {sorted(blobs)})", **ctx)
+        return f"member {ref!r}", io.BytesIO(data)
+    path = _resolve_image_path(record, ref, ctx)
+    if not path.is_file():
+        raise BadSample("missing_file", f"{path} does not exist", **ctx)
+    return str(path), path
+
+
+def image_bytes(record: dict, item: dict | str) -> tuple[bytes, str]:
+    """The stored bytes of an image item and its extension, found as :func:`load_image` finds them (shard
+    member, or a path checked against the source's roots: ``missing_file`` / ``path_outside_root``);
+    not decoded."""
+    _, fp = _image_source(record, item, _image_ctx(record))
+    if isinstance(fp, io.BytesIO):
+        ref = item["image"] if isinstance(item, dict) else item
+        return fp.getvalue(), ref.rsplit(".", 1)[-1]
+    return fp.read_bytes(), fp.suffix
+
+
 def load_image(record: dict, item: dict | str, min_size: int = 1,
                max_aspect_ratio: float | None = None) -> Image.Image:
     """Decode one image item of ``record`` to an upright RGB ``PIL.Image`` (fully decoded, file closed).
@@ -525,22 +557,8 @@ def load_image(record: dict, item: dict | str, min_size: int = 1,
     ``bad_aspect_ratio`` (long/short side > ``max_aspect_ratio``) or ``image_too_large`` (PIL
     decompression-bomb limit).
     """
-    ref = item["image"] if isinstance(item, dict) else item
-    blobs = record.get("_blobs")
-    ctx = {"source": _str_or_none(record, "source"), "id": _str_or_none(record, "id"),
-           "where": _str_or_none(record, "_where")}
-    if blobs is not None:
-        data = blobs.get(ref, blobs.get(ref.lower()))
-        if data is None:
-            raise BadSample("missing_file", f"no member {ref!r} in shard sample (has {sorted(blobs)})", **ctx)
-        name = f"member {ref!r}"
-        fp: Any = io.BytesIO(data)
-    else:
-        path = _resolve_image_path(record, ref, ctx)
-        if not path.is_file():
-            raise BadSample("missing_file", f"{path} does not exist", **ctx)
-        name = str(path)
-        fp = path
+    ctx = _image_ctx(record)
+    name, fp = _image_source(record, item, ctx)
     try:
         with Image.open(fp) as im:
             check_image_size(*im.size, name, min_size, max_aspect_ratio, **ctx)  # orientation-invariant

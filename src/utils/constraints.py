@@ -56,6 +56,16 @@ class LocalPath:
         return RequiredPath("", self.what, value, self.kind, self.required).problem()
 
 
+@dataclass(frozen=True)
+class StreamDirPath(LocalPath):
+    """A stream dir of data_prep/write_stream.py (null: none); remote URLs are checked when opened."""
+
+    def violation(self, value: Any) -> str | None:
+        from src.data.stream import stream_problem
+
+        return None if value in (None, "") else stream_problem(str(value))
+
+
 PositiveInt = Annotated[int, Range(gt=0)]
 NonNegativeInt = Annotated[int, Range(ge=0)]
 PositiveFloat = Annotated[float, Range(gt=0)]
@@ -64,3 +74,4 @@ Fraction = Annotated[float, Range(ge=0, le=1)]
 # Lightning's step/epoch counts: -1 means unlimited.
 CountOrUnlimited = Annotated[int, Range(gt=0, also=(-1,))]
 TokenizerDir = Annotated[str | None, LocalPath("dir", "a local tokenizer folder (tokenizer files; never downloaded)")]
+StreamDir = Annotated[str | None, StreamDirPath("dir", "a stream dir (python -m data_prep.write_stream)", False)]
