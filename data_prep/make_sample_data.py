@@ -129,7 +129,8 @@ EDITS: list[tuple[str, str, str, Callable[[Image.Image], Image.Image]]] = [
 ]
 
 
-def _load_photo(name: str) -> Image.Image:
+def load_photo(name: str, max_side: int | None = MAX_SIDE) -> Image.Image:
+    """One bundled photo, shrunk to `max_side` (None: its own size, as src.bench's full-res data trial uses)."""
     import skimage
     import skimage.data
 
@@ -143,13 +144,13 @@ def _load_photo(name: str) -> Image.Image:
         arr = arr[0]  # (left, right, disparity)
     im = Image.fromarray(np.asarray(arr)).convert("RGB")
     w, h = im.size
-    scale = MAX_SIDE / max(w, h)
+    scale = (max_side or max(w, h)) / max(w, h)
     if scale < 1:
         im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
     return im
 
 
-def _jpeg_bytes(im: Image.Image) -> bytes:
+def jpeg_bytes(im: Image.Image) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=JPEG_QUALITY)
     return buf.getvalue()
@@ -229,8 +230,8 @@ def build_sample_data(out: str | Path) -> dict:
     import webdataset as wds
 
     out = Path(out)
-    photos = {name: _load_photo(name) for name in PHOTOS}
-    jpegs = {name: _jpeg_bytes(im) for name, im in photos.items()}
+    photos = {name: load_photo(name) for name in PHOTOS}
+    jpegs = {name: jpeg_bytes(im) for name, im in photos.items()}
     corrupt = jpegs["astronaut"][: int(len(jpegs["astronaut"]) * CORRUPT_FRACTION)]
     for name, data in jpegs.items():
         _write_bytes(out / _image_path(name), data)
@@ -245,7 +246,7 @@ def build_sample_data(out: str | Path) -> dict:
     edits = []
     for src, ename, instruction, transform in EDITS:
         target = f"images/edits/{src}_{ename}.jpg"
-        _write_bytes(out / target, _jpeg_bytes(transform(photos[src])))
+        _write_bytes(out / target, jpeg_bytes(transform(photos[src])))
         edits.append({"id": f"{EDIT_SOURCE}/{src}_{ename}", "source": EDIT_SOURCE, "turns": [
             {"role": "user", "content": [{"image": _image_path(src)}, {"text": instruction}]},
             {"role": "assistant", "content": [{"image": target, "generate": True}]}]})

@@ -1,4 +1,4 @@
-"""`python -m src.bench [--out DIR] [--steps N] [--trials R] [--device cpu|cuda] [--size tiny|small|1b]`.
+"""`python -m src.bench [--out DIR] [--steps N] [--trials R] [--device cpu|cuda] [--size tiny|small|1b] [--no-init]`.
 
 Times, in one run, the SEED-X MLLM stage built from the real configs (experiment=seedx_pretrain_tiny plus
 the size's overrides; random init, the tiny tokenizer, the bundled sample data):
@@ -16,6 +16,12 @@ the size's overrides; random init, the tiny tokenizer, the bundled sample data):
     barely moves, where the direct ratio of two ~0.2 s steps swings by several % on a shared CPU.
 (d) on CUDA (or with --peak-flops): ``mfu`` = analytic model FLOPs per step (src/utils/flops.py) / the
     Lightning step time / device peak (dense bf16 table by GPU name).
+(e) ``init_rss_over_full`` (src/bench_init.py): 2 gloo processes build ``--init-size`` (default 1b) as
+    strategy=fsdp2 does, weights from a saved local HF folder + ViT ``.pt``: peak RSS growth per rank during
+    the build / full model bytes. Goal <= 0.75 (a rank that loads the whole model is >= 1).
+(f) ``data_samples_per_s_per_worker_fullres``: one loader worker on experiment=seedx_pretrain's data path
+    (448 px views, all grids) over the bundled photos at their own sizes: data.num_workers per GPU must be
+    at least the model's samples/s per GPU over this.
 
 Noise: every round runs one trial of each kind back to back (Lightning, bare, data, packed/padded), each
 repeating one fixed batch (round r: the r-th of `groups` batches of good samples) after its own warm-up
@@ -95,6 +101,8 @@ GOALS: dict[str, tuple[str, float | None]] = {
     "data_vs_model": (">=", 3.0),
     "packed_vs_padded": ("report", None),
     "mfu": ("report", None),
+    "init_rss_over_full": ("<=", 0.75),
+    "data_samples_per_s_per_worker_fullres": ("report", None),
 }
 
 log = logging.getLogger(__name__)
@@ -280,6 +288,47 @@ class Bench:
         return time.perf_counter() - t0, samples
 
 
+# ---- full-resolution data path ------------------------------------------------------------------------
+FULLRES_EXPERIMENT = "seedx_pretrain"
+
+
+def fullres_data_rate(workdir: Path, batches: int = 4, batch_size: int = 8) -> dict[str, Any]:
+    """Samples/s of ONE loader worker on the full-size any-resolution path: experiment=seedx_pretrain's data
+    config (448 px ViT views, its grids, max_length) over the bundled photos at their own sizes (300-1411
+    px, JPEG), with the tiny tokenizer (tokenising is not what is measured). The first batch (worker start)
+    is not timed. A cluster needs data.num_workers >= (model samples/s per GPU) / this."""
+    from hydra import compose, initialize_config_dir
+
+    from data_prep.make_sample_data import PHOTOS, jpeg_bytes, load_photo
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    lines, pixels = [], []
+    for name, (_, _, caption) in PHOTOS.items():
+        im = load_photo(name, max_side=None)
+        pixels.append(im.size[0] * im.size[1])
+        (workdir / f"{name}.jpg").write_bytes(jpeg_bytes(im))
+        lines.append(json.dumps({"id": f"fullres/{name}", "source": "fullres", "turns": [
+            {"role": None, "content": [{"image": f"{name}.jpg"}, {"text": caption}]}]}))
+    (workdir / "fullres.jsonl").write_text("\n".join(lines) + "\n")
+    n = batch_size * (batches + 1)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            f"experiment={FULLRES_EXPERIMENT}", "model.llm.tokenizer=${paths.root_dir}/assets/tokenizers/tiny-llama",
+            f"data.train_sources=[{{path: '{workdir / 'fullres.jsonl'}', kind: jsonl, name: fullres}}]",
+            "data.num_workers=1", f"data.batch_size={batch_size}", f"data.samples_per_epoch={n}"])
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    next(it)  # worker start-up and first decode: not the steady rate
+    t0 = time.perf_counter()
+    samples = sum(int(b["batch_size"]) for b in it)
+    seconds = time.perf_counter() - t0
+    del it
+    return {"data_samples_per_s_per_worker_fullres": samples / seconds,
+            "fullres_mean_megapixels": sum(pixels) / len(pixels) / 1e6,
+            "fullres_vit_image_size": int(cfg.data.vit_image_size), "fullres_grids": len(cfg.data.grids)}
+
+
 def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
@@ -299,6 +348,8 @@ def run_bench(
     overrides: list[str] = (),
     with_monitor: bool = True,
     quiet: bool = True,
+    init_size: str | None = "1b",
+    init_world: int = 2,
 ) -> dict[str, Any]:
     if steps < 1 or trials < 1 or warmup < 0:
         raise ValueError("--steps and --trials must be >= 1, --warmup >= 0")
@@ -319,14 +370,15 @@ def run_bench(
                 warnings.simplefilter("ignore")
             return _run(out, steps=steps, trials=trials, warmup=warmup, device=device, size=size,
                         data_batches=data_batches, n_groups=groups, peak_flops=peak_flops,
-                        overrides=list(overrides), with_monitor=with_monitor)
+                        overrides=list(overrides), with_monitor=with_monitor, init_size=init_size,
+                        init_world=init_world)
     finally:
         torch.set_num_threads(old_threads)
         pl_log.setLevel(old_level)
 
 
 def _run(out: Path, *, steps, trials, warmup, device, size, data_batches, n_groups, peak_flops, overrides,
-         with_monitor) -> dict[str, Any]:
+         with_monitor, init_size, init_world) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfg = compose_bench_cfg(out, size, device, overrides)
     L.seed_everything(int(cfg.seed), verbose=False)
@@ -412,8 +464,13 @@ def _run(out: Path, *, steps, trials, warmup, device, size, data_batches, n_grou
         "tokens_per_step": _mean([bt["num_tokens"] for bt in fixed["padded"]]),
         "steps": steps, "trials": trials, "warmup": warmup, "lightning_with_throughput_monitor": with_monitor,
         "per_round": {**ratios, **raw},
-        "wall_s": time.perf_counter() - t_start,
     }
+    result.update(fullres_data_rate(out / "fullres"))
+    if init_size:
+        from src.bench_init import measure_init
+
+        result.update(measure_init(init_size, init_world, workdir=out))
+    result["wall_s"] = time.perf_counter() - t_start
     write_report(out, result)
     return result
 
@@ -438,6 +495,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         ("data_vs_model", "data loader samples/s / model step samples/s"),
         ("packed_vs_padded", "non-pad tokens/s, packing=true / false"),
         ("mfu", "model FLOPs / Lightning step time / device peak"),
+        ("init_rss_over_full", "peak RSS growth per rank during the sharded build / full model bytes"),
+        ("data_samples_per_s_per_worker_fullres", "one loader worker, full-size any-res path, photos at own size"),
     ]
     lines = ["| metric | value | goal | met | what |", "|---|---|---|---|---|"]
     for key, what in rows:
@@ -456,13 +515,15 @@ def markdown_table(result: dict[str, Any]) -> str:
         ("data_samples_per_s", "train loader, configured workers"), ("model_samples_per_s", "bare step"),
         ("packed_tokens_per_s", "non-pad tokens/s"), ("padded_tokens_per_s", "non-pad tokens/s"),
         ("model_flops_per_step", "analytic, src/utils/flops.py"), ("model_tflops_per_s", "Lightning step"),
+        ("init_peak_rss_gb_per_rank", "src/bench_init.py, fsdp2 over init_world gloo ranks"),
+        ("full_model_gb", "init_size's parameters + buffers"), ("init_build_s", "meta build + shard + fill"),
     )
     for key, what in details:
         lines.append(f"| {key} | {_fmt(result.get(key))} | | | {what} |")
     ctx = ", ".join(f"{k}={_fmt(result.get(k))}" for k in ("device", "size", "precision", "threads", "batch_size",
                                                            "num_workers", "rows_padded", "width_padded",
                                                            "rows_packed", "width_packed",
-                                                           "steps", "trials"))
+                                                           "steps", "trials", "init_size", "init_world"))
     return "\n".join(lines) + f"\n\nmedians over {result['trials']} interleaved rounds; {ctx}\n"
 
 
@@ -478,7 +539,8 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
     keys = ("lightning_vs_bare", "data_vs_model", "packed_vs_padded", "mfu", "lightning_vs_bare_from_overhead",
             "loop_overhead_s", "lightning_step_s", "bare_step_s",
             "data_samples_per_s", "model_samples_per_s", "packed_tokens_per_s", "padded_tokens_per_s",
-            "model_tflops_per_s", "device", "size")
+            "model_tflops_per_s", "init_peak_rss_gb_per_rank", "full_model_gb", "init_rss_over_full",
+            "data_samples_per_s_per_worker_fullres", "device", "size")
     return {k: (None if isinstance(result.get(k), float) and not math.isfinite(result[k]) else result.get(k))
             for k in keys}
 
@@ -495,12 +557,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--data-batches", type=int, default=8, help="batches per data-loader trial")
     p.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU (any device)")
     p.add_argument("--no-monitor", action="store_true", help="Lightning trials without our ThroughputMonitor")
+    p.add_argument("--init-size", choices=sorted(SIZES), default="1b",
+                   help="size whose sharded build is measured (src/bench_init.py)")
+    p.add_argument("--init-world", type=int, default=2, help="gloo processes of the sharded build")
+    p.add_argument("--no-init", action="store_true", help="skip the sharded-build memory measurement")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. data.num_workers=2")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = run_bench(a.out, steps=a.steps, trials=a.trials, warmup=a.warmup, device=a.device, size=a.size,
                        threads=a.threads, data_batches=a.data_batches, peak_flops=a.peak_flops,
-                       overrides=a.overrides, with_monitor=not a.no_monitor)
+                       overrides=a.overrides, with_monitor=not a.no_monitor,
+                       init_size=None if a.no_init else a.init_size, init_world=a.init_world)
     print(markdown_table(result))
     print(f"wrote {Path(a.out) / 'bench.json'} and {Path(a.out) / 'bench.md'}")
     print(json.dumps(headline(result)))

@@ -3,8 +3,8 @@
 torchtitan's order: build empty (parameters on meta, buffers real), apply the strategy (AC, compile,
 FSDP2 `fully_shard`), then `to_empty` on the target device and fill each parameter's *local* shard. A
 source is anything that can hand out rows ``[start, stop)`` of one full tensor without producing the rest:
-a safetensors slice (HF folders, diffusers folders), a memory-mapped ``torch.load`` tensor (the ViT
-``.pt``, agent ``.bin``), or a tensor of a small random-init tower built on the CPU under its own seed.
+a safetensors slice (HF folders, diffusers folders), a ``torch.load`` tensor memory-mapped while it is read (the
+ViT ``.pt``, agent ``.bin``), or a tensor of a small random-init tower built on the CPU under its own seed.
 So a rank never holds more of a loaded model than its shard plus one tensor in flight.
 
 Single-process runs call the same `materialize` on an unsharded model (every "shard" is the whole
@@ -99,6 +99,18 @@ class ExtendedRows(TensorSource):
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+class TorchFileTensor(TensorSource):
+    """One tensor of a zip-format torch checkpoint, memory-mapped only while its rows are read: pages a rank
+    touched leave its RSS when the rows are copied, instead of staying mapped until every tensor is filled."""
+
+    def __init__(self, path: Path, key: str, shape: tuple[int, ...]) -> None:
+        self.path, self.key, self.shape = path, key, shape
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        tensor = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)[self.key]
+        return (tensor[start:stop] if tensor.ndim else tensor).clone()
+
+
 def prefixed(sources: Mapping[str, TensorSource], prefix: str) -> dict[str, TensorSource]:
     return {prefix + k: v for k, v in sources.items()}
 
@@ -138,9 +150,9 @@ def state_dict_file(path: str | Path) -> dict[str, TensorSource]:
             return {k: SafetensorsTensor(path, k) for k in fh.keys()}  # noqa: SIM118 - safe_open is not iterable
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) format cannot be mapped
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    return held(state)
+    except RuntimeError:  # legacy (non-zip) format cannot be mapped: held in full
+        return held(torch.load(path, map_location="cpu", weights_only=True))
+    return {k: TorchFileTensor(path, k, tuple(v.shape)) for k, v in state.items()}
 
 
 # ---- seeds ----------------------------------------------------------------------------------------------
