@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from src.utils.weights import MissingWeightsError
+from src.utils.weights import MissingWeightsError, check_keys_and_shapes
 
 # Wrappers that prefix parameter names (activation checkpointing, per-block compile); state_dict() already
 # strips them, named_parameters() does not.
@@ -204,16 +204,8 @@ def _local_part(param: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 def check_sources(module: nn.Module, sources: Mapping[str, TensorSource], what: str) -> None:
     """Every parameter has a source of its full shape, and every source is used: one error naming them all."""
     own = {clean_name(n): tuple(p.shape) for n, p in module.named_parameters()}
-    missing = sorted(own.keys() - sources.keys())
-    unexpected = sorted(sources.keys() - own.keys())
-    wrong = [f"{k}: source {sources[k].shape} != model {own[k]}" for k in sorted(own.keys() & sources.keys())
-             if tuple(sources[k].shape) != own[k]]
-    if missing or unexpected or wrong:
-        lines = [f"weights do not match {what}:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
-            if keys:
-                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
-        raise ValueError("\n".join(lines))
+    check_keys_and_shapes(own, {k: tuple(v.shape) for k, v in sources.items()}, f"weights do not match {what}:",
+                          "source")
 
 
 @torch.no_grad()

@@ -71,22 +71,25 @@ def load_state_dict_file(path: str | None, key: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_state_dict_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str = "") -> None:
-    """Strict load whose error names every missing, unexpected and wrong-shape key."""
-    own = module.state_dict()
-    missing = sorted(own.keys() - sd.keys())
-    unexpected = sorted(sd.keys() - own.keys())
-    wrong = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} != model {tuple(own[k].shape)}"
-        for k in sorted(own.keys() & sd.keys())
-        if sd[k].shape != own[k].shape
-    ]
+def check_keys_and_shapes(own: dict[str, tuple], given: dict[str, tuple], header: str, given_as: str) -> None:
+    """One ``ValueError`` naming every missing, unexpected and wrong-shape key of ``given`` against ``own``."""
+    missing = sorted(own.keys() - given.keys())
+    unexpected = sorted(given.keys() - own.keys())
+    wrong = [f"{k}: {given_as} {given[k]} != model {own[k]}" for k in sorted(own.keys() & given.keys())
+             if given[k] != own[k]]
     if missing or unexpected or wrong:
-        lines = [f"checkpoint does not match {what or type(module).__name__}:"]
+        lines = [header]
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
             if keys:
                 lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
         raise ValueError("\n".join(lines))
+
+
+def load_state_dict_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str = "") -> None:
+    """Strict load whose error names every missing, unexpected and wrong-shape key."""
+    own = module.state_dict()
+    check_keys_and_shapes({k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in sd.items()},
+                          f"checkpoint does not match {what or type(module).__name__}:", "checkpoint")
     # A meta-built model has no storage to copy into, so take the checkpoint tensors instead.
     assign = any(t.is_meta for t in own.values())
     module.load_state_dict(sd, strict=True, assign=assign)
