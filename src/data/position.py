@@ -35,7 +35,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader
 
 from src.data.mixture import MixtureSampler
-from src.data.stream import StreamOrder, StreamSettings
+from src.data.stream import StreamOrder, StreamSettings, open_stream
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,6 @@ class ResumableDataModule(L.LightningDataModule):
         ``src/data/stream.py``); sets ``self.train_sampler`` to its :class:`StreamOrder`. ``weighted``: the
         sources' weights become stream proportions (else every stream once an epoch)."""
         from src.data.sources import source_name
-        from src.data.stream import open_stream
 
         trainer = self._trainer_or_none()
         world = None
