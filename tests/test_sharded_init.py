@@ -65,18 +65,12 @@ def worker(rank: int, world: int, port: int, weights: str, out: str) -> None:
 # ------------------------------------------------------------------------------------------------- tests
 @pytest.fixture(scope="module")
 def saved_weights(tmp_path_factory):
-    """A tiny Llama saved as an HF folder (safetensors) and a tiny ViT `.pt`, from their own seeds."""
-    from src.models.mllm import LLMConfig, build_llm
-    from src.models.qwen_vit import QwenViT, QwenViTConfig
+    """The tiny twin's Llama saved as an HF folder (safetensors) and its ViT as a `.pt` (what make bench saves
+    at the 1b size)."""
+    from src.bench_init import save_weights
 
-    cfg = compose_cfg("seedx_pretrain_tiny")
     root = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(11)
-    llm_cfg = LLMConfig(**{**dict(cfg.model.llm), "config": dict(cfg.model.llm.config)})
-    base = build_llm(llm_cfg, vocab_size=int(cfg.model.llm.config.vocab_size), folder_config=False)
-    base.save_pretrained(root / "llm", safe_serialization=True)
-    vit_cfg = {k: v for k, v in dict(cfg.model.vit).items() if k != "weights"}
-    torch.save(QwenViT(QwenViTConfig(**vit_cfg)).state_dict(), root / "vit.pt")
+    save_weights("tiny", root)
     return root
 
 

@@ -537,7 +537,7 @@ def image_bytes(record: dict, item: dict | str) -> tuple[bytes, str]:
     if isinstance(fp, io.BytesIO):
         ref = item["image"] if isinstance(item, dict) else item
         return fp.getvalue(), ref.rsplit(".", 1)[-1]
-    return fp.read_bytes(), fp.suffix
+    return fp.read_bytes(), fp.suffix.lstrip(".")
 
 
 def load_image(record: dict, item: dict | str, min_size: int = 1,
