@@ -31,12 +31,12 @@ class MLLMProbeCallback(PeriodicCallback):
         self.max_new_tokens = max_new_tokens
 
     def _batch(self, dm, record: dict, drop_eos: bool, t2i: bool = False) -> dict | None:
-        sample = dm.builder(record, t2i=t2i)
+        try:
+            sample = dm.builder.prompt(record, t2i=t2i) if drop_eos else dm.builder(record, t2i=t2i)
+        except ValueError:  # a probe image that cannot be read: no caption this time
+            return None
         if "skipped" in sample:
             return None
-        if drop_eos and int(sample["input_ids"][-1]) == dm.tokenizer.eos_token_id:
-            for k in ("input_ids", "labels", "ids_cmp_mask", "ids_gen_mask"):
-                sample[k] = sample[k][:-1]
         return dm.collator([sample])
 
     @torch.no_grad()

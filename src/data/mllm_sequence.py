@@ -81,6 +81,8 @@ CHAT_FORMATS: dict[str, ChatFormat] = {
     "llama2": ChatFormat(user_prefix="[INST] ", user_suffix=" [/INST]\n", turn_sep="\n", system_suffix="\n"),
     # No wrapping: the pretrained model's text-to-image prompt is `{caption}<img>` (official inference)
     "plain": ChatFormat(user_prefix="", user_suffix="", turn_sep="", system_suffix=""),
+    # The pretrained model's comprehension prompt (official inference): `Question: {q}\nAnswer:`
+    "qa": ChatFormat(user_prefix="Question: ", user_suffix="\nAnswer:", turn_sep="\n", system_suffix="\n"),
 }
 
 __all__ = ["CHAT_FORMATS", "IGNORE_INDEX", "SeedXSequenceBuilder", "t2i_flip"]
@@ -197,6 +199,18 @@ class SeedXSequenceBuilder:
             return {"skipped": e.to_skipped(source if isinstance(source, str) else None,
                                             rid if isinstance(rid, str) else None,
                                             where if isinstance(where, str) else None)}
+
+    def prompt(self, record: dict, t2i: bool | None = False) -> dict[str, Any]:
+        """The sample of ``record`` as a generation prompt: the same layout without the closing ``</s>``
+        (the model continues after the last turn). Bad input raises ValueError with the skip reason."""
+        sample = self(record, t2i=t2i)
+        if "skipped" in sample:
+            skipped = sample["skipped"]
+            raise ValueError(f"request {record.get('id')!r}: {skipped.reason}: {skipped.detail}")
+        if not sample["truncated"] and int(sample["input_ids"][-1]) == self.eos_id:
+            for k in ("input_ids", "labels", "ids_cmp_mask", "ids_gen_mask"):
+                sample[k] = sample[k][:-1]
+        return sample
 
     def is_t2i_candidate(self, record: dict) -> bool:
         """Exactly one role-null turn holding [comprehension image, text] (an image-caption pair)."""

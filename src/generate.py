@@ -1,0 +1,132 @@
+"""`python -m src.generate experiment=<E> mode=<mode> ...`: answer requests with a trained SEED-X.
+
+Thin: check the request and options, build the experiment's models (src/stages/inference.py), hand the
+plain modules to src/pipelines and write `results.jsonl` + PNGs under `paths.output_dir`.
+`python -m src.generate --help` lists the modes with an example each.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from src.data.mllm_sequence import SeedXSequenceBuilder
+from src.pipelines.conversation import ConversationRunner, load_requests, mode_of
+from src.pipelines.detok import ImageDecoder, SamplingOptions
+from src.pipelines.mllm import DecodingOptions, MLLMGenerator
+from src.stages.inference import build_detokenizer, build_mllm
+from src.utils.run import save_resolved_config
+
+log = logging.getLogger(__name__)
+
+PROMPT_FORMATS = ("pretrained", "instruct")
+
+
+def exported_paths(cfg: DictConfig) -> None:
+    """`exported=DIR` (a `python -m src.export` folder): point the model weight paths at its parts."""
+    root = Path(cfg.exported)
+    if not root.is_dir():
+        raise FileNotFoundError(f"exported={cfg.exported!r} is not a directory (python -m src.export out=DIR)")
+    with open_dict(cfg):
+        cfg.model.llm.weights = str(root / "llm")
+        cfg.model.llm.tokenizer = str(root / "llm")
+        cfg.model.llm.allow_random_init = False
+        cfg.model.agent.weights = str(root / "agent" / "model.safetensors")
+        cfg.model.vit.weights = str(root / "vit" / "model.safetensors")
+        if (root / "detokenizer").is_dir():
+            cfg.model.detokenizer.pretrained_dir = str(root / "detokenizer")
+            cfg.model.detokenizer.adapter_weights = str(root / "detokenizer" / "adapter" / "model.safetensors")
+
+
+def options(cfg: DictConfig, mode: str) -> tuple[DecodingOptions, SamplingOptions]:
+    g, s = cfg.generate, cfg.sampling
+    decoding = DecodingOptions(max_new_tokens=int(g.max_new_tokens), do_sample=bool(g.do_sample),
+                               temperature=float(g.temperature), top_p=float(g.top_p), image=mode_of(mode).image)
+    sampling = SamplingOptions(sampler=s.sampler, steps=int(s.steps), guidance_scale=float(s.guidance_scale),
+                               image_guidance_scale=float(s.image_guidance_scale),
+                               resolution=None if s.resolution is None else int(s.resolution))
+    return decoding, sampling
+
+
+def sequence_builder(cfg: DictConfig, tokenizer, mode: str) -> SeedXSequenceBuilder:
+    """Prompts laid out as the MLLM was trained (data.* settings), in the mode's prompt format."""
+    fmt = cfg.generate.prompt_format
+    if fmt not in PROMPT_FORMATS:
+        raise ValueError(f"generate.prompt_format must be one of {PROMPT_FORMATS}, got {fmt!r}")
+    d = cfg.data
+    chat = mode_of(mode).pretrained_format if fmt == "pretrained" else "llama2"
+    return SeedXSequenceBuilder(tokenizer, vit_image_size=d.vit_image_size, grids=list(d.grids),
+                                num_image_tokens=d.num_image_tokens, max_length=d.max_length, truncation="cut",
+                                min_image_size=d.min_image_size, max_aspect_ratio=d.max_aspect_ratio,
+                                chat_format=chat)
+
+
+def image_decoder(cfg: DictConfig, stage: str, device: torch.device):
+    """The mode's de-tokenizer, built on first use; its own ViT is kept only for `recon`."""
+    built = {}
+
+    def stage_module():
+        if "module" not in built:
+            if cfg.model.get("detokenizer") is None:
+                raise ValueError("model.detokenizer: this experiment has no de-tokenizer config; pick one with "
+                                 "model/detokenizer=sdxl|tiny")
+            model = OmegaConf.to_container(cfg.model, resolve=True)
+            built["module"] = build_detokenizer({"vit": model["vit"], "detokenizer": model["detokenizer"]},
+                                                stage, cfg.get("detok_ckpt_path")).to(device)
+        return built["module"]
+
+    def decoder() -> ImageDecoder:
+        m = stage_module()
+        return ImageDecoder(m.resampler, m.unet, m.vae, m.noise_scheduler.config, m.negative_features(),
+                            m.detok_cfg.resolution)
+
+    return decoder, lambda: stage_module().vit
+
+
+def generate(cfg: DictConfig) -> list[dict]:
+    mode = cfg.mode
+    spec = mode_of(mode)
+    requests = load_requests(cfg.get("requests"), cfg.get("prompt"), cfg.get("image"), mode)
+    decoding, sampling = options(cfg, mode)  # option mistakes fail before any model is built
+    if cfg.get("exported"):
+        exported_paths(cfg)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved_config(cfg, out)
+    device = torch.device(cfg.device)
+    torch.manual_seed(int(cfg.seed))
+
+    generator = builder = None
+    if spec.uses_llm:
+        stage = build_mllm(OmegaConf.to_container(cfg.stage, resolve=True), cfg.get("ckpt_path")).to(device)
+        generator = MLLMGenerator(stage.mllm, stage.vit, stage.tokenizer, stage.vit_chunk_size)
+        builder = sequence_builder(cfg, stage.tokenizer, mode)
+    decoder, recon_vit = image_decoder(cfg, spec.detokenizer, device)
+    runner = ConversationRunner(mode, generator, builder, decoder, decoding, sampling, out, seed=int(cfg.seed),
+                                batch_size=int(cfg.batch_size), progress=bool(cfg.progress), recon_encoder=recon_vit)
+    results = runner.run(requests)
+    log.info("%d results in %s", len(results), out / "results.jsonl")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="generate.yaml")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    with open_dict(cfg):
+        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    generate(cfg)
+
+
+if __name__ == "__main__":
+    main()

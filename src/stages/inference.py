@@ -1,0 +1,98 @@
+"""Trained stages for inference: build a stage's models from its config and fill them from a checkpoint.
+
+A checkpoint is our Lightning `.ckpt` (lean: trainable weights only; the frozen ones come back from the
+config's weight paths or seeded init, exactly as on resume) or a sharded checkpoint directory (FSDP2 /
+`torch.distributed.checkpoint`, read here in one process). Keys are checked as on resume: a missing
+trainable key or an unexpected one is named. `src.generate` and `src.export` use these, then hand
+plain modules to src/pipelines.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from src.stages.base import StageModule
+from src.stages.detok_cond import DetokCondModule
+from src.stages.detok_pretrain import DetokPretrainModule
+from src.stages.mllm_pretrain import MLLMPretrainModule
+
+
+def read_checkpoint(path: str | Path, module: StageModule, key: str = "ckpt_path") -> dict:
+    """The checkpoint dict at `path`; a sharded directory comes back with a full `state_dict` (read into
+    the built module's own tensors as a template)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{key}={str(path)!r} does not exist (a .ckpt file or a sharded checkpoint dir)")
+    if p.is_file():
+        return torch.load(p, map_location="cpu", weights_only=False)
+    import torch.distributed.checkpoint as dcp
+
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    try:
+        dcp.load({"state_dict": state}, checkpoint_id=str(p), no_dist=True)
+    except Exception as e:  # DCP names the missing entries in its own message
+        raise RuntimeError(f"{key}={str(path)!r}: not a sharded checkpoint of this model: {e}") from e
+    meta = p / "meta.pt"
+    extra = torch.load(meta, map_location="cpu", weights_only=False) if meta.is_file() else {}
+    return {**extra, "state_dict": state}
+
+
+def load_checkpoint_into(module: StageModule, path: str | Path, key: str = "ckpt_path",
+                         checkpoint: dict | None = None) -> dict:
+    """Fill a built stage from a checkpoint (read from `path` unless given), strictly: the resume check
+    names missing trainable and unexpected keys. Returns the checkpoint."""
+    checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path, module, key)
+    try:
+        module.on_load_checkpoint(checkpoint)
+    except RuntimeError as e:
+        raise RuntimeError(f"{key}={str(path)!r}: {e}") from None
+    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    return checkpoint
+
+
+def build_mllm(stage_cfg: dict, ckpt_path: str | None = None, load_weights: bool = True) -> MLLMPretrainModule:
+    """The MLLM stage of `stage_cfg` (a resolved `stage` node), built, weights loaded, eval mode."""
+    cfg = {k: v for k, v in copy.deepcopy(stage_cfg).items() if k != "_target_"}
+    cfg["optimizer"] = None
+    module = MLLMPretrainModule(**cfg)
+    module.build_models(load_weights=load_weights)
+    if ckpt_path:
+        load_checkpoint_into(module, ckpt_path)
+    return module.eval().requires_grad_(False)
+
+
+def build_detokenizer(model_cfg: dict, stage: str, ckpt_path: str | None = None, negative: str = "official",
+                      init_seed: int = 0) -> DetokPretrainModule:
+    """A stage-1 (`stage1`) or stage-2 (`stage2`) de-tokenizer, eval mode.
+
+    With `ckpt_path` (our `seedx_detok_*` last.ckpt) the checkpoint's own hyper-parameters build it
+    (model config, negative, init seed: what it was trained with, so the frozen towers come back equal);
+    else `model_cfg` (`{"vit": ..., "detokenizer": ...}`) with its weight paths (official weights:
+    `model.detokenizer.adapter_weights` = the released first/second-stage adapter, sampled with the
+    official unconditional branch, `negative=official`)."""
+    cls = DetokCondModule if stage == "stage2" else DetokPretrainModule
+    kwargs = {"model": copy.deepcopy(model_cfg), "negative": negative, "init_seed": init_seed}
+    checkpoint = None
+    if ckpt_path:
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"detok_ckpt_path={ckpt_path!r} does not exist (a seedx_detok_* .ckpt)")
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        hp = checkpoint.get("hyper_parameters") or {}
+        trained_cond = "cond_drop_rate" in hp
+        if trained_cond != (stage == "stage2"):
+            want = "a stage-2 (seedx_detok_cond)" if stage == "stage2" else "a stage-1 (seedx_detok_pretrain)"
+            raise ValueError(f"detok_ckpt_path={ckpt_path!r}: this mode needs {want} checkpoint")
+        kwargs = {k: hp[k] for k in ("model", "negative", "init_seed") if k in hp} or kwargs
+        # The checkpoint holds the trained adapter: no need for the file stage 2 started from.
+        kwargs["model"] = copy.deepcopy(kwargs["model"])
+        kwargs["model"]["detokenizer"]["adapter_weights"] = None
+    if cls is DetokCondModule:
+        kwargs["require_stage1"] = False
+    module = cls(optimizer=None, **kwargs)
+    module.build_models(load_weights=True)
+    if checkpoint is not None:
+        load_checkpoint_into(module, ckpt_path, "detok_ckpt_path", checkpoint)
+    return module.eval().requires_grad_(False)
