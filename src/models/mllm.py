@@ -49,6 +49,9 @@ class LLMConfig:
     config: dict[str, Any]
     weights: str | None = None  # local HF folder (config.json + safetensors)
     tokenizer: str | None = None  # local tokenizer folder; defaults to `weights`
+    # A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, e.g. `src.export`'s lora/)
+    # on top of `weights`: its LoRA and modules_to_save tensors replace the initial ones.
+    adapter: str | None = None
     allow_random_init: bool = False
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
@@ -65,6 +68,8 @@ class LLMConfig:
             required=not (self.allow_random_init and own_tokenizer))]
         if own_tokenizer:
             paths.append(RequiredPath("model.llm.tokenizer", "a local tokenizer folder", self.tokenizer, "dir"))
+        if self.adapter:
+            paths.append(RequiredPath("model.llm.adapter", "a PEFT adapter folder", self.adapter, "dir"))
         return paths
 
     def hf_config(self) -> LlamaConfig:
@@ -180,7 +185,42 @@ def llm_weight_sources(llm: nn.Module, cfg: LLMConfig, vocab_size: int | None, l
             src = ExtendedRows(src, p.shape[0], 3.0 if key == "lm_head.weight" else 1.0, p.dtype)
         if src is not None:
             out[name] = src
+    if cfg.adapter and load_weights:
+        out.update(adapter_weight_sources(llm, cfg.adapter))
     return out
+
+
+def adapter_weight_sources(llm: nn.Module, folder: str) -> dict[str, TensorSource]:
+    """A PEFT adapter's tensors by our parameter names; its LoRA shape must be the one the stage built
+    (stage.lora), and every LoRA tensor must be in it: a mismatch names the keys."""
+    import json
+
+    from src.utils.weights import check_keys_and_shapes
+
+    root = Path(folder)
+    config_file, weights_file = root / "adapter_config.json", root / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise missing_weights_error("model.llm.adapter", "a PEFT adapter folder (adapter_config.json + "
+                                    "adapter_model.safetensors)", folder)
+    saved = json.loads(config_file.read_text())
+    built = getattr(llm, "peft_config", {}).get("default")
+    if built is None:
+        raise ValueError("model.llm.adapter is set but stage.lora.enabled is false: enable LoRA with the adapter's r")
+    for ours, theirs in (("r", "r"), ("alpha", "lora_alpha")):
+        want = getattr(built, "lora_alpha" if ours == "alpha" else "r")
+        if saved.get(theirs) != want:
+            raise ValueError(f"model.llm.adapter has {theirs}={saved.get(theirs)} but stage.lora.{ours}={want}")
+    files = state_dict_file(weights_file)
+    own = {}
+    for name, p in llm.named_parameters():
+        name = clean_name(name)
+        key = name.replace(".default.", ".")
+        if ".lora_" in name or (".base_layer." not in name and key in files):
+            own[key] = (name, tuple(p.shape))
+    check_keys_and_shapes({k: shape for k, (_, shape) in own.items()},
+                          {k: tuple(v.shape) for k, v in files.items()},
+                          f"model.llm.adapter ({folder}) does not match the LoRA model:", "adapter")
+    return {name: files[key] for key, (name, _) in own.items()}
 
 
 def apply_lora(llm: nn.Module, r: int, alpha: int, dropout: float, targets=LORA_TARGETS) -> nn.Module:

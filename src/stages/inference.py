@@ -20,6 +20,21 @@ from src.stages.detok_pretrain import DetokPretrainModule
 from src.stages.mllm_pretrain import MLLMPretrainModule
 
 
+META_FILE = "meta.pt"  # Lightning's sharded checkpoints keep everything but tensors here
+
+
+def checkpoint_hparams(path: str | Path, key: str = "ckpt_path") -> dict:
+    """The stage constructor arguments a checkpoint was trained with (`hyper_parameters`)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{key}={str(path)!r} does not exist (a .ckpt file or a sharded checkpoint dir)")
+    meta = p / META_FILE if p.is_dir() else p
+    hp = torch.load(meta, map_location="cpu", weights_only=False).get("hyper_parameters") if meta.is_file() else None
+    if not hp:
+        raise ValueError(f"{key}={str(path)!r} holds no hyper_parameters (not a checkpoint of src.train)")
+    return dict(hp)
+
+
 def read_checkpoint(path: str | Path, module: StageModule, key: str = "ckpt_path") -> dict:
     """The checkpoint dict at `path`; a sharded directory comes back with a full `state_dict` (read into
     the built module's own tensors as a template)."""
@@ -35,7 +50,7 @@ def read_checkpoint(path: str | Path, module: StageModule, key: str = "ckpt_path
         dcp.load({"state_dict": state}, checkpoint_id=str(p), no_dist=True)
     except Exception as e:  # DCP names the missing entries in its own message
         raise RuntimeError(f"{key}={str(path)!r}: not a sharded checkpoint of this model: {e}") from e
-    meta = p / "meta.pt"
+    meta = p / META_FILE
     extra = torch.load(meta, map_location="cpu", weights_only=False) if meta.is_file() else {}
     return {**extra, "state_dict": state}
 
