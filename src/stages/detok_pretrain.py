@@ -45,7 +45,7 @@ from src.models.qwen_vit import QwenViT, QwenViTConfig, load_vit_weights
 from src.pipelines.detok import decode_latents, denoise
 from src.stages.base import StageModule
 from src.utils.constraints import Fraction, PositiveInt
-from src.utils.weights import RequiredPath
+from src.utils.weights import RequiredPath, check_keys_and_shapes
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +176,14 @@ class DetokPretrainModule(StageModule):
         """Hook for stage 2 (conv_in widening); stage 1 uses the UNet as built."""
 
     def load_adapter_weights(self, path: str) -> None:
+        """An official or our de-tokenizer checkpoint: every adapter (`resampler.*`) key must be in it, and
+        every key in it must be ours (`unet.*` ones replace the SDXL weights); a mismatch names the keys."""
         state = self.prepare_adapter_state(load_adapter_checkpoint(path))
-        result = self.load_state_dict(state, strict=False)
-        if result.unexpected_keys:
-            raise RuntimeError(f"model.detokenizer.adapter_weights: unexpected keys {result.unexpected_keys[:8]}")
+        own = self.state_dict()
+        expected = {k: tuple(v.shape) for k, v in own.items() if k.startswith("resampler.") or k in state}
+        check_keys_and_shapes(expected, {k: tuple(v.shape) for k, v in state.items()},
+                              f"model.detokenizer.adapter_weights ({path}) does not match the de-tokenizer:", "checkpoint")
+        self.load_state_dict(state, strict=False)
 
     def prepare_adapter_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hook for stage 2 (a stage-1 checkpoint has a narrower conv_in)."""
