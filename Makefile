@@ -19,9 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 
-demo: setup  ## tiny end-to-end de-tokenizer training on the bundled sample data (CPU)
-	$(PY) -m src.train experiment=seedx_detok_pretrain_tiny paths.output_dir=outputs/demo
-	@echo "demo outputs: outputs/demo (checkpoints/last.ckpt, metrics.json, samples/*.png)"
+demo: setup  ## the whole chain on the tiny twins (CPU, ~1 min): train 3 stages, generate 4 modes, outputs/demo/report.md
+	$(PY) -m src.demo out=outputs/demo
 
 test: setup  ## test suite without gpu/slow tiers (< 10 min on 2 cores)
 	$(PY) -m pytest -q

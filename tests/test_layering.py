@@ -15,7 +15,7 @@ pytestmark = pytest.mark.unit
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Entry points: `python -m src.<name>` modules (and the ones the design names for later).
-ENTRY_POINTS = ("train", "inspect", "bench", "generate", "eval", "export", "report")
+ENTRY_POINTS = ("train", "inspect", "bench", "generate", "eval", "export", "report", "demo")
 PACKAGES = ("models", "data", "stages", "pipelines", "callbacks", "utils")
 
 # layer -> layers it must not import. data may use plain model modules (src.models.vocab, ViT constants);
