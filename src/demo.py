@@ -112,12 +112,12 @@ def first_last(metrics_csv: Path, column: str = "train/loss") -> tuple[float, fl
 
 
 def write_report(out: Path, results: dict[str, dict], seconds: float) -> Path:
-    rel = lambda p: os.path.relpath(p, out)  # noqa: E731 - links relative to the report
+    rel = lambda p: os.path.relpath(p, out)
     lines = ["# SEED-X demo: the whole chain on the tiny twins", "",
-             f"Ran in {seconds:.0f}s on the CPU (`make demo`). Random-init tiny twins (config-built Llama, "
+             (f"Ran in {seconds:.0f}s on the CPU (`make demo`). Random-init tiny twins (config-built Llama, "
              "Qwen-ViT, resamplers, SDXL-style UNet/VAE) after a few steps on the bundled sample data: "
              "these show that every stage trains and every mode runs end to end (shapes, masks, plumbing, "
-             "checkpoints feeding the next stage), **not** image or answer quality.", "", "## Training", ""]
+             "checkpoints feeding the next stage), **not** image or answer quality."), "", "## Training", ""]
     for name, experiment, steps, _ in STAGES:
         metrics = out / name / "csv" / "metrics.csv"
         png = out / f"loss_{name}.png"

@@ -121,13 +121,13 @@ def test_boxes_in_generated_text_round_trip_to_their_pixels(mllm, tmp_path):
     x0, y0 = (round(v) for v in reply["boxes"][0][:2])
     assert drawn.getpixel((x0 + 1, (y0 + round(reply["boxes"][0][3])) // 2)) == (255, 0, 0)
     # the reply goes back into the context as box items, which lay out as the same tokens
-    assert [i for i in conv.turns[-1]["content"] if "box" in i][0]["box"] == reply["boxes"][0]
+    assert next(i for i in conv.turns[-1]["content"] if "box" in i)["box"] == reply["boxes"][0]
 
 
 # ---- every mode end to end ---------------------------------------------------------------------------------
 def requests_file(tmp_path: Path, mode: str) -> Path:
-    img = lambda n: {"image": str(IMAGES / n)}  # noqa: E731
-    user = lambda *c: {"role": "user", "content": list(c)}  # noqa: E731
+    img = lambda n: {"image": str(IMAGES / n)}
+    user = lambda *c: {"role": "user", "content": list(c)}
     reqs = {
         "chat": [{"id": "c", "turns": [user(img("chelsea.jpg"), {"text": "What animal?"}),
                                        {"role": "assistant", "content": [{"text": "A cat."}]},

@@ -92,7 +92,7 @@ def test_agent_checkpoint_with_a_renamed_key_names_it(tmp_path):
 def test_stage1_adapter_with_a_renamed_key_names_both_names(tmp_path):
     src = build("seedx_detok_pretrain_tiny", tmp_path / "a")
     official = {k: v for k, v in src.state_dict().items() if k.startswith("resampler.")}
-    key = sorted(official)[0]
+    key = min(official)
     path = tmp_path / "pytorch_model.bin"
     torch.save(renamed(official, key, key + "_renamed"), path)
     with pytest.raises(ValueError, match=rf"missing \(1\): {key}\b[\s\S]*unexpected \(1\): {key}_renamed"):

@@ -244,8 +244,7 @@ class ConversationRunner:
                 self._reconstruct(chunk, k)
         results = [self._result(c) for c in convs]
         with open(self.out / "results.jsonl", "w") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in results)
         return results
 
     def _generator(self, *salt: int) -> torch.Generator:

@@ -24,7 +24,7 @@ def sampler_class(name: str, key: str = "sampler"):
     """A diffusers scheduler class by name (EulerDiscreteScheduler, DPMSolverMultistepScheduler, DDIMScheduler...)."""
     cls = getattr(diffusers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-        raise ValueError(f"{key}={name!r} is not a diffusers scheduler class (e.g. {DEFAULT_SAMPLER}, "
+        raise ValueError(f"{key}={name!r} is not a diffusers scheduler class (e.g. {DEFAULT_SAMPLER}, "  # noqa: TRY004 - a config value, not a type error
                          "DPMSolverMultistepScheduler, DDIMScheduler)")
     return cls
 

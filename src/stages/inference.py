@@ -19,7 +19,6 @@ from src.stages.detok_cond import DetokCondModule
 from src.stages.detok_pretrain import DetokPretrainModule
 from src.stages.mllm_pretrain import MLLMPretrainModule
 
-
 META_FILE = "meta.pt"  # Lightning's sharded checkpoints keep everything but tensors here
 
 
