@@ -6,7 +6,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup demo test test-full lint format bench sample-data clean
+.PHONY: help setup demo test test-slow test-full lint format bench sample-data clean
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ demo: setup  ## the whole chain on the tiny twins (CPU, ~1 min): train 3 stages,
 
 test: setup  ## test suite without gpu/slow tiers (< 10 min on 2 cores)
 	$(PY) -m pytest -q
+
+test-slow: setup  ## the slow tier only: subprocess resumes, the demo, the generate CLI (CI runs it after test)
+	$(PY) -m pytest -q -m "slow and not gpu"
 
 test-full: setup  ## every tier that can run here, slow included
 	$(PY) -m pytest -q -m "not gpu"

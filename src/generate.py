@@ -22,9 +22,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.data.mllm_sequence import SeedXSequenceBuilder
 from src.pipelines.conversation import ConversationRunner, load_requests, mode_of
-from src.pipelines.detok import ImageDecoder, SamplingOptions
+from src.pipelines.detok import SamplingOptions
 from src.pipelines.mllm import DecodingOptions, MLLMGenerator
-from src.stages.inference import build_detokenizer, build_mllm
+from src.stages.inference import build_detokenizer, build_mllm, image_decoder_of
 from src.utils.run import save_resolved_config
 
 log = logging.getLogger(__name__)
@@ -85,17 +85,23 @@ def image_decoder(cfg: DictConfig, stage: str, device: torch.device):
                                                 stage, cfg.get("detok_ckpt_path")).to(device)
         return built["module"]
 
-    def decoder() -> ImageDecoder:
-        m = stage_module()
-        return ImageDecoder(m.resampler, m.unet, m.vae, m.noise_scheduler.config, m.negative_features(),
-                            m.detok_cfg.resolution)
+    return lambda: image_decoder_of(stage_module()), lambda: stage_module().vit
 
-    return decoder, lambda: stage_module().vit
+
+def check_experiment(cfg: DictConfig, mode: str) -> None:
+    """The modes that talk need an MLLM experiment; `recon` only a de-tokenizer config."""
+    from src.stages.mllm_pretrain import MLLMPretrainModule
+
+    target = (cfg.get("stage") or {}).get("_target_")
+    if mode_of(mode).uses_llm and not (target and issubclass(hydra.utils.get_class(target), MLLMPretrainModule)):
+        raise ValueError(f"mode={mode} needs an MLLM experiment (e.g. experiment=seedx_pretrain_tiny); "
+                         f"stage._target_ is {target!r}")
 
 
 def generate(cfg: DictConfig) -> list[dict]:
     mode = cfg.mode
     spec = mode_of(mode)
+    check_experiment(cfg, mode)
     requests = load_requests(cfg.get("requests"), cfg.get("prompt"), cfg.get("image"), mode)
     decoding, sampling = options(cfg, mode)  # option mistakes fail before any model is built
     if cfg.get("exported"):

@@ -158,6 +158,7 @@ def test_unknown_experiment_lists_the_available_ones(tmp_path):
     assert "no_such_stage" in out.stderr and "seedx_pretrain_tiny" in out.stderr
 
 
+@pytest.mark.slow  # subprocess runs (~30 s each here); CI runs the slow tier
 def test_readme_slurm_example_validates_with_cfg_job(tmp_path):
     readme = (CONF.parent / "README.md").read_text()
     line = next(x for x in readme.splitlines() if x.startswith("python -m src.train -m launcher=slurm"))

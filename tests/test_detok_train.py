@@ -140,6 +140,7 @@ def test_shard_source_trains(tmp_path):
     assert math.isfinite(read_metrics(tmp_path)["train/loss"])
 
 
+@pytest.mark.slow  # subprocess runs (~30 s each here); CI runs the slow tier
 def test_multirun_gives_each_job_its_own_dir(tmp_path):
     sweep = tmp_path / "sweep"
     out = subprocess.run(

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from src.export import export
 from src.pipelines.detok import SamplingOptions
-from src.stages.inference import build_detokenizer, build_mllm
+from src.stages.inference import build_detokenizer, build_mllm, image_decoder_of
 from tests.helpers import tiny_run_cfg
 
 pytestmark = pytest.mark.smoke
@@ -114,8 +114,6 @@ def test_sharded_checkpoint_dir_loads_like_the_ckpt(trained_mllm, tmp_path):
 def test_detokenizer_export_reloads_to_identical_outputs(experiment, kind, tmp_path):
     from PIL import Image
 
-    from src.pipelines.detok import ImageDecoder
-
     cfg = tiny_run_cfg(experiment, tmp_path)
     module = hydra.utils.instantiate(cfg.stage, _convert_="all")
     module.build_models(load_weights=True)
@@ -134,7 +132,7 @@ def test_detokenizer_export_reloads_to_identical_outputs(experiment, kind, tmp_p
     cond = [Image.new("RGB", (40, 40), (200, 30, 30))] * 2 if kind == "stage2" else None
     outs = []
     for m in (trained, reloaded):
-        dec = ImageDecoder(m.resampler, m.unet, m.vae, m.noise_scheduler.config, m.negative_features(), 32)
+        dec = image_decoder_of(m)
         outs.append([im.tobytes() for im in dec.decode(feats, SamplingOptions(steps=2), torch.Generator().manual_seed(0),
                                                       conditions=cond)])
     assert outs[0] == outs[1]

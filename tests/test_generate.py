@@ -197,6 +197,20 @@ def test_bad_requests_fail_before_any_model_is_built(tmp_path):
         generate(gen_cfg(tmp_path, ["mode=t2i", "prompt=hi", "sampling.sampler=NoSuchScheduler"]))
 
 
+@pytest.mark.parametrize("mode,image", [("t2i", None), ("edit", "chelsea.jpg"), ("chat", "coffee.jpg")])
+def test_prompt_and_image_from_the_command_line(mode, image, tmp_path):
+    """What `python -m src.generate experiment=seedx_pretrain_tiny mode=M prompt=... [image=...]` runs."""
+    out = tmp_path / "D"
+    overrides = [f"mode={mode}", "prompt=a red apple"] + ([f"image={IMAGES / image}"] if image else [])
+    generate(gen_cfg(out, overrides))
+    result = json.loads((out / "results.jsonl").read_text())
+    assert result["turns"][0]["content"][-1] == {"text": "a red apple"}
+    pngs = sorted(out.glob("*.png"))
+    if mode != "chat":  # chat draws only if the model opens an image itself
+        assert [str(p) for p in pngs] == result["replies"][0]["images"] and Image.open(pngs[0]).format == "PNG"
+
+
+@pytest.mark.slow
 def test_cli_t2i_writes_results_and_a_png_and_help_lists_every_mode(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = tmp_path / "D"
@@ -225,3 +239,22 @@ def test_make_demo_trains_every_stage_and_writes_the_report(tmp_path):
     for link in [ln.split("](")[1].rstrip(")") for ln in report.splitlines() if ln.startswith("![")]:
         assert (tmp_path / link).is_file(), link
     assert "generate/t2i/" in report and "generate/edit/" in report  # the generated images are shown
+
+
+@pytest.mark.config
+@pytest.mark.parametrize("experiment", ["seedx_pretrain", "seedx_detok_pretrain_tiny"])
+def test_generate_config_composes_and_mode_needs_the_right_experiment(experiment, tmp_path):
+    from omegaconf import OmegaConf
+
+    from src.generate import check_experiment
+
+    cfg = compose_cfg(experiment, tmp_path, ["mode=t2i"], config_name="generate")
+    OmegaConf.resolve(cfg)
+    assert cfg.model.detokenizer.unet.block_out_channels  # every such experiment names its de-tokenizer
+    if experiment == "seedx_pretrain":
+        assert cfg.model.detokenizer.resolution == 1024
+        check_experiment(cfg, "t2i")
+    else:
+        check_experiment(cfg, "recon")
+        with pytest.raises(ValueError, match="needs an MLLM experiment"):
+            check_experiment(cfg, "chat")

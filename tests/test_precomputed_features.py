@@ -112,6 +112,7 @@ def test_broken_missing_and_stale_entries(stores, tmp_path):
         hydra.utils.instantiate(tiny_run_cfg(DETOK, tmp_path / "d").data, features_dir=str(store))
 
 
+@pytest.mark.slow  # subprocess runs (~30 s each here); CI runs the slow tier
 def test_mllm_trains_from_features_on_two_fsdp2_processes(stores, tmp_path):
     out = tmp_path / "fsdp2"
     cmd = [sys.executable, "-m", "src.train", f"experiment={MLLM}", f"paths.output_dir={out}", "logger=csv",

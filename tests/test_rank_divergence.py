@@ -226,6 +226,7 @@ def test_rank_divergent_modalities_step_in_lockstep(tmp_path):
     assert by[1, 3]["out_grad"] == [0.0] and max(by[0, 3]["out_grad"]) > 0.0
 
 
+@pytest.mark.slow  # subprocess runs (~30 s each here); CI runs the slow tier
 def test_without_the_vit_guard_the_same_steps_fail(tmp_path):
     rcs, reports, log = run_two_ranks("no_vit_guard", tmp_path, timeout=150)
     ok = rcs == [0, 0] and len(reports) == 2 * len(STEPS) and all(

@@ -161,6 +161,7 @@ def resume_to_the_end(out: Path, stopped: Path) -> dict[int, str]:
     return losses(out)
 
 
+@pytest.mark.slow  # subprocess runs (~30 s each here); CI runs the slow tier
 def test_finished_run_resumed_with_more_max_steps_gives_the_straight_losses(tmp_path, straight):
     """The Must-show of issue 9 item 10: 3 steps, then `trainer.max_steps` raised and `ckpt_path=last.ckpt`.
     Lightning counts the epoch as ended when max_steps stops a run, so the old code began a new epoch (other
@@ -176,6 +177,7 @@ def test_finished_run_resumed_with_more_max_steps_gives_the_straight_losses(tmp_
     assert {**before, **after} == straight.losses()  # bit-equal losses (as logged) at every step
 
 
+@pytest.mark.slow  # subprocess runs (~30 s each here); CI runs the slow tier
 def test_run_stopped_by_should_stop_resumes_mid_epoch(tmp_path, straight):
     """`trainer.max_time` stops through the Timer callback setting `trainer.should_stop`; StopAtStep does the
     same at a fixed step (a small max_time would make the test flaky). Same fault as max_steps on the old
@@ -191,6 +193,7 @@ def test_run_stopped_by_should_stop_resumes_mid_epoch(tmp_path, straight):
     assert {**before, **after} == straight.losses()
 
 
+@pytest.mark.slow  # subprocess runs (~30 s each here); CI runs the slow tier
 def test_sigterm_saves_last_at_a_step_boundary_exits_cleanly_and_resumes_exactly(tmp_path, straight):
     """SLURM sends SIGTERM before preemption: the run saves last.ckpt at the step boundary after the signal
     (it may land mid-step), exits 0, and the resume gives the uninterrupted losses. Old code: Lightning raised

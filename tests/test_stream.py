@@ -159,6 +159,7 @@ def straight_stream(tmp_path_factory, mllm_stream):
     log.close()
 
 
+@pytest.mark.slow  # subprocess runs (~30 s each here); CI runs the slow tier
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_losses(tmp_path, mllm_stream, straight_stream):
     common = [*STOPPED, f"data.stream_dir={mllm_stream}", f"trainer.max_steps={STEPS}",
               "callbacks.model_checkpoint.every_n_train_steps=2"]
@@ -172,6 +173,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_losses(tmp_path, 
     assert {**before, **after} == straight_stream()  # bit-equal losses (as logged) at every step
 
 
+@pytest.mark.slow  # subprocess runs (~30 s each here); CI runs the slow tier
 def test_finished_run_last_ckpt_resumes_where_it_stopped(tmp_path, mllm_stream, straight_stream):
     first, resumed = tmp_path / "first", tmp_path / "resumed"
     data = [*STOPPED, f"data.stream_dir={mllm_stream}"]
@@ -185,6 +187,7 @@ def test_finished_run_last_ckpt_resumes_where_it_stopped(tmp_path, mllm_stream, 
     assert {**before, **after} == straight_stream()
 
 
+@pytest.mark.slow  # subprocess runs (~30 s each here); CI runs the slow tier
 def test_two_process_checkpoint_resumes_in_one_with_each_sample_seen_once(tmp_path, mllm_stream):
     two, one = tmp_path / "two", tmp_path / "one"
     data = [f"data.stream_dir={mllm_stream}", f"data.train_sources=[{{path: '{SAMPLE / 'captions.jsonl'}', kind: jsonl, name: captions}}]",

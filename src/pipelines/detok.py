@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from src.data.images import vae_view
+from src.models.detokenizer import encode_posterior
 
 DEFAULT_SAMPLER = "EulerDiscreteScheduler"
 
@@ -127,8 +128,6 @@ class ImageDecoder:
 
     @torch.no_grad()
     def condition_latents(self, images: list[Image.Image], resolution: int) -> torch.Tensor:
-        from src.models.detokenizer import encode_posterior
-
         pixels = torch.stack([vae_view(im, resolution)[0] for im in images]).to(self.device)
         return encode_posterior(self.vae, pixels).mode()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from src.pipelines.detok import ImageDecoder
 from src.stages.base import StageModule
 from src.stages.detok_cond import DetokCondModule
 from src.stages.detok_pretrain import DetokPretrainModule
@@ -110,3 +111,9 @@ def build_detokenizer(model_cfg: dict, stage: str, ckpt_path: str | None = None,
     if checkpoint is not None:
         load_checkpoint_into(module, ckpt_path, "detok_ckpt_path", checkpoint)
     return module.eval().requires_grad_(False)
+
+
+def image_decoder_of(module: DetokPretrainModule) -> ImageDecoder:
+    """The plain sampling pipeline of a built de-tokenizer stage (its unconditional branch included)."""
+    return ImageDecoder(module.resampler, module.unet, module.vae, module.noise_scheduler.config,
+                        module.negative_features(), module.detok_cfg.resolution)
