@@ -116,3 +116,12 @@ def test_stage2_checkpoint_in_official_layout_loads_the_whole_unet(tmp_path):
     torch.save(renamed(official, "unet.conv_in.bias", "unet.conv_in.b"), path)
     with pytest.raises(ValueError, match=r"unet\.conv_in\.b\b"):
         build("seedx_detok_cond_tiny", tmp_path / "c", [f"model.detokenizer.adapter_weights={path}"])
+
+
+def test_tiny_detokenizer_and_mllm_stages_build_the_same_vit(tmp_path):
+    """Same model.vit and init seed -> the same ViT in both stages: the MLLM regresses the features the
+    de-tokenizer decodes (with qwen_vit_G.pt both load the file)."""
+    detok = build("seedx_detok_pretrain_tiny", tmp_path / "a", ["stage.init_seed=4"])
+    mllm = build("seedx_pretrain_tiny", tmp_path / "b", ["stage.init_seed=4"])
+    for k, v in mllm.vit.state_dict().items():
+        torch.testing.assert_close(detok.vit.state_dict()[k], v, msg=k)

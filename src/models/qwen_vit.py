@@ -80,7 +80,7 @@ class QwenViTConfig:
             raise ValueError(f"gen_pool_kernel={self.gen_pool_kernel} must divide n_queries={self.n_queries}")
 
     def required_paths(self, allow_random_init: bool) -> list[RequiredPath]:
-        """What `load_vit_weights` reads; random init (tiny twins) needs nothing."""
+        """What `build_vit` reads; random init (tiny twins) needs nothing."""
         return [RequiredPath("model.vit.weights", "the Qwen-VL ViT state dict (qwen_vit_G.pt)", self.weights,
                              required=not allow_random_init)]
 
@@ -236,10 +236,3 @@ def build_vit(cfg: QwenViTConfig, allow_random_init: bool, seed: int, device: to
     materialize(vit, vit_weight_sources(cfg, allow_random_init, seed), device, f"QwenViT ({cfg.weights or 'random'})")
     return vit.requires_grad_(False).eval()
 
-
-def load_vit_weights(vit: QwenViT, allow_random_init: bool) -> None:
-    """`model.vit.weights` into `vit`; without a path only tiny twins (random init allowed) may go on."""
-    if vit.cfg.weights:
-        vit.load_official(vit.cfg.weights)
-    elif not allow_random_init:
-        raise missing_weights_error("model.vit.weights", "the Qwen-VL ViT state dict (qwen_vit_G.pt)")

@@ -23,6 +23,7 @@ or `zeros`. The same tensor is the unconditional branch of sampling.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import ClassVar, Literal
 
 import torch
@@ -41,7 +42,7 @@ from src.models.detokenizer import (
     is_attention_kv,
     load_adapter_checkpoint,
 )
-from src.models.qwen_vit import QwenViT, QwenViTConfig, load_vit_weights
+from src.models.qwen_vit import QwenViT, QwenViTConfig, build_vit
 from src.pipelines.detok import decode_latents, denoise
 from src.stages.base import StageModule
 from src.utils.constraints import Fraction, PositiveInt
@@ -128,15 +129,13 @@ class DetokPretrainModule(StageModule):
     def build_models(self, load_weights: bool = True) -> None:
         if load_weights:
             self.detok_cfg.check_weights_present()
+        self.vit = self._build_vit(load_weights)
         # Random-init towers (tiny twins) must be the same on every rank and after a resume.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.init_seed)
-            self.vit = QwenViT(self.vit_cfg)
             self.resampler = ResamplerXLV2(self.detok_cfg.adapter_cfg)
             self.unet = build_unet(self.detok_cfg, load_weights)
             self.vae = build_vae(self.detok_cfg, load_weights)
-        if load_weights:
-            self._load_vit_weights(self.vit)
         self.noise_scheduler = build_noise_scheduler(self.detok_cfg)
         self.adapt_unet()
         if load_weights and self.detok_cfg.adapter_weights:
@@ -147,8 +146,12 @@ class DetokPretrainModule(StageModule):
             self.vit.to(torch.bfloat16)
             hold_decoder_in(self.vae, torch.bfloat16)
 
-    def _load_vit_weights(self, vit: QwenViT) -> None:
-        load_vit_weights(vit, self.detok_cfg.allow_random_init)
+    def _build_vit(self, load_weights: bool) -> QwenViT:
+        """`model.vit.weights`, or (tiny twins) the random init of the "vit" tower seed: the same ViT the
+        MLLM stage builds from the same config and init seed, so its regression targets are the features
+        this de-tokenizer decodes."""
+        cfg = self.vit_cfg if load_weights else replace(self.vit_cfg, weights=None)
+        return build_vit(cfg, self.detok_cfg.allow_random_init or not load_weights, self.init_seed)
 
     def required_paths(self) -> list[RequiredPath]:
         # Stage 2 (require_stage1) also starts from the stage-1 adapter checkpoint.
@@ -159,18 +162,14 @@ class DetokPretrainModule(StageModule):
         """ViT and VAE exactly as `build_models(load_weights=True)` makes them (data_prep/precompute_features.py).
 
         With SDXL weights the VAE needs nothing else; a random-init VAE (tiny twins) is drawn under
-        `init_seed` after the ViT, adapter and UNet, so then everything is built to replay those draws.
+        `init_seed` after the adapter and UNet, so then everything is built to replay those draws.
         """
         if not self.detok_cfg.pretrained_dir:
             self.build_models(load_weights=True)
             return {"vit": self.vit, "vae": self.vae}
         self.detok_cfg.check_weights_present()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.init_seed)
-            vit = QwenViT(self.vit_cfg)  # first draw of build_models' seeded block
-        self._load_vit_weights(vit)
         vae = build_vae(self.detok_cfg, load_weights=True)
-        return {"vit": vit.requires_grad_(False).eval(), "vae": vae.requires_grad_(False).eval()}
+        return {"vit": self._build_vit(True), "vae": vae.requires_grad_(False).eval()}
 
     def adapt_unet(self) -> None:
         """Hook for stage 2 (conv_in widening); stage 1 uses the UNet as built."""
