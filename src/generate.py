@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.data.mllm_sequence import SeedXSequenceBuilder
+from src.models.detokenizer import hold_decoder_in
 from src.pipelines.conversation import ConversationRunner, load_requests, mode_of
 from src.pipelines.detok import SamplingOptions
 from src.pipelines.mllm import DecodingOptions, MLLMGenerator
@@ -30,6 +31,7 @@ from src.utils.run import save_resolved_config
 log = logging.getLogger(__name__)
 
 PROMPT_FORMATS = ("pretrained", "instruct")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def exported_paths(cfg: DictConfig) -> None:
@@ -71,7 +73,13 @@ def sequence_builder(cfg: DictConfig, tokenizer, mode: str) -> SeedXSequenceBuil
                                 chat_format=chat)
 
 
-def image_decoder(cfg: DictConfig, stage: str, device: torch.device):
+def inference_dtype(cfg: DictConfig) -> torch.dtype:
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    return DTYPES[cfg.dtype]
+
+
+def image_decoder(cfg: DictConfig, stage: str, device: torch.device, dtype: torch.dtype):
     """The mode's de-tokenizer, built on first use; its own ViT is kept only for `recon`."""
     built = {}
 
@@ -81,8 +89,12 @@ def image_decoder(cfg: DictConfig, stage: str, device: torch.device):
                 raise ValueError("model.detokenizer: this experiment has no de-tokenizer config; pick one with "
                                  "model/detokenizer=sdxl|tiny")
             model = OmegaConf.to_container(cfg.model, resolve=True)
-            built["module"] = build_detokenizer({"vit": model["vit"], "detokenizer": model["detokenizer"]},
-                                                stage, cfg.get("detok_ckpt_path")).to(device)
+            m = build_detokenizer({"vit": model["vit"], "detokenizer": model["detokenizer"]}, stage,
+                                  cfg.get("detok_ckpt_path")).to(device)
+            for tower in (m.vit, m.resampler, m.unet):
+                tower.to(dtype)
+            hold_decoder_in(m.vae, dtype)  # latents of condition images are encoded in fp32
+            built["module"] = m
         return built["module"]
 
     return lambda: image_decoder_of(stage_module()), lambda: stage_module().vit
@@ -104,6 +116,7 @@ def generate(cfg: DictConfig) -> list[dict]:
     check_experiment(cfg, mode)
     requests = load_requests(cfg.get("requests"), cfg.get("prompt"), cfg.get("image"), mode)
     decoding, sampling = options(cfg, mode)  # option mistakes fail before any model is built
+    dtype = inference_dtype(cfg)
     if cfg.get("exported"):
         exported_paths(cfg)
     out = Path(cfg.paths.output_dir)
@@ -114,10 +127,10 @@ def generate(cfg: DictConfig) -> list[dict]:
 
     generator = builder = None
     if spec.uses_llm:
-        stage = build_mllm(OmegaConf.to_container(cfg.stage, resolve=True), cfg.get("ckpt_path")).to(device)
+        stage = build_mllm(OmegaConf.to_container(cfg.stage, resolve=True), cfg.get("ckpt_path")).to(device, dtype)
         generator = MLLMGenerator(stage.mllm, stage.vit, stage.tokenizer, stage.vit_chunk_size)
         builder = sequence_builder(cfg, stage.tokenizer, mode)
-    decoder, recon_vit = image_decoder(cfg, spec.detokenizer, device)
+    decoder, recon_vit = image_decoder(cfg, spec.detokenizer, device, dtype)
     runner = ConversationRunner(mode, generator, builder, decoder, decoding, sampling, out, seed=int(cfg.seed),
                                 batch_size=int(cfg.batch_size), progress=bool(cfg.progress), recon_encoder=recon_vit)
     results = runner.run(requests)

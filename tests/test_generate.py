@@ -210,6 +210,16 @@ def test_prompt_and_image_from_the_command_line(mode, image, tmp_path):
         assert [str(p) for p in pngs] == result["replies"][0]["images"] and Image.open(pngs[0]).format == "PNG"
 
 
+@pytest.mark.parametrize("mode", ["edit", "recon"])
+def test_bfloat16_weights_generate_images(mode, tmp_path):
+    out = tmp_path / "D"
+    generate(gen_cfg(out, [f"mode={mode}", "dtype=bfloat16", f"image={IMAGES / 'chelsea.jpg'}"]
+                     + (["prompt=make it grey"] if mode == "edit" else [])))
+    result = json.loads((out / "results.jsonl").read_text())
+    im = Image.open(result["replies"][0]["images"][0])
+    assert im.size == (32, 32) and len(set(im.getdata())) > 1  # finite, not a blank image
+
+
 @pytest.mark.slow
 def test_cli_t2i_writes_results_and_a_png_and_help_lists_every_mode(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

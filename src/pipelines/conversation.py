@@ -304,7 +304,10 @@ class ConversationRunner:
                 box = [round(v, 2) for v in dequantize_box(value, *size)]
                 boxes.append(box)
                 content.append({"box": box})
-        reply = {"turn": rnd, "text": "".join(texts).strip(), "raw": tok.decode(g.token_ids),
+        # raw: every generated token, the 64 forced query tokens of each image shortened to their count
+        raw = re.sub(r"(?:<img_\d{5}>)+", lambda m: f"[{m.group(0).count('<img_')} image tokens]",
+                     tok.decode(g.token_ids))
+        reply = {"turn": rnd, "text": "".join(texts).strip(), "raw": raw,
                  "images": images, "boxes": boxes, "finished": g.finished}
         if boxes:
             reply["boxes_image"] = self._draw_boxes(c, basis, boxes, rnd)
