@@ -80,7 +80,7 @@ def inference_dtype(cfg: DictConfig) -> torch.dtype:
 
 
 def image_decoder(cfg: DictConfig, stage: str, device: torch.device, dtype: torch.dtype):
-    """The mode's de-tokenizer, built on first use; its own ViT is kept only for `recon`."""
+    """The mode's de-tokenizer and its ViT (the unconditional branch; `recon` encodes with it), built on first use."""
     built = {}
 
     def stage_module():

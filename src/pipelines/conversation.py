@@ -11,6 +11,7 @@ which de-tokenizer draws it and what its condition image is, and the pretrained 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -155,7 +156,9 @@ def reply_pieces(token_ids: list[int], tokenizer, ids) -> list[tuple[str, object
 
 
 def safe_name(rid: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", rid).strip("_") or "request"
+    """A file-name stem for a request id; ids that had to change get a hash, so two never share files."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", rid).strip("_.") or "request"
+    return safe if safe == rid else f"{safe}_{hashlib.sha1(rid.encode()).hexdigest()[:8]}"
 
 
 @dataclass

@@ -46,6 +46,7 @@ from src.models.qwen_vit import QwenViT, QwenViTConfig, build_vit
 from src.pipelines.detok import decode_latents, denoise
 from src.stages.base import StageModule
 from src.utils.constraints import Fraction, PositiveInt
+from src.utils.materialize import seeded
 from src.utils.weights import RequiredPath, check_keys_and_shapes
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,10 @@ class DetokPretrainModule(StageModule):
         """`model.vit.weights`, or (tiny twins) the random init of the "vit" tower seed: the same ViT the
         MLLM stage builds from the same config and init seed, so its regression targets are the features
         this de-tokenizer decodes."""
-        cfg = self.vit_cfg if load_weights else replace(self.vit_cfg, weights=None)
-        return build_vit(cfg, self.detok_cfg.allow_random_init or not load_weights, self.init_seed)
+        if not load_weights:  # inspect / meta-device builds: built where the caller builds, nothing read
+            with seeded(self.init_seed, "vit"):
+                return QwenViT(replace(self.vit_cfg, weights=None))
+        return build_vit(self.vit_cfg, self.detok_cfg.allow_random_init, self.init_seed)
 
     def required_paths(self) -> list[RequiredPath]:
         # Stage 2 (require_stage1) also starts from the stage-1 adapter checkpoint.
