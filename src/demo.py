@@ -105,10 +105,11 @@ def loss_curve(metrics_csv: Path, png: Path, title: str) -> list[str]:
     return columns
 
 
-def first_last(metrics_csv: Path, column: str = "train/loss") -> tuple[float, float]:
+def first_last(metrics_csv: Path, column: str = "train/loss", k: int = 5) -> tuple[float, float]:
+    """Mean of the first and of the last k logged values: one step's noise draw swings a diffusion loss."""
     with open(metrics_csv) as f:
         values = [float(r[column]) for r in csv.DictReader(f) if r.get(column)]
-    return values[0], values[-1]
+    return sum(values[:k]) / len(values[:k]), sum(values[-k:]) / len(values[-k:])
 
 
 def write_report(out: Path, results: dict[str, dict], seconds: float) -> Path:
@@ -124,7 +125,7 @@ def write_report(out: Path, results: dict[str, dict], seconds: float) -> Path:
         loss_curve(metrics, png, f"{name} ({experiment})")
         first, last = first_last(metrics)
         lines += [f"### {name}: `{experiment}`, {steps} steps", "",
-                  f"train/loss {first:.3f} -> {last:.3f}; checkpoint `{rel(out / name / 'checkpoints' / 'last.ckpt')}`",
+                  f"train/loss (mean of the first / last 5 steps) {first:.3f} -> {last:.3f}; checkpoint `{rel(out / name / 'checkpoints' / 'last.ckpt')}`",
                   "", f"![{name} loss]({rel(png)})", ""]
     lines += ["## Generation (`python -m src.generate`, from the checkpoints above)", ""]
     for mode, r in results.items():
