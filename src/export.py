@@ -27,7 +27,13 @@ import torch
 from safetensors.torch import save_file
 
 from src.models.mllm import AGENT_KEY_PREFIXES
-from src.stages.inference import build_detokenizer, build_mllm, checkpoint_hparams
+from src.stages.inference import (
+    build_detokenizer,
+    build_mllm,
+    checkpoint_hparams,
+    detok_stage_of,
+    read_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +105,13 @@ def export(ckpt_path: str | None, out: str | Path, detok_ckpt_path: str | None =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if ckpt_path:
-        stage = build_mllm(checkpoint_hparams(ckpt_path, "ckpt_path"), ckpt_path)
-        export_mllm(stage, out)
+        checkpoint = read_checkpoint(ckpt_path)
+        export_mllm(build_mllm(checkpoint_hparams(checkpoint, ckpt_path), ckpt_path, checkpoint), out)
     if detok_ckpt_path:
-        hp = checkpoint_hparams(detok_ckpt_path, "detok_ckpt_path")
-        kind = "stage2" if "cond_drop_rate" in hp else "stage1"
-        export_detokenizer(build_detokenizer(hp["model"], kind, detok_ckpt_path), out / "detokenizer")
+        checkpoint = read_checkpoint(detok_ckpt_path, "detok_ckpt_path")
+        hp = checkpoint_hparams(checkpoint, detok_ckpt_path, "detok_ckpt_path")
+        module = build_detokenizer(hp["model"], detok_stage_of(hp), detok_ckpt_path, checkpoint=checkpoint)
+        export_detokenizer(module, out / "detokenizer")
     log.info("exported to %s", out)
     return out
 

@@ -7,6 +7,7 @@ plain modules to src/pipelines and write `results.jsonl` + PNGs under `paths.out
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -81,21 +82,18 @@ def inference_dtype(cfg: DictConfig) -> torch.dtype:
 
 def image_decoder(cfg: DictConfig, stage: str, device: torch.device, dtype: torch.dtype):
     """The mode's de-tokenizer and its ViT (the unconditional branch; `recon` encodes with it), built on first use."""
-    built = {}
-
+    @functools.cache
     def stage_module():
-        if "module" not in built:
-            if cfg.model.get("detokenizer") is None:
-                raise ValueError("model.detokenizer: this experiment has no de-tokenizer config; pick one with "
-                                 "model/detokenizer=sdxl|tiny")
-            model = OmegaConf.to_container(cfg.model, resolve=True)
-            m = build_detokenizer({"vit": model["vit"], "detokenizer": model["detokenizer"]}, stage,
-                                  cfg.get("detok_ckpt_path")).to(device)
-            for tower in (m.vit, m.resampler, m.unet):
-                tower.to(dtype)
-            hold_decoder_in(m.vae, dtype)  # latents of condition images are encoded in fp32
-            built["module"] = m
-        return built["module"]
+        if cfg.model.get("detokenizer") is None:
+            raise ValueError("model.detokenizer: this experiment has no de-tokenizer config; pick one with "
+                             "model/detokenizer=sdxl|tiny")
+        model = OmegaConf.to_container(cfg.model, resolve=True)
+        m = build_detokenizer({"vit": model["vit"], "detokenizer": model["detokenizer"]}, stage,
+                              cfg.get("detok_ckpt_path")).to(device)
+        for tower in (m.vit, m.resampler, m.unet):
+            tower.to(dtype)
+        hold_decoder_in(m.vae, dtype)  # latents of condition images are encoded in fp32
+        return m
 
     return lambda: image_decoder_of(stage_module()), lambda: stage_module().vit
 

@@ -31,12 +31,15 @@ class MLLMProbeCallback(PeriodicCallback):
         self.max_new_tokens = max_new_tokens
 
     def _batch(self, dm, record: dict, drop_eos: bool, t2i: bool = False) -> dict | None:
-        try:
-            sample = dm.builder.prompt(record, t2i=t2i) if drop_eos else dm.builder(record, t2i=t2i)
-        except ValueError:  # a probe image that cannot be read: no caption this time
-            return None
-        if "skipped" in sample:
-            return None
+        if drop_eos:
+            try:
+                sample = dm.builder.prompt(record, t2i=t2i)
+            except ValueError:  # a probe record that skips (e.g. its image cannot be read): no probe this time
+                return None
+        else:
+            sample = dm.builder(record, t2i=t2i)
+            if "skipped" in sample:
+                return None
         return dm.collator([sample])
 
     @torch.no_grad()

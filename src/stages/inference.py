@@ -23,43 +23,47 @@ from src.stages.mllm_pretrain import MLLMPretrainModule
 META_FILE = "meta.pt"  # Lightning's sharded checkpoints keep everything but tensors here
 
 
-def checkpoint_hparams(path: str | Path, key: str = "ckpt_path") -> dict:
-    """The stage constructor arguments a checkpoint was trained with (`hyper_parameters`)."""
+def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict:
+    """A `.ckpt` file whole, or a sharded directory's `meta.pt` (everything but the tensors, which
+    `load_checkpoint_into` reads once a module is built to read them into). Read once per checkpoint."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{key}={str(path)!r} does not exist (a .ckpt file or a sharded checkpoint dir)")
     meta = p / META_FILE if p.is_dir() else p
-    hp = torch.load(meta, map_location="cpu", weights_only=False).get("hyper_parameters") if meta.is_file() else None
+    return torch.load(meta, map_location="cpu", weights_only=False) if meta.is_file() else {}
+
+
+def checkpoint_hparams(checkpoint: dict, path: str | Path, key: str = "ckpt_path") -> dict:
+    """The stage constructor arguments the checkpoint was trained with (`hyper_parameters`)."""
+    hp = checkpoint.get("hyper_parameters")
     if not hp:
         raise ValueError(f"{key}={str(path)!r} holds no hyper_parameters (not a checkpoint of src.train)")
-    return dict(hp)
+    return copy.deepcopy(dict(hp))
 
 
-def read_checkpoint(path: str | Path, module: StageModule, key: str = "ckpt_path") -> dict:
-    """The checkpoint dict at `path`; a sharded directory comes back with a full `state_dict` (read into
-    the built module's own tensors as a template)."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{key}={str(path)!r} does not exist (a .ckpt file or a sharded checkpoint dir)")
-    if p.is_file():
-        return torch.load(p, map_location="cpu", weights_only=False)
+def detok_stage_of(hparams: dict) -> str:
+    """`stage2` for a seedx_detok_cond checkpoint (its constructor takes the condition-image drop rate)."""
+    return "stage2" if "cond_drop_rate" in hparams else "stage1"
+
+
+def _sharded_state(module: StageModule, path: Path, key: str) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
 
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     try:
-        dcp.load({"state_dict": state}, checkpoint_id=str(p), no_dist=True)
+        dcp.load({"state_dict": state}, checkpoint_id=str(path), no_dist=True)
     except Exception as e:  # DCP names the missing entries in its own message
         raise RuntimeError(f"{key}={str(path)!r}: not a sharded checkpoint of this model: {e}") from e
-    meta = p / META_FILE
-    extra = torch.load(meta, map_location="cpu", weights_only=False) if meta.is_file() else {}
-    return {**extra, "state_dict": state}
+    return state
 
 
 def load_checkpoint_into(module: StageModule, path: str | Path, key: str = "ckpt_path",
                          checkpoint: dict | None = None) -> dict:
     """Fill a built stage from a checkpoint (read from `path` unless given), strictly: the resume check
     names missing trainable and unexpected keys. Returns the checkpoint."""
-    checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path, module, key)
+    checkpoint = dict(checkpoint if checkpoint is not None else read_checkpoint(path, key))
+    if "state_dict" not in checkpoint:  # sharded directory: the tensors, read into the module's layout
+        checkpoint["state_dict"] = _sharded_state(module, Path(path), key)
     try:
         module.on_load_checkpoint(checkpoint)
     except RuntimeError as e:
@@ -68,47 +72,43 @@ def load_checkpoint_into(module: StageModule, path: str | Path, key: str = "ckpt
     return checkpoint
 
 
-def build_mllm(stage_cfg: dict, ckpt_path: str | None = None, load_weights: bool = True) -> MLLMPretrainModule:
-    """The MLLM stage of `stage_cfg` (a resolved `stage` node), built, weights loaded, eval mode."""
+def build_mllm(stage_cfg: dict, ckpt_path: str | None = None, checkpoint: dict | None = None) -> MLLMPretrainModule:
+    """The MLLM stage of `stage_cfg` (a resolved `stage` node or a checkpoint's hyper-parameters), built,
+    weights loaded (`checkpoint`: `ckpt_path` already read), eval mode."""
     cfg = {k: v for k, v in copy.deepcopy(stage_cfg).items() if k != "_target_"}
     cfg["optimizer"] = None
     module = MLLMPretrainModule(**cfg)
-    module.build_models(load_weights=load_weights)
+    module.build_models(load_weights=True)
     if ckpt_path:
-        load_checkpoint_into(module, ckpt_path)
+        load_checkpoint_into(module, ckpt_path, checkpoint=checkpoint)
     return module.eval().requires_grad_(False)
 
 
 def build_detokenizer(model_cfg: dict, stage: str, ckpt_path: str | None = None, negative: str = "official",
-                      init_seed: int = 0) -> DetokPretrainModule:
+                      init_seed: int = 0, checkpoint: dict | None = None) -> DetokPretrainModule:
     """A stage-1 (`stage1`) or stage-2 (`stage2`) de-tokenizer, eval mode.
 
-    With `ckpt_path` (our `seedx_detok_*` last.ckpt) the checkpoint's own hyper-parameters build it
-    (model config, negative, init seed: what it was trained with, so the frozen towers come back equal);
-    else `model_cfg` (`{"vit": ..., "detokenizer": ...}`) with its weight paths (official weights:
-    `model.detokenizer.adapter_weights` = the released first/second-stage adapter, sampled with the
-    official unconditional branch, `negative=official`)."""
+    With `ckpt_path` (our `seedx_detok_*` last.ckpt; `checkpoint`: it already read) the checkpoint's own
+    hyper-parameters build it (model config, negative, seeds: what it was trained with, so the frozen
+    towers come back equal); else `model_cfg` (`{"vit": ..., "detokenizer": ...}`) with its weight paths
+    (official weights: `model.detokenizer.adapter_weights` = the released first/second-stage adapter,
+    sampled with the official unconditional branch, `negative=official`)."""
     cls = DetokCondModule if stage == "stage2" else DetokPretrainModule
     kwargs = {"model": copy.deepcopy(model_cfg), "negative": negative, "init_seed": init_seed}
-    checkpoint = None
     if ckpt_path:
-        if not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"detok_ckpt_path={ckpt_path!r} does not exist (a seedx_detok_* .ckpt)")
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        hp = checkpoint.get("hyper_parameters") or {}
-        trained_cond = "cond_drop_rate" in hp
-        if trained_cond != (stage == "stage2"):
+        checkpoint = checkpoint if checkpoint is not None else read_checkpoint(ckpt_path, "detok_ckpt_path")
+        hp = checkpoint_hparams(checkpoint, ckpt_path, "detok_ckpt_path")
+        if detok_stage_of(hp) != stage:
             want = "a stage-2 (seedx_detok_cond)" if stage == "stage2" else "a stage-1 (seedx_detok_pretrain)"
             raise ValueError(f"detok_ckpt_path={ckpt_path!r}: this mode needs {want} checkpoint")
-        kwargs = {k: hp[k] for k in ("model", "negative", "init_seed") if k in hp} or kwargs
+        kwargs = {k: hp[k] for k in ("model", "negative", "init_seed", "noise_seed") if k in hp}
         # The checkpoint holds the trained adapter: no need for the file stage 2 started from.
-        kwargs["model"] = copy.deepcopy(kwargs["model"])
         kwargs["model"]["detokenizer"]["adapter_weights"] = None
     if cls is DetokCondModule:
         kwargs["require_stage1"] = False
     module = cls(optimizer=None, **kwargs)
     module.build_models(load_weights=True)
-    if checkpoint is not None:
+    if ckpt_path:
         load_checkpoint_into(module, ckpt_path, "detok_ckpt_path", checkpoint)
     return module.eval().requires_grad_(False)
 
