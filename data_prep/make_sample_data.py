@@ -13,6 +13,8 @@ wheel are used (no pooch downloads). Writes, under --out:
 * ``images_only.jsonl``      image-only documents (+ 1 corrupt, 1 missing image)
 * ``edit.jsonl``             edit triplets (user: image + instruction, assistant: generated image)
 * ``shards/captions-000000.tar``  the good caption records as a webdataset shard (+ 1 corrupt jpg member)
+* ``sft_{chat,edit,story,ppt,tryon}.jsonl``  instruction-tuning conversations of the SEED-X-I/-Edit/-Story/
+  -PPT/-Try-on tiny twins, with ``images/edits/`` chains, ``images/slides/`` and ``images/tryon/``
 * ``README.md``              what is there and which entries are bad
 """
 
@@ -222,7 +224,177 @@ Targets are real transforms of the source photo:
 | id | source | target | instruction |
 |---|---|---|---|
 {edit_lines}
+
+## Instruction-tuning conversations (`sft_*.jsonl`)
+
+Chat records (`[INST] … [/INST]` turns at training time; CE on assistant turns only) for the tiny twins of
+the `seedx_sft_*` experiments; every line is good.
+
+| file | conversations | what |
+|---|---|---|
+| `sft_chat.jsonl` | {summary['sft_chat']} | SEED-X-I chats: images in user turns (two in one), a multi-turn chat, a box answer, a drawn image, text only |
+| `sft_edit.jsonl` | {summary['sft_edit']} | SEED-X-Edit: source at a 1x1 grid, generated targets; two multi-turn chains (`images/edits/*_flip_grey.jpg`, `*_brighter_blur.jpg`) |
+| `sft_story.jsonl` | {summary['sft_story']} | SEED-X-Story: one (image, sentence) step given, then sentence + generated image per turn |
+| `sft_ppt.jsonl` | {summary['sft_ppt']} | SEED-X-PPT: per slide the text, a layout box on the {SLIDE_SIZE[0]}x{SLIDE_SIZE[1]} canvas and the generated picture (`images/slides/` renders) |
+| `sft_tryon.jsonl` | {summary['sft_tryon']} | SEED-X-Try-on: masked person + garment crop (`images/tryon/`) -> the dressed person |
 """
+
+
+# --------------------------------------------------------------------------------------------- SFT samples
+# Instruction-tuning conversations (SEED-X-I, -Edit, -PPT, -Story, -Try-on tiny twins), written by looking at
+# the photos. Boxes are in pixels of the 320-px photos.
+SFT_CHATS: list[tuple[str, list[tuple[str, list]]]] = [
+    ("chelsea_animal", [("user", [("image", "chelsea"), ("text", "What animal is this?")]),
+                        ("assistant", [("text", "A tabby cat with yellow-green eyes.")]),
+                        ("user", [("text", "Which way is it looking?")]),
+                        ("assistant", [("text", "To the left of the camera.")])]),
+    ("coffee_drink", [("user", [("text", "What is in the cup?"), ("image", "coffee")]),
+                      ("assistant", [("text", "An espresso with crema, on a saucer with a spoon.")])]),
+    ("astronaut_helmet", [("user", [("image", "astronaut"), ("text", "Where is the helmet?")]),
+                          ("assistant", [("text", "In the lower right corner"), ("box", [228, 214, 320, 320]),
+                                         ("text", ".")])]),
+    ("two_photos", [("user", [("image", "rocket"), ("image", "hubble"),
+                              ("text", "What do these two photos have in common?")]),
+                    ("assistant", [("text", "Both are about space: a rocket on its launch pad and a telescope "
+                                            "image of distant galaxies.")])]),
+    ("page_heading", [("user", [("image", "page"), ("text", "What is the heading of the page?")]),
+                      ("assistant", [("text", "Region-based segmentation.")])]),
+    ("draw_cat", [("user", [("text", "Draw a close-up of a tabby cat's face.")]),
+                  ("assistant", [("text", "Here is a tabby cat."), ("gen", "chelsea")])]),
+    ("text_only", [("user", [("text", "What does OCR stand for?")]),
+                   ("assistant", [("text", "Optical character recognition.")])]),
+]
+
+# (id, source photo, [(instruction, edit name), ...]): a chain applies each edit to the previous result.
+SFT_EDIT_CHAINS = [
+    ("chelsea_flip_grey", "chelsea", [("Flip the photo horizontally.", "flip"),
+                                      ("Now make it black and white.", "flip_grey")]),
+    ("rocket_bright_blur", "rocket", [("Make the photo brighter.", "brighter"), ("Blur it a little.", "brighter_blur")]),
+    ("coffee_greyscale", "coffee", [("Make the photo black and white.", "greyscale")]),
+    ("astronaut_zoom", "astronaut", [("Zoom in 2x on the centre of the photo.", "zoom")]),
+]
+CHAIN_EDITS: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "flip_grey": lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).convert("L").convert("RGB"),
+    "brighter_blur": lambda im: ImageEnhance.Brightness(im).enhance(1.6).filter(ImageFilter.GaussianBlur(radius=2)),
+}
+
+SFT_STORIES = [
+    ("launch_day", ["rocket", "astronaut", "camera", "hubble"], [
+        "The rocket stood ready on the pad as the sun went down.",
+        "Before the launch the astronaut smiled for one last portrait.",
+        "A photographer on the field watched the sky through his camera.",
+        "Days later the telescope sent back pictures of distant galaxies."]),
+    ("slow_morning", ["coffee", "chelsea", "page"], [
+        "The morning began with a small cup of espresso.",
+        "The cat watched something on the windowsill.",
+        "Then it was time to read another chapter of the book."]),
+]
+
+# Slides: (deck id, topic, [(title, body, picture photo)]), rendered on a 320 x 180 canvas.
+SLIDE_SIZE = (320, 180)
+SLIDE_PICTURE_BOX = (168, 40, 308, 166)
+SFT_DECKS = [
+    ("space", "space exploration", [("Launch", "Rockets carry crews and telescopes into orbit.", "rocket"),
+                                    ("Deep field", "One telescope image holds thousands of galaxies.", "hubble")]),
+    ("cafe", "our cafe", [("Espresso", "Short, strong and served with crema.", "coffee")]),
+]
+TRYON = [("astronaut", (64, 150, 260, 320)), ("camera", (120, 40, 230, 250))]  # person, torso box (garment)
+
+
+def _t(text: str) -> dict:
+    return {"text": text}
+
+
+def _sft_item(kind: str, value) -> dict:
+    if kind == "image":
+        return {"image": _image_path(value)}
+    if kind == "gen":
+        return {"image": _image_path(value), "generate": True}
+    if kind == "box":
+        return {"box": value}
+    return _t(value)
+
+
+def _render_slide(title: str, body: str, picture: Image.Image) -> Image.Image:
+    from PIL import ImageDraw
+
+    slide = Image.new("RGB", SLIDE_SIZE, (250, 250, 245))
+    draw = ImageDraw.Draw(slide)
+    draw.rectangle((0, 0, SLIDE_SIZE[0], 28), fill=(30, 60, 120))
+    draw.text((10, 8), title, fill=(255, 255, 255))
+    draw.multiline_text((10, 44), "\n".join(body[i:i + 24] for i in range(0, len(body), 24)), fill=(20, 20, 20))
+    x0, y0, x1, y1 = SLIDE_PICTURE_BOX
+    slide.paste(picture.resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS), (x0, y0))
+    return slide
+
+
+def _png_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def build_sft_samples(out: Path, photos: dict[str, Image.Image]) -> dict[str, int]:
+    """The instruction-tuning sample files (``sft_*.jsonl``) and their derived images; returns record counts."""
+    chats = [{"id": f"sample_sft_chat/{cid}", "source": "sample_sft_chat",
+              "turns": [{"role": role, "content": [_sft_item(k, v) for k, v in items]} for role, items in turns]}
+             for cid, turns in SFT_CHATS]
+    _write_jsonl(out / "sft_chat.jsonl", chats)
+
+    transforms = {name: fn for _, name, _, fn in EDITS} | CHAIN_EDITS
+    edits = []
+    for cid, src, steps in SFT_EDIT_CHAINS:
+        turns = []
+        for k, (instruction, name) in enumerate(steps):
+            target = f"images/edits/{src}_{name}.jpg"
+            if name in CHAIN_EDITS:  # single edits were written with edit.jsonl's
+                _write_bytes(out / target, jpeg_bytes(transforms[name](photos[src])))
+            source = [{"image": _image_path(src), "grid": "1x1"}] if k == 0 else []
+            turns += [{"role": "user", "content": [*source, _t(instruction)]},
+                      {"role": "assistant", "content": [{"image": target, "generate": True}]}]
+        edits.append({"id": f"sample_sft_edit/{cid}", "source": "sample_sft_edit", "turns": turns})
+    _write_jsonl(out / "sft_edit.jsonl", edits)
+
+    stories = []
+    for sid, names, sentences in SFT_STORIES:
+        steps = list(zip(names, sentences))
+        turns = [{"role": "user", "content": [{"image": _image_path(steps[0][0])}, _t(steps[0][1]),
+                                              _t("Continue the story.")]}]
+        for k, (name, sentence) in enumerate(steps[1:]):
+            if k:
+                turns.append({"role": "user", "content": [_t("Continue the story.")]})
+            turns.append({"role": "assistant", "content": [_t(sentence), {"image": _image_path(name), "generate": True}]})
+        stories.append({"id": f"sample_sft_story/{sid}", "source": "sample_sft_story", "turns": turns})
+    _write_jsonl(out / "sft_story.jsonl", stories)
+
+    decks = []
+    for did, topic, slides in SFT_DECKS:
+        turns = []
+        for k, (title, body, name) in enumerate(slides):
+            _write_bytes(out / f"images/slides/{did}_{k}.png", _png_bytes(_render_slide(title, body, photos[name])))
+            turns += [{"role": "user", "content": [_t(f'Make a slide titled "{title}" for a deck about {topic}.')]},
+                      {"role": "assistant", "content": [
+                          _t(f"{title}\n{body}"), _t("picture"),
+                          {"box": list(map(float, SLIDE_PICTURE_BOX)), "canvas": list(SLIDE_SIZE)},
+                          {"image": _image_path(name), "generate": True}]}]
+        decks.append({"id": f"sample_sft_ppt/{did}", "source": "sample_sft_ppt", "slides": len(slides), "turns": turns})
+    _write_jsonl(out / "sft_ppt.jsonl", decks)
+
+    tryon = []
+    for name, box in TRYON:
+        person = photos[name]
+        agnostic = person.copy()
+        agnostic.paste((128, 128, 128), box)  # the clothing region masked out, as VITON-HD's agnostic images
+        _write_bytes(out / f"images/tryon/{name}_agnostic.jpg", jpeg_bytes(agnostic))
+        _write_bytes(out / f"images/tryon/{name}_garment.jpg", jpeg_bytes(person.crop(box)))
+        tryon.append({"id": f"sample_sft_tryon/{name}", "source": "sample_sft_tryon", "turns": [
+            {"role": "user", "content": [{"image": f"images/tryon/{name}_agnostic.jpg", "grid": "1x1"},
+                                         {"image": f"images/tryon/{name}_garment.jpg", "grid": "1x1"},
+                                         _t("Dress the person in this garment.")]},
+            {"role": "assistant", "content": [{"image": _image_path(name), "generate": True}]}]})
+    _write_jsonl(out / "sft_tryon.jsonl", tryon)
+    return {"sft_chat": len(chats), "sft_edit": len(edits), "sft_story": len(stories), "sft_ppt": len(decks),
+            "sft_tryon": len(tryon)}
 
 
 def build_sample_data(out: str | Path) -> dict:
@@ -267,7 +439,7 @@ def build_sample_data(out: str | Path) -> dict:
     tmp.replace(shard_path)
 
     summary = {"captions": len(captions), "images_only": len(images_only), "edit": len(edits),
-               "shard": n_shard}
+               "shard": n_shard, **build_sft_samples(out, photos)}
     _write_bytes(out / "README.md", _readme(summary).encode("utf-8"))
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     summary["files"] = files
@@ -285,6 +457,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  images_only.jsonl  {summary['images_only']} records ({len(PHOTOS)} good, 1 corrupt image, 1 missing)")
     print(f"  edit.jsonl         {summary['edit']} edit triplets (all good)")
     print(f"  {SHARD_NAME}  {summary['shard']} samples ({len(PHOTOS)} good, 1 corrupt jpg member)")
+    for name in ("sft_chat", "sft_edit", "sft_story", "sft_ppt", "sft_tryon"):
+        print(f"  {name + '.jsonl':<18} {summary[name]} conversations")
     return summary
 
 

@@ -21,8 +21,8 @@ Layout (official SEED-X, see shared/reference/official-seedx.md "MLLM wrapper"):
   officially, and only ``<img>`` and ``</s>`` carry CE.
 * A box item becomes ``<box_start><loc-xc><loc-yc><loc-w><loc-h><box_end>``, quantised against the most
   recent image before it (after turning it, like the image, by the image's EXIF orientation: record
-  boxes are in the stored pixel frame), and is supervised like the text around it. A box ``label`` is
-  metadata only.
+  boxes are in the stored pixel frame), or against its own ``canvas`` (slide layouts), and is supervised
+  like the text around it. A box ``label`` is metadata only.
 
 Text is tokenised with ``add_special_tokens=False``; adjacent text pieces that share a label are joined
 into one string first (so ``[INST] `` + question + `` [/INST]\\n`` is one piece), and image / box spans
@@ -338,11 +338,14 @@ class SeedXSequenceBuilder:
                 n_images += 1
                 segments.append(self._image_segment(last_size, value, supervised, views))
             else:
-                if last_size is None:
+                if value.get("canvas") is not None:  # a layout box on its own page (slides)
+                    q = quantize_box(value["box"], *value["canvas"])
+                elif last_size is None:
                     raise BadSample("box_without_image", f"box {value['box']!r} has no image before it")
-                # The box is in the stored pixel frame; the image was turned upright, so turn the box too.
-                stored = oriented_size(*last_size, last_orientation)
-                q = quantize_box(orient_box(value["box"], *stored, last_orientation), *last_size)
+                else:
+                    # The box is in the stored pixel frame; the image was turned upright, so turn the box too.
+                    stored = oriented_size(*last_size, last_orientation)
+                    q = quantize_box(orient_box(value["box"], *stored, last_orientation), *last_size)
                 ids = [self.tok.box_start, *(self.tok.loc[v] for v in q), self.tok.box_end]
                 segments.append(_Segment(ids, list(ids) if supervised else [IGNORE_INDEX] * len(ids),
                                          atomic=True))

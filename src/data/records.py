@@ -6,11 +6,13 @@ Record schema (see DESIGN.md, "One record schema for every stage")::
      "turns": [{"role": null | "user" | "assistant" | "system",
                 "content": [{"text": "..."},
                             {"image": "images/a.jpg", "generate": false, "grid": "any"},
-                            {"box": [x0, y0, x1, y1], "label": "..."}]}]}
+                            {"box": [x0, y0, x1, y1], "label": "...", "canvas": [w, h]}]}]}
 
 A document (caption pair, interleaved web page) is one turn with ``role: null``. Every content item has
 exactly one of ``text`` / ``image`` / ``box``. Image paths in a jsonl are relative to the jsonl's folder.
-A box is in pixels of the image before it *as stored* (the raw pixel grid, before any EXIF orientation).
+A box is in pixels of the image before it *as stored* (the raw pixel grid, before any EXIF orientation), or,
+with ``"canvas": [width, height]``, in pixels of that canvas (a slide layout: boxes on a page the record
+has no image of).
 
 Image paths are untrusted data: :func:`load_image` resolves every path (relative ones against
 ``_base_dir``; symlinks and ``..`` resolved) and refuses one that ends up outside the source's root (the
@@ -187,6 +189,10 @@ def _validate_item(item: Any, at: str) -> None:
             raise BadSample("bad_schema", f"{at}.box must satisfy 0 <= x0 <= x1 and 0 <= y0 <= y1, got {value!r}")
         if "label" in item and not isinstance(item["label"], str):
             raise BadSample("bad_schema", f"{at}.label must be a string, got {type(item['label']).__name__}")
+        canvas = item.get("canvas")
+        if canvas is not None and not (isinstance(canvas, (list, tuple)) and len(canvas) == 2
+                                       and all(_is_number(v) and v > 0 for v in canvas)):
+            raise BadSample("bad_schema", f"{at}.canvas must be [width, height] > 0, got {canvas!r}")
 
 
 def validate_record(obj: Any) -> dict:

@@ -198,7 +198,7 @@ class Conversation:
 class ConversationRunner:
     """Answers requests in one mode with plain pipelines: the MLLM generator (None for `recon`), the
     sequence builder that lays out its prompts, and the de-tokenizer (built on first use: chat draws
-    only when the model opens an image)."""
+    only when the model opens an image; a factory that returns None draws nothing)."""
 
     def __init__(self, mode: str, generator: MLLMGenerator | None, builder, decoder: Callable[[], ImageDecoder],
                  decoding: DecodingOptions, sampling: SamplingOptions, out_dir: str | Path, seed: int = 0,
@@ -270,9 +270,9 @@ class ConversationRunner:
                 owners.append((i, j))
                 conditions.append(self._condition(c))
         out: list[list[str]] = [[] for _ in chunk]
-        if not feats:
+        decoder = self.decoder if feats else None
+        if decoder is None:  # nothing drawn, or no de-tokenizer (training-time samples without one)
             return out
-        decoder = self.decoder
         images = decoder.decode(torch.stack(feats), self.sampling, self._generator(1, rnd, k),
                                 conditions=conditions if decoder.conditional else None,
                                 progress=self._timesteps(f"{self.mode_name}: denoising"))

@@ -19,18 +19,8 @@ from src.stages.base import StageModule
 from src.stages.detok_cond import DetokCondModule
 from src.stages.detok_pretrain import DetokPretrainModule
 from src.stages.mllm_pretrain import MLLMPretrainModule
-
-META_FILE = "meta.pt"  # Lightning's sharded checkpoints keep everything but tensors here
-
-
-def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict:
-    """A `.ckpt` file whole, or a sharded directory's `meta.pt` (everything but the tensors, which
-    `load_checkpoint_into` reads once a module is built to read them into). Read once per checkpoint."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{key}={str(path)!r} does not exist (a .ckpt file or a sharded checkpoint dir)")
-    meta = p / META_FILE if p.is_dir() else p
-    return torch.load(meta, map_location="cpu", weights_only=False) if meta.is_file() else {}
+from src.stages.mllm_sft import MLLMSFTModule
+from src.utils.checkpoint import read_checkpoint
 
 
 def checkpoint_hparams(checkpoint: dict, path: str | Path, key: str = "ckpt_path") -> dict:
@@ -77,7 +67,8 @@ def build_mllm(stage_cfg: dict, ckpt_path: str | None = None, checkpoint: dict |
     weights loaded (`checkpoint`: `ckpt_path` already read), eval mode."""
     cfg = {k: v for k, v in copy.deepcopy(stage_cfg).items() if k != "_target_"}
     cfg["optimizer"] = None
-    module = MLLMPretrainModule(**cfg)
+    # An SFT stage rebuilds its pre-trained start (stage.init_from) first: the checkpoint holds what trained.
+    module = (MLLMSFTModule if "init_from" in cfg else MLLMPretrainModule)(**cfg)
     module.build_models(load_weights=True)
     if ckpt_path:
         load_checkpoint_into(module, ckpt_path, checkpoint=checkpoint)

@@ -23,8 +23,10 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "atomic_torch_save", "atomic_write", "fsync_dir", "reopen_stopped_epoch",
-           "replace_dir"]
+__all__ = ["AtomicCheckpointIO", "atomic_torch_save", "atomic_write", "checkpoint_tensors", "fsync_dir",
+           "read_checkpoint", "reopen_stopped_epoch", "replace_dir"]
+
+META_FILE = "meta.pt"  # Lightning's sharded checkpoints keep everything but tensors here
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -148,3 +150,43 @@ def reopen_stopped_epoch(checkpoint: dict[str, Any]) -> bool:
     if "epoch" in checkpoint:
         checkpoint["epoch"] = counters[1]["completed"]  # trainer.current_epoch, as Lightning writes it
     return True
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict:
+    """A `.ckpt` file whole, or a sharded directory's `meta.pt` (everything but the tensors). Read once per
+    checkpoint; a missing path names `key`."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{key}={str(path)!r} does not exist (a .ckpt file or a sharded checkpoint dir)")
+    meta = p / META_FILE if p.is_dir() else p
+    return torch.load(meta, map_location="cpu", weights_only=False) if meta.is_file() else {}
+
+
+def checkpoint_tensors(path: str | Path, checkpoint: dict, key: str = "ckpt_path") -> dict[str, torch.Tensor]:
+    """The model tensors of a checkpoint by state-dict name, without a model to load them into: a `.ckpt`'s
+    `state_dict`, or every model entry of a sharded (torch.distributed.checkpoint) directory, read in one
+    process (each tensor whole)."""
+    if "state_dict" in checkpoint:
+        return dict(checkpoint["state_dict"])
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    try:
+        names = [k for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+                 if k.startswith("state_dict.")]
+        loaded = _load_state_dict_from_keys(set(names), checkpoint_id=str(path))
+    except Exception as e:  # DCP's own message says what is wrong with the directory
+        raise RuntimeError(f"{key}={str(path)!r}: not a readable sharded checkpoint: {e}") from e
+    state = loaded.get("state_dict", loaded)
+    return {k.removeprefix("state_dict."): v for k, v in _flat(state).items()}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
