@@ -255,8 +255,8 @@ SFT_CHATS: list[tuple[str, list[tuple[str, list]]]] = [
                                          ("text", ".")])]),
     ("two_photos", [("user", [("image", "rocket"), ("image", "hubble"),
                               ("text", "What do these two photos have in common?")]),
-                    ("assistant", [("text", "Both are about space: a rocket on its launch pad and a telescope "
-                                            "image of distant galaxies.")])]),
+                    ("assistant", [("text", ("Both are about space: a rocket on its launch pad and a telescope "
+                                             "image of distant galaxies."))])]),
     ("page_heading", [("user", [("image", "page"), ("text", "What is the heading of the page?")]),
                       ("assistant", [("text", "Region-based segmentation.")])]),
     ("draw_cat", [("user", [("text", "Draw a close-up of a tabby cat's face.")]),

@@ -44,3 +44,16 @@ class InjectNaN(L.Callback):
         if not self.fired and trainer.global_step == self.at_step and batch.get("batch_size"):
             batch[self.key].fill_(float("nan"))
             self.fired = True
+
+
+class SaveStateAtStart(L.Callback):
+    """Test callback: saves the module's state entries whose name contains `contains` when training starts
+    (what the first step starts from)."""
+
+    def __init__(self, path: str, contains: str) -> None:
+        self.path, self.contains = path, contains
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import torch
+
+        torch.save({k: v.detach().clone() for k, v in pl_module.state_dict().items() if self.contains in k}, self.path)

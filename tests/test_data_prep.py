@@ -66,6 +66,9 @@ def read_back(stats: dict, extra_images: dict[bytes, str] | None = None) -> list
                     assert image_bytes(rec, item) in known, "image bytes were not copied unchanged"
                     if stats["format"] == "jsonl":
                         assert item["image"].startswith("images/") and not Path(item["image"]).is_absolute()
+                elif "box" in item and "canvas" in item:  # a layout box on its own canvas (slides)
+                    x0, y0, x1, y1 = item["box"]
+                    assert 0 <= x0 <= x1 <= item["canvas"][0] and 0 <= y0 <= y1 <= item["canvas"][1]
                 elif "box" in item:
                     assert size is not None, "a box must follow an image"
                     x0, y0, x1, y1 = item["box"]

@@ -141,6 +141,7 @@ class MLLMSFTModule(MLLMPretrainModule):
         pre_lora = self._pretrain_lora_cfg()
         scale = (float(pre_lora["alpha"]) / float(pre_lora["r"])) if pre_lora else 0.0
         taken, merged = 0, 0
+        used: set[str] = {k for k in state if ".lora_" in k}  # LoRA: merged or kept below, or refused
         # 1) every trained tensor the checkpoint has under the same name and shape (resamplers, patch positions,
         #    embeddings, norms, lm_head; a frozen tower a sharded checkpoint kept), minus its LoRA
         for k, v in state.items():
@@ -149,11 +150,12 @@ class MLLMSFTModule(MLLMPretrainModule):
             if tuple(v.shape) != tuple(sources[k].shape):
                 raise ValueError(f"stage.init_from: {k} has shape {tuple(v.shape)} in the checkpoint but "
                                  f"{tuple(sources[k].shape)} in this model (model.* must match the pre-training)")
+            used.add(k)
             if ".base_layer." not in k:  # base weights come from the weight paths (and get the LoRA merged)
                 sources[k] = HeldTensor(v)
                 taken += 1
         # 2) a full fine-tune's LLM: its weights are under peft-less names; match by HF key
-        by_hf = {hf_key(k.removeprefix("mllm.llm.")): v for k, v in state.items()
+        by_hf = {hf_key(k.removeprefix("mllm.llm.")): (k, v) for k, v in state.items()
                  if k.startswith("mllm.llm.") and ".lora_" not in k and k not in own}
         # 3) the pre-training LoRA: merged into the base weight, or into the kept adapter
         for name in own:
@@ -172,15 +174,23 @@ class MLLMSFTModule(MLLMPretrainModule):
                 continue  # the fresh task LoRA
             key = hf_key(inner)
             if key in by_hf:
-                sources[name] = HeldTensor(by_hf[key])
+                used.add(by_hf[key][0])
+                sources[name] = HeldTensor(by_hf[key][1])
                 taken += 1
             module = key.removesuffix(".weight")
             if self.pretrain_lora == "merge" and key.endswith(".weight") and module in lora:
                 parts = lora.pop(module)
-                sources[name] = MergedLoRA(sources[name], parts["A"], parts["B"], scale)
+                try:
+                    sources[name] = MergedLoRA(sources[name], parts["A"], parts["B"], scale)
+                except ValueError as e:
+                    raise ValueError(f"stage.init_from: {name}: {e} (model.* must match the pre-training)") from None
                 merged += 1
         if self.pretrain_lora == "merge" and lora:
             raise ValueError(f"stage.init_from: LoRA of {sorted(lora)[:4]} has no base weight in this model")
+        unused = sorted(set(state) - used)
+        if unused:
+            raise ValueError(f"stage.init_from: {len(unused)} checkpoint tensors have no place in this model "
+                             f"(model.* must match the pre-training): {unused[:6]}")
         log.info("stage.init_from=%s: %d tensors from the checkpoint, %d LoRA weights merged (pretrain_lora=%s)",
                  self.init_from, taken, merged, self.pretrain_lora)
         return sources
