@@ -4,7 +4,9 @@ in the formats people load, no code of ours needed to read them:
     DIR/llm/          merged Hugging Face Llama (safetensors, config, tokenizer with the SEED-X tokens):
                       `transformers.AutoModelForCausalLM.from_pretrained(DIR/llm)`
     DIR/lora/         PEFT adapter (LoRA + the trained embeddings, norms and lm_head as modules_to_save) for
-                      the base Llama resized to the tokenizer: `peft.PeftModel.from_pretrained(base, DIR/lora)`
+                      the base Llama resized to the tokenizer: `peft.PeftModel.from_pretrained(base, DIR/lora)`;
+                      for an SFT checkpoint the base is the pre-trained SEED-X's merged LLM (lora/BASE.md),
+                      and with stage.pretrain_lora=keep there is no lora/ (two stacked adapters)
     DIR/agent/model.safetensors   input/output resamplers + patch_pos_embed, official key names
     DIR/vit/model.safetensors     the ViT, official (Qwen-VL visual) key names
     DIR/detokenizer/  diffusers folder (unet/, vae/, scheduler/) + adapter/model.safetensors (`resampler.*`)
@@ -79,9 +81,19 @@ def export_mllm(stage, out: Path) -> None:
     merged = merged_llm(llm)
     merged.save_pretrained(str(out / "llm"), safe_serialization=True)
     stage.tokenizer.save_pretrained(str(out / "llm"))
-    if isinstance(llm, PeftModel):
+    if isinstance(llm, PeftModel) and len(llm.peft_config) > 1:
+        # SFT with stage.pretrain_lora=keep: two stacked adapters fold into llm/, but no single PEFT adapter
+        # on the plain base holds both.
+        log.warning("two stacked LoRA adapters (%s): no lora/ export; llm/ has both merged", sorted(llm.peft_config))
+    elif isinstance(llm, PeftModel):
         export_adapter(llm, out / "lora")
         stage.tokenizer.save_pretrained(str(out / "lora"))
+        init_from = getattr(stage, "init_from", None)
+        if init_from:  # SFT: the adapter sits on the pre-trained SEED-X (its LoRA merged), not on plain Llama
+            (out / "lora" / "BASE.md").write_text(
+                f"This adapter was trained on the pre-trained SEED-X of `{init_from}` with its pre-training LoRA "
+                f"merged into the base weights: apply it to that model's merged LLM (`python -m src.export "
+                f"ckpt_path={init_from} out=BASE`, then BASE/llm), not to plain Llama-2.\n")
     agent = {k: v for k, v in stage.mllm.state_dict().items() if k.startswith(AGENT_KEY_PREFIXES)}
     (out / "agent").mkdir(parents=True, exist_ok=True)
     save_file(_contiguous(agent), str(out / "agent" / "model.safetensors"))

@@ -31,7 +31,7 @@ from src.utils.run import save_resolved_config
 
 log = logging.getLogger(__name__)
 
-PROMPT_FORMATS = ("pretrained", "instruct")
+PROMPT_FORMATS = ("auto", "pretrained", "instruct")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -66,6 +66,8 @@ def sequence_builder(cfg: DictConfig, tokenizer, mode: str) -> SeedXSequenceBuil
     fmt = cfg.generate.prompt_format
     if fmt not in PROMPT_FORMATS:
         raise ValueError(f"generate.prompt_format must be one of {PROMPT_FORMATS}, got {fmt!r}")
+    if fmt == "auto":  # instruction-tuned stages were trained on the [INST] template
+        fmt = "instruct" if str((cfg.get("stage") or {}).get("_target_", "")).endswith(".MLLMSFTModule") else "pretrained"
     d = cfg.data
     chat = mode_of(mode).pretrained_format if fmt == "pretrained" else "llama2"
     return SeedXSequenceBuilder(tokenizer, vit_image_size=d.vit_image_size, grids=list(d.grids),

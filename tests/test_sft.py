@@ -11,6 +11,7 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from src.data.mllm import MLLMDataModule
@@ -181,10 +182,19 @@ def test_an_sft_checkpoint_rebuilds_for_generation_from_its_pretrained_start(pre
     path = tmp_path / "sft.ckpt"
     torch.save({"state_dict": {k: v for k, v in sft.state_dict().items() if k not in frozen},
                 "hyper_parameters": copy.deepcopy(dict(sft.hparams))}, path)
-    rebuilt = build_mllm(torch.load(path, weights_only=False)["hyper_parameters"], str(path))
-    assert isinstance(rebuilt, MLLMSFTModule)
     ids = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(_logits(rebuilt, ids), _logits(sft, ids), rtol=1e-5, atol=1e-5)
+    # from its own hyper-parameters (src.export), and from the experiment's stage config, which does not
+    # restate init_from (src.generate): the checkpoint's start is rebuilt either way
+    experiment_stage = OmegaConf.to_container(tiny_run_cfg("seedx_sft_edit_tiny", tmp_path).stage)
+    for stage_cfg in (torch.load(path, weights_only=False)["hyper_parameters"], experiment_stage):
+        rebuilt = build_mllm(stage_cfg, str(path))
+        assert isinstance(rebuilt, MLLMSFTModule)
+        torch.testing.assert_close(_logits(rebuilt, ids), _logits(sft, ids), rtol=1e-5, atol=1e-5)
+    # a resume that forgot init_from would build another base under the trained LoRA: refused, naming the key
+    fresh = hydra.utils.instantiate(tiny_run_cfg("seedx_sft_edit_tiny", tmp_path / "x").stage, _convert_="all")
+    fresh.build_models(load_weights=True)
+    with pytest.raises(RuntimeError, match="stage.init_from="):
+        fresh.on_load_checkpoint(torch.load(path, weights_only=False))
 
 
 # ---- malformed conversations ------------------------------------------------------------------------------
@@ -270,3 +280,26 @@ def test_sft_run_from_a_pretraining_checkpoint_starts_from_its_resamplers(pretra
     keys = [k for k in state if "resampler" in k]
     assert keys and set(keys) <= set(seen)
     assert all(torch.equal(seen[k], state[k]) for k in keys)
+
+
+@pytest.mark.parametrize("mode", ["merge", "keep"])
+def test_an_sft_checkpoint_exports_a_merged_llm_that_equals_it(pretrained, mode, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from src.export import export
+
+    _, ckpt = pretrained
+    sft = _sft(tmp_path, ckpt, f"stage.pretrain_lora={mode}")
+    _perturb(sft, 2)
+    frozen = sft.frozen_state_keys()
+    path = tmp_path / "sft.ckpt"
+    torch.save({"state_dict": {k: v for k, v in sft.state_dict().items() if k not in frozen},
+                "hyper_parameters": copy.deepcopy(dict(sft.hparams))}, path)
+    out = export(str(path), tmp_path / "export")
+    merged = AutoModelForCausalLM.from_pretrained(out / "llm", local_files_only=True, dtype=torch.float32).eval()
+    ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, _logits(sft, ids), rtol=1e-4, atol=1e-4)
+    assert (out / "lora").is_dir() == (mode == "merge")
+    if mode == "merge":
+        assert str(ckpt) in (out / "lora" / "BASE.md").read_text()

@@ -67,6 +67,12 @@ def build_mllm(stage_cfg: dict, ckpt_path: str | None = None, checkpoint: dict |
     weights loaded (`checkpoint`: `ckpt_path` already read), eval mode."""
     cfg = {k: v for k, v in copy.deepcopy(stage_cfg).items() if k != "_target_"}
     cfg["optimizer"] = None
+    if ckpt_path:
+        checkpoint = checkpoint if checkpoint is not None else read_checkpoint(ckpt_path)
+        hp = checkpoint.get("hyper_parameters") or {}
+        if hp.get("init_from") and not cfg.get("init_from"):
+            # An SFT checkpoint rebuilds the pre-trained start it trained on (its own init_from) unless told otherwise.
+            cfg.update(init_from=hp["init_from"], pretrain_lora=hp.get("pretrain_lora", "merge"))
     # An SFT stage rebuilds its pre-trained start (stage.init_from) first: the checkpoint holds what trained.
     module = (MLLMSFTModule if "init_from" in cfg else MLLMPretrainModule)(**cfg)
     module.build_models(load_weights=True)

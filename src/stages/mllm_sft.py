@@ -83,6 +83,18 @@ class MLLMSFTModule(MLLMPretrainModule):
                            "file", required=False)
         return [*super().required_paths(), own]
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A lean SFT checkpoint holds what trained, not the merged base it trained on: loading it over a model
+        # built from another start would be silently wrong.
+        hp = checkpoint.get("hyper_parameters") or {}
+        if hp.get("init_from") and not self.init_from:
+            raise RuntimeError(f"this SFT checkpoint was trained from stage.init_from={hp['init_from']!r}; set it "
+                               f"(the frozen base is rebuilt from there)")
+        if hp.get("init_from") and hp.get("pretrain_lora", "merge") != self.pretrain_lora:
+            raise RuntimeError(f"this SFT checkpoint was trained with stage.pretrain_lora={hp.get('pretrain_lora')}, "
+                               f"not {self.pretrain_lora}")
+        super().on_load_checkpoint(checkpoint)
+
     # ---- the pre-trained start ----------------------------------------------------------------------------
     def pretrained(self) -> tuple[dict, dict[str, torch.Tensor]] | None:
         """(hyper-parameters, tensors) of `stage.init_from`, read once; None without it."""
