@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -70,7 +71,8 @@ def _lora_parts(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
 
 
 class MLLMSFTModule(MLLMPretrainModule):
-    def __init__(self, *args, init_from: str | None = None, pretrain_lora: str = "merge", **kwargs) -> None:
+    def __init__(self, *args, init_from: str | None = None, pretrain_lora: Literal["merge", "keep"] = "merge",
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if pretrain_lora not in PRETRAIN_LORA_MODES:
             raise ValueError(f"stage.pretrain_lora must be one of {PRETRAIN_LORA_MODES}, got {pretrain_lora!r}")
