@@ -303,3 +303,18 @@ def test_an_sft_checkpoint_exports_a_merged_llm_that_equals_it(pretrained, mode,
     assert (out / "lora").is_dir() == (mode == "merge")
     if mode == "merge":
         assert str(ckpt) in (out / "lora" / "BASE.md").read_text()
+
+
+def test_init_from_an_exported_folder_starts_from_the_exported_model(pretrained, tmp_path):
+    from src.export import export
+
+    pre, ckpt = pretrained
+    out = export(str(ckpt), tmp_path / "export")
+    sft = _sft(tmp_path, out)
+    assert sft.init_from_export and sft.llm_cfg.weights == str(out / "llm")
+    ids = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(_logits(sft, ids), _logits(pre, ids), rtol=1e-4, atol=1e-4)
+    for k, v in pre.mllm.state_dict().items():
+        if k.startswith(("input_resampler.", "output_resampler.", "patch_pos")):
+            torch.testing.assert_close(sft.mllm.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    torch.testing.assert_close(sft.vit.state_dict()["proj"], pre.vit.state_dict()["proj"], rtol=0, atol=0)

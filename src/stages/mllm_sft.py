@@ -14,9 +14,11 @@ differs. Three starts:
   The towers that are not in the checkpoint (frozen ViT and Llama base) come from the experiment's weight
   paths, or for random-init tiny twins from the checkpoint's own `init_seed`, so they equal what it was
   trained on.
-* an exported folder (`python -m src.export`) or the official SEED-X weights: no `init_from`; point the model
-  paths at them (`model.llm.weights` merged HF folder, `model.agent.weights`, `model.vit.weights`), exactly
-  as `src.generate` loads them.
+* `stage.init_from` = an exported folder (`python -m src.export`: `llm/` merged, `agent/`, `vit/`): its parts
+  become `model.llm.weights` (and tokenizer), `model.agent.weights` and `model.vit.weights`.
+* the official SEED-X weights: no `init_from`; point the model paths at them (`model.llm.weights` the merged
+  HF folder `pretrained/seed_x/llm`, `model.agent.weights` the agent `.bin`, `model.vit.weights`), exactly as
+  `src.generate` loads them.
 
 All of this happens in `weight_sources`, so under FSDP2 each rank still reads only its shards; a resume
 rebuilds the same start and then loads the run's own checkpoint over it.
@@ -25,6 +27,7 @@ rebuilds the same start and then loads the run's own checkpoint over it.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -79,10 +82,17 @@ class MLLMSFTModule(MLLMPretrainModule):
         self.init_from = init_from
         self.pretrain_lora = pretrain_lora
         self._pretrained: tuple[dict, dict[str, torch.Tensor]] | None = None
+        root = Path(init_from) if init_from else None
+        self.init_from_export = bool(root and (root / "llm").is_dir() and (root / "agent").is_dir())
+        if self.init_from_export:  # a `python -m src.export` folder: its parts are the weight paths
+            self.llm_cfg = replace(self.llm_cfg, weights=str(root / "llm"), tokenizer=str(root / "llm"), adapter=None,
+                                   allow_random_init=False)
+            self.agent_cfg = replace(self.agent_cfg, weights=str(root / "agent" / "model.safetensors"))
+            self.vit_cfg = replace(self.vit_cfg, weights=str(root / "vit" / "model.safetensors"))
 
     def required_paths(self) -> list[RequiredPath]:
-        own = RequiredPath("stage.init_from", "a seedx_pretrain checkpoint (.ckpt or sharded dir)", self.init_from,
-                           "file", required=False)
+        own = RequiredPath("stage.init_from", "a seedx_pretrain checkpoint (.ckpt or sharded dir) or src.export "
+                           "folder", self.init_from, "file", required=False)
         return [*super().required_paths(), own]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -99,8 +109,9 @@ class MLLMSFTModule(MLLMPretrainModule):
 
     # ---- the pre-trained start ----------------------------------------------------------------------------
     def pretrained(self) -> tuple[dict, dict[str, torch.Tensor]] | None:
-        """(hyper-parameters, tensors) of `stage.init_from`, read once; None without it."""
-        if self.init_from is None:
+        """(hyper-parameters, tensors) of the `stage.init_from` checkpoint, read once; None without one (no
+        init_from, or an exported folder: its parts are already the weight paths)."""
+        if self.init_from is None or self.init_from_export:
             return None
         if self._pretrained is None:
             if not Path(self.init_from).exists():

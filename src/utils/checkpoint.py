@@ -160,7 +160,12 @@ def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict:
     if not p.exists():
         raise FileNotFoundError(f"{key}={str(path)!r} does not exist (a .ckpt file or a sharded checkpoint dir)")
     meta = p / META_FILE if p.is_dir() else p
-    return torch.load(meta, map_location="cpu", weights_only=False) if meta.is_file() else {}
+    if not meta.is_file():
+        return {}
+    try:  # memory-mapped: every rank of an SFT start reads it, and optimiser states are never touched
+        return torch.load(meta, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:  # legacy (non-zip) format cannot be mapped
+        return torch.load(meta, map_location="cpu", weights_only=False)
 
 
 def checkpoint_tensors(path: str | Path, checkpoint: dict, key: str = "ckpt_path") -> dict[str, torch.Tensor]:
