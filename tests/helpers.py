@@ -57,3 +57,25 @@ class SaveStateAtStart(L.Callback):
         import torch
 
         torch.save({k: v.detach().clone() for k, v in pl_module.state_dict().items() if self.contains in k}, self.path)
+
+
+def perturb_trainable(module, seed: int) -> None:
+    """Make what trains differ from its init (LoRA B is zero at init: merging would prove nothing)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def lean_checkpoint(module, path) -> None:
+    """What src.train writes (trainable tensors + hyper-parameters), without a Trainer."""
+    import copy
+
+    import torch
+
+    frozen = module.frozen_state_keys()
+    torch.save({"state_dict": {k: v for k, v in module.state_dict().items() if k not in frozen},
+                "hyper_parameters": copy.deepcopy(dict(module.hparams))}, path)

@@ -13,25 +13,9 @@ from omegaconf import OmegaConf
 from src.export import export
 from src.pipelines.detok import SamplingOptions
 from src.stages.inference import build_detokenizer, build_mllm, image_decoder_of
-from tests.helpers import tiny_run_cfg
+from tests.helpers import lean_checkpoint, perturb_trainable, tiny_run_cfg
 
 pytestmark = pytest.mark.smoke
-
-
-def perturb_trainable(module: torch.nn.Module, seed: int) -> None:
-    """Make what trains differ from its init (LoRA B is zero at init: merging would prove nothing)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-
-
-def lean_checkpoint(module, path) -> None:
-    """What src.train writes (trainable tensors + hyper-parameters), without a Trainer."""
-    frozen = module.frozen_state_keys()
-    torch.save({"state_dict": {k: v for k, v in module.state_dict().items() if k not in frozen},
-                "hyper_parameters": copy.deepcopy(dict(module.hparams))}, path)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ with their line, and the five experiments on the meta device."""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from src.inspect import build_on_meta, count_parameters
 from src.models.vocab import image_token_ids
 from src.stages.mllm_sft import MergedLoRA
 from src.utils.materialize import HeldTensor
-from tests.helpers import compose_cfg, tiny_run_cfg
+from tests.helpers import compose_cfg, lean_checkpoint, perturb_trainable, tiny_run_cfg
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,14 +76,6 @@ def test_two_turn_chat_masks_ce_on_assistant_turns_and_mse_on_the_generated_imag
 
 
 # ---- the pre-trained start --------------------------------------------------------------------------------
-def _perturb(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-
-
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A 'trained' tiny seedx_pretrain stage and its lean checkpoint, as src.train writes it."""
@@ -92,12 +83,10 @@ def pretrained(tmp_path_factory):
     cfg = tiny_run_cfg("seedx_pretrain_tiny", tmp)
     stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
     stage.build_models(load_weights=True)
-    _perturb(stage, 0)
+    perturb_trainable(stage, 0)
     stage.eval()
-    frozen = stage.frozen_state_keys()
     ckpt = tmp / "last.ckpt"
-    torch.save({"state_dict": {k: v for k, v in stage.state_dict().items() if k not in frozen},
-                "hyper_parameters": copy.deepcopy(dict(stage.hparams))}, ckpt)
+    lean_checkpoint(stage, ckpt)
     return stage, ckpt
 
 
@@ -177,11 +166,9 @@ def test_an_sft_checkpoint_rebuilds_for_generation_from_its_pretrained_start(pre
 
     _, ckpt = pretrained
     sft = _sft(tmp_path, ckpt)
-    _perturb(sft, 1)
-    frozen = sft.frozen_state_keys()
+    perturb_trainable(sft, 1)
     path = tmp_path / "sft.ckpt"
-    torch.save({"state_dict": {k: v for k, v in sft.state_dict().items() if k not in frozen},
-                "hyper_parameters": copy.deepcopy(dict(sft.hparams))}, path)
+    lean_checkpoint(sft, path)
     ids = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(3))
     # from its own hyper-parameters (src.export), and from the experiment's stage config, which does not
     # restate init_from (src.generate): the checkpoint's start is rebuilt either way
@@ -236,8 +223,8 @@ def test_sft_experiments_pick_the_official_detokenizer_stage_and_compose(task, t
     cfg = compose_cfg(f"seedx_sft_{task}", tmp_path)
     assert cfg.stage._target_ == "src.stages.mllm_sft.MLLMSFTModule"
     assert cfg.data.chat_format == "llama2"
-    stage = mode_of(cfg.callbacks.sft_samples.mode).detokenizer
-    assert stage == ("stage2" if task in ("edit", "tryon") else "stage1")  # the official release's pairing
+    official = "stage2" if task in ("edit", "tryon") else "stage1"  # the official release's pairing
+    assert cfg.callbacks.sft_samples.detokenizer == official == mode_of(cfg.callbacks.sft_samples.mode).detokenizer
 
 
 def test_seedx_sft_edit_full_size_on_meta():
@@ -290,11 +277,9 @@ def test_an_sft_checkpoint_exports_a_merged_llm_that_equals_it(pretrained, mode,
 
     _, ckpt = pretrained
     sft = _sft(tmp_path, ckpt, f"stage.pretrain_lora={mode}")
-    _perturb(sft, 2)
-    frozen = sft.frozen_state_keys()
+    perturb_trainable(sft, 2)
     path = tmp_path / "sft.ckpt"
-    torch.save({"state_dict": {k: v for k, v in sft.state_dict().items() if k not in frozen},
-                "hyper_parameters": copy.deepcopy(dict(sft.hparams))}, path)
+    lean_checkpoint(sft, path)
     out = export(str(path), tmp_path / "export")
     merged = AutoModelForCausalLM.from_pretrained(out / "llm", local_files_only=True, dtype=torch.float32).eval()
     ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(4))

@@ -5,14 +5,15 @@ The requests are records (a jsonl of the data schema, e.g. the task's own traini
 before its first assistant turn, so the model answers the first user turn as at inference. The loop is
 `src.pipelines.conversation.ConversationRunner`, the one `python -m src.generate` runs, on the module's own
 MLLM, ViT and tokenizer, with prompts laid out by the datamodule's builder (the training layout). Images
-are drawn by the de-tokenizer the experiment names (`model/detokenizer`; `detok_ckpt_path` a trained
-`seedx_detok_*` checkpoint of the mode's stage, else the config's weights), built on the first image and
-kept. If it cannot be built (no weights at full size) the replies are still logged, text only, and the
+are drawn by the de-tokenizer the experiment names (`detokenizer`: stage1 or stage2, default the mode's;
+`model/detokenizer` the architecture; `detok_ckpt_path` a trained `seedx_detok_*` checkpoint of that stage,
+else the config's weights), built on the first image and kept. If it cannot be built (no weights at full size) the replies are still logged, text only, and the
 reason is logged once and written into the step's results.
 
 Written to `<output_dir>/samples/<mode>/step_XXXXXXX/` (results.jsonl + PNGs); W&B gets a table of
-(step, request, reply) and the images with their prompts. Every rank runs the same requests with the same
-seeds (sharded models need every rank in every forward); rank 0 writes and logs.
+(step, request, reply) and the images with their prompts. Under DDP every rank runs the same requests with
+the same seeds and rank 0 writes and logs; under FSDP2 (a sharded MLLM) the callback is skipped with a
+warning: answer the requests from a checkpoint with `python -m src.generate`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def first_turn_requests(path: str, mode: str, limit: int) -> list[dict]:
     return requests
 
 
+def _sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
 def _request_text(request: dict) -> str:
     return " ".join(item["text"] for t in request["turns"] for item in t["content"] if "text" in item)
 
@@ -52,9 +59,17 @@ def _request_text(request: dict) -> str:
 class SFTSamplesCallback(PeriodicCallback):
     def __init__(self, output_dir: str, every_n_steps: int, mode: str, requests: str, num_requests: int = 4,
                  detok_ckpt_path: str | None = None, max_new_tokens: int = 64, steps: int = 25,
-                 guidance_scale: float = 7.5, image_guidance_scale: float = 1.5, seed: int = 0) -> None:
+                 guidance_scale: float = 7.5, image_guidance_scale: float = 1.5, seed: int = 0,
+                 detokenizer: str | None = None) -> None:
         super().__init__(every_n_steps)
         self.spec = mode_of(mode)  # a wrong mode fails when the callback is built, before the model
+        if detokenizer not in (None, "stage1", "stage2"):
+            raise ValueError(f"callbacks.sft_samples.detokenizer must be stage1, stage2 or null, got {detokenizer!r}")
+        # stage 2 conditions on an input image: only modes that have one (edit, tryon) can use it
+        if detokenizer == "stage2" and self.spec.condition is None:
+            raise ValueError(f"callbacks.sft_samples.detokenizer=stage2 needs a mode with a condition image "
+                             f"(edit, tryon), not mode={mode}")
+        self.detokenizer = detokenizer or self.spec.detokenizer
         self.mode = mode
         self.dir = Path(output_dir) / "samples" / mode
         self.requests = first_turn_requests(requests, mode, num_requests)
@@ -65,6 +80,7 @@ class SFTSamplesCallback(PeriodicCallback):
         self.seed = seed
         self._decoder = None
         self._decoder_error: str | None = None
+        self._warned_sharded = False
 
     def _image_decoder(self, pl_module):
         """The mode's de-tokenizer as a plain pipeline, built once (None, with the reason kept, if it cannot)."""
@@ -77,7 +93,7 @@ class SFTSamplesCallback(PeriodicCallback):
             else:
                 try:
                     module = build_detokenizer({"vit": model["vit"], "detokenizer": model["detokenizer"]},
-                                               self.spec.detokenizer, self.detok_ckpt_path)
+                                               self.detokenizer, self.detok_ckpt_path)
                     self._decoder = image_decoder_of(module.to(pl_module.device))
                 except (MissingWeightsError, FileNotFoundError, ValueError) as e:
                     self._decoder_error = f"{type(e).__name__}: {e}"
@@ -89,6 +105,13 @@ class SFTSamplesCallback(PeriodicCallback):
     def run(self, trainer, pl_module, step: int) -> None:
         dm = trainer.datamodule
         if dm is None or getattr(dm, "builder", None) is None or pl_module.tokenizer is None:
+            return
+        if _sharded(pl_module.mllm):
+            # KV-cached decoding calls the LLM below the FSDP2 root, whose parameters stay sharded there.
+            if not self._warned_sharded:
+                log.warning("sft samples (%s): skipped under FSDP2 (sharded MLLM); answer the requests from a "
+                            "checkpoint with python -m src.generate", self.mode)
+                self._warned_sharded = True
             return
         out = self.dir / f"step_{step:07d}"
         generator = MLLMGenerator(pl_module.mllm, pl_module.vit, pl_module.tokenizer, pl_module.vit_chunk_size)

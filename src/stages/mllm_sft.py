@@ -114,9 +114,6 @@ class MLLMSFTModule(MLLMPretrainModule):
         if self.init_from is None or self.init_from_export:
             return None
         if self._pretrained is None:
-            if not Path(self.init_from).exists():
-                raise FileNotFoundError(f"stage.init_from={self.init_from!r} does not exist (a seedx_pretrain "
-                                        f"last.ckpt or sharded checkpoint dir)")
             checkpoint = read_checkpoint(self.init_from, "stage.init_from")
             hp = dict(checkpoint.get("hyper_parameters") or {})
             if "lora" not in hp or "model" not in hp:
