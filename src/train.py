@@ -14,16 +14,19 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.utils.config import check_config
 from src.utils.run import instantiate_named, save_resolved_config, write_metrics_json
+from src.utils.tracking import configure_wandb, describe_runs
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig, overrides=(), choices=None) -> tuple[dict[str, float], dict[str, Any]]:
+def train(cfg: DictConfig, overrides=(), choices=None,
+          multirun_dir: str | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     check_config(cfg, overrides, choices, for_training=True)  # every problem at once, before any build
     out = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
@@ -31,12 +34,14 @@ def train(cfg: DictConfig, overrides=(), choices=None) -> tuple[dict[str, float]
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.stage, _convert_="all")
     callbacks = instantiate_named(cfg.get("callbacks"))
+    configure_wandb(cfg, list(overrides), choices, multirun_dir)  # name, group, tags; a resume's run id
     loggers = instantiate_named(cfg.get("logger"))
     strategy = hydra.utils.instantiate(cfg.strategy) if cfg.get("strategy") else "auto"
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy)
 
     if trainer.is_global_zero:
         save_resolved_config(cfg, out)
+        describe_runs(loggers, cfg, list(overrides), cfg.paths.root_dir)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except SIGTERMException:
@@ -68,7 +73,21 @@ def main(cfg: DictConfig) -> None:
         cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
     OmegaConf.resolve(cfg)
     hc = HydraConfig.get()
-    train(cfg, overrides=list(hc.overrides.task), choices=dict(hc.runtime.choices))
+    multirun = hc.mode == RunMode.MULTIRUN
+    metrics, _ = train(cfg, overrides=list(hc.overrides.task), choices=dict(hc.runtime.choices),
+                       multirun_dir=hc.sweep.dir if multirun else None)
+    return optimized_value(cfg, metrics)
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value a search sweeper (hparams_search/) minimises or maximises: `optimized_metric` of the run's
+    final metrics (what metrics.json holds)."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(f"optimized_metric={name!r} is not among the run's metrics: {sorted(metrics)}")
+    return float(metrics[name])
 
 
 if __name__ == "__main__":

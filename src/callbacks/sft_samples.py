@@ -138,6 +138,9 @@ class SFTSamplesCallback(PeriodicCallback):
             for path in reply.get("images", []):
                 images.append(path)
                 captions.append(f"{req['id']}: {_request_text(req)[:120]}")
+            if reply.get("boxes_image"):  # grounding: the boxes the reply named, drawn on its input image
+                images.append(reply["boxes_image"])
+                captions.append(f"{req['id']} boxes: {reply['text'][:120]}")
         with (self.dir / "samples.jsonl").open("a") as f:
             f.write(json.dumps({"step": step, "results": results}) + "\n")
         for logger in trainer.loggers:

@@ -84,6 +84,9 @@ class StageModule(L.LightningModule):
         self.nonfinite_steps = 0
         self._last_good_batch: dict | None = None
         self._built = False
+        # Samples / tokens trained on, all ranks (this rank's count x world size): alternative x-axes of every
+        # curve (progress/*), kept in the checkpoint so a resume continues them.
+        self.progress = {"samples_seen": 0, "tokens_seen": 0}
 
     # ---- what a stage implements -------------------------------------------------------------------
     # Either `build_empty` + `weight_sources` (builds_empty = True: models on meta, then filled from their
@@ -184,6 +187,9 @@ class StageModule(L.LightningModule):
         if empty:
             return losses["loss"] * 0.0
         self._last_good_batch = batch
+        world = self.trainer.world_size if self._trainer is not None else 1
+        self.progress["samples_seen"] += self.batch_size_of(batch) * world
+        self.progress["tokens_seen"] += (self.tokens_of(batch) or 0) * world
         nonfinite = not bool(torch.isfinite(losses["loss"].detach()))
         if self._any_rank(nonfinite):
             self._on_nonfinite(batch, losses, local=nonfinite)
@@ -233,6 +239,7 @@ class StageModule(L.LightningModule):
         if split == "train":
             if self._trainer is not None and self.trainer.optimizers:
                 values["train/lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+            values.update({f"progress/{k}": float(v) for k, v in self.progress.items() if v})
             self.log_dict(values, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
         else:
             self.log_dict(values, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
@@ -265,6 +272,7 @@ class StageModule(L.LightningModule):
         return {clean_name(n) for n, p in self.named_parameters() if not p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["progress"] = dict(self.progress)
         # Sharded (distributed) checkpoints load against the full module state as a template, and each
         # rank writes only its shard anyway: keep everything there.
         if self.checkpoint_frozen or writes_sharded_checkpoints(self._trainer.strategy if self._trainer else None):
@@ -274,6 +282,7 @@ class StageModule(L.LightningModule):
         checkpoint["frozen_keys_dropped"] = len(frozen)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.progress.update(checkpoint.get("progress") or {})
         state = checkpoint.get("state_dict")
         if state is None:  # distributed checkpoint: the strategy loads the weights itself
             return
