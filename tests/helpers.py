@@ -79,3 +79,20 @@ def lean_checkpoint(module, path) -> None:
     frozen = module.frozen_state_keys()
     torch.save({"state_dict": {k: v for k, v in module.state_dict().items() if k not in frozen},
                 "hyper_parameters": copy.deepcopy(dict(module.hparams))}, path)
+
+
+def wandb_records(run_dir) -> dict[str, list]:
+    """The records of an offline run's .wandb file, by kind (run, config, history, ...)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.sdk.internal import datastore
+
+    (path,) = run_dir.glob("run-*.wandb")
+    ds = datastore.DataStore()
+    ds.open_for_scan(str(path))
+    out: dict[str, list] = {}
+    while (data := ds.scan_data()) is not None:
+        rec = pb.Record()
+        rec.ParseFromString(data)
+        kind = rec.WhichOneof("record_type")
+        out.setdefault(kind, []).append(getattr(rec, kind))
+    return out

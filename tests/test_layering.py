@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Entry points: `python -m src.<name>` modules (and the ones the design names for later).
 ENTRY_POINTS = ("train", "inspect", "bench", "generate", "eval", "export", "report", "demo")
-PACKAGES = ("models", "data", "stages", "pipelines", "callbacks", "utils")
+PACKAGES = ("models", "data", "stages", "pipelines", "callbacks", "utils", "evaluation")
 
 # layer -> layers it must not import. data may use plain model modules (src.models.vocab, ViT constants);
 # utils may import model config dataclasses.
@@ -26,6 +26,8 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "stages": frozenset({"entry"}),
     "pipelines": frozenset({"stages", "entry"}),
     "utils": frozenset({"stages", "entry"}),
+    # benchmark files and scorers: pure functions, no model code
+    "evaluation": frozenset({"models", "stages", "pipelines", "callbacks", "entry"}),
 }
 
 

@@ -14,27 +14,10 @@ from PIL import Image
 
 from src.report import report
 from src.utils.tracking import git_state, run_identity
-from tests.helpers import CONF, compose_cfg, tiny_run_cfg
+from tests.helpers import CONF, compose_cfg, tiny_run_cfg, wandb_records
 
 ROOT = CONF.parent
 SWEEPS = sorted((ROOT / "experiments").glob("*/sweep.yaml"))
-
-
-def wandb_records(run_dir: Path) -> dict[str, list]:
-    """The records of an offline run's .wandb file, by kind (run, config, history, ...)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-    from wandb.sdk.internal import datastore
-
-    (path,) = run_dir.glob("run-*.wandb")
-    ds = datastore.DataStore()
-    ds.open_for_scan(str(path))
-    out: dict[str, list] = {}
-    while (data := ds.scan_data()) is not None:
-        rec = pb.Record()
-        rec.ParseFromString(data)
-        kind = rec.WhichOneof("record_type")
-        out.setdefault(kind, []).append(getattr(rec, kind))
-    return out
 
 
 # ---- identity ----------------------------------------------------------------------------------------------
