@@ -13,10 +13,10 @@ help:  ## list targets
 
 setup: $(VENV)/.installed  ## create .venv with pinned deps (idempotent)
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints/eval.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -c constraints/eval.txt -e '.[dev,eval]'
 	touch $@
 
 demo: setup  ## the whole chain on the tiny twins (CPU, ~1 min): train 3 stages, generate 4 modes, outputs/demo/report.md

@@ -10,6 +10,8 @@ Deterministic. Questions are written by looking at the photos in assets/sample/i
                       each, a yes and a no question per image (``image_path`` names the shared image; the
                       second row refers to the first's image by index)
 * ``seedbench2.tsv``  4 four-option questions in 2 categories
+* ``t2i.tsv``         6 captions of the bundled photos (``question``) with the photo as reference (``image``)
+* ``edit.tsv``        the 8 sample edits: source (``image``), instruction (``question``), target (``target``)
 """
 
 from __future__ import annotations
@@ -89,12 +91,29 @@ def seedbench2_rows() -> list[dict]:
             for i, (photo, question, options, answer, category) in enumerate(SEEDBENCH2)]
 
 
+def t2i_rows() -> list[dict]:
+    from data_prep.make_sample_data import PHOTOS
+
+    names = ["chelsea", "coffee", "rocket", "astronaut", "coins", "motorcycle"]
+    return [{"index": i, "question": PHOTOS[n][2], "image": _b64(n)} for i, n in enumerate(names)]
+
+
+def edit_rows() -> list[dict]:
+    from data_prep.make_sample_data import EDITS
+
+    return [{"index": i, "question": instruction, "image": _b64(src),
+             "target": base64.b64encode((IMAGES / "edits" / f"{src}_{name}.jpg").read_bytes()).decode("ascii")}
+            for i, (src, name, instruction, _) in enumerate(EDITS)]
+
+
 def build(out: str | Path) -> dict[str, int]:
     out = Path(out)
+    _write(out / "t2i.tsv", ["index", "question", "image"], t2i_rows())
+    _write(out / "edit.tsv", ["index", "question", "image", "target"], edit_rows())
     _write(out / "mmbench.tsv", MC_COLUMNS, mmbench_rows())
     _write(out / "mme.tsv", ["index", "image_path", "category", "question", "answer", "image"], mme_rows())
     _write(out / "seedbench2.tsv", MC_COLUMNS, seedbench2_rows())
-    return {"mmbench": 4 * len(MMBENCH), "mme": 2 * len(MME), "seedbench2": len(SEEDBENCH2)}
+    return {"mmbench": 4 * len(MMBENCH), "mme": 2 * len(MME), "seedbench2": len(SEEDBENCH2), "t2i": 6, "edit": 8}
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:

@@ -15,7 +15,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from fixtures import data_prep_layouts as layouts
 
 from data_prep import convert_grit, convert_img2dataset, convert_interleaved, convert_llavar, convert_text
 from data_prep.common import ImageBlob, ImageIndex, image_from_bytes
@@ -29,6 +28,7 @@ from src.data.records import (
     record_text,
     validate_record,
 )
+from tests.fixtures import data_prep_layouts as layouts
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]

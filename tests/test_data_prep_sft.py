@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from fixtures import data_prep_layouts as layouts
 
 from data_prep import convert_edit, convert_llava, convert_slides, convert_vist, convert_viton
 from src.data.mllm import load_tokenizer
 from src.data.mllm_collate import MLLMCollator
 from src.data.mllm_sequence import IGNORE_INDEX, SeedXSequenceBuilder
 from src.data.records import load_image, read_jsonl
+from tests.fixtures import data_prep_layouts as layouts
 from tests.test_data_prep import BY_BYTES, check_skips, image_bytes, read_back
 
 pytestmark = pytest.mark.unit

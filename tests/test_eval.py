@@ -20,7 +20,7 @@ from src.evaluation.scorers import (
     score_multiple_choice,
 )
 from src.evaluation.vlmeval_tsv import decode_image, options_of, read_tsv, write_predictions
-from tests.helpers import compose_cfg, wandb_records
+from tests.helpers import compose_cfg, tiny_run_cfg, wandb_records
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def test_src_eval_writes_eval_json_md_and_predictions_on_the_tiny_twin(task, tmp
 
 
 def test_question_prompts_list_the_options_as_vlmevalkit_does():
-    from src.eval import MC_INSTRUCTION, question_text, request_of
+    from src.pipelines.benchmark import MC_INSTRUCTION, question_text, request_of
 
     row = read_tsv(EVAL / "seedbench2.tsv")[0]
     text = question_text("seedbench2", row)
@@ -160,3 +160,86 @@ def test_question_prompts_list_the_options_as_vlmevalkit_does():
     req = request_of("seedbench2", row)
     assert Image.open(io.BytesIO(req["_blobs"]["img"])).size == decode_image(row).size
     assert base64.b64encode(req["_blobs"]["img"]).decode() == row["image"]
+
+
+@pytest.mark.smoke
+def test_the_eval_callback_scores_the_benchmark_during_training(tmp_path):
+    from src.train import train
+
+    metrics, _ = train(tiny_run_cfg("seedx_sft_i_tiny", tmp_path, [
+        "trainer.max_steps=2", "callbacks.eval_benchmark.every_n_steps=2", "callbacks.eval_benchmark.task=mme",
+        f"callbacks.eval_benchmark.path={EVAL / 'mme.tsv'}", "callbacks.sft_samples.every_n_steps=0"]))
+    (line,) = (tmp_path / "eval" / "mme.jsonl").read_text().splitlines()
+    run = json.loads(line)
+    assert run["step"] == 2 and len(run["answers"]) == 12 and run["scores"]["questions"] == 12
+    assert metrics["eval/mme/perception"] == run["scores"]["perception"]
+
+
+def test_fid_of_a_folder_against_itself_is_zero_and_grows_when_perturbed():
+    from PIL import ImageFilter
+
+    from src.evaluation.image_metrics import FeatureNets, fid
+
+    photos = [Image.open(ROOT / "assets/sample/images" / f"{n}.jpg") for n in
+              ("chelsea", "coffee", "rocket", "astronaut", "coins", "camera")]
+    nets = FeatureNets(tiny=True, tokenizer_path=str(ROOT / "assets/tokenizers/tiny-llama"))
+    assert abs(fid(nets, photos, photos)) < 1e-6
+    blurred = fid(nets, [p.filter(ImageFilter.GaussianBlur(3)) for p in photos], photos)
+    noisier = fid(nets, [p.filter(ImageFilter.GaussianBlur(8)) for p in photos], photos)
+    assert 0 < blurred < noisier
+
+
+def test_editing_metrics_are_perfect_on_identical_images_and_a_missing_network_names_its_key():
+    from PIL import ImageOps
+
+    from src.evaluation.image_metrics import FeatureNets, clip_i, dino_similarity, l1_distance
+
+    photos = [Image.open(ROOT / "assets/sample/images" / f"{n}.jpg") for n in ("chelsea", "coffee")]
+    nets = FeatureNets(tiny=True, tokenizer_path=str(ROOT / "assets/tokenizers/tiny-llama"))
+    assert l1_distance(photos, photos) == 0.0
+    assert clip_i(nets, photos, photos) == pytest.approx(1.0, abs=1e-5)
+    assert dino_similarity(nets, photos, photos) == pytest.approx(1.0, abs=1e-5)
+    inverted = [ImageOps.invert(p.convert("RGB")) for p in photos]
+    assert l1_distance(inverted, photos) > 0.2 and dino_similarity(nets, inverted, photos) < 1.0
+    with pytest.raises(FileNotFoundError, match="metrics.clip_path: needs a local CLIP folder"):
+        clip_i(FeatureNets(), photos, photos)
+    with pytest.raises(FileNotFoundError, match="metrics.fid_weights"):
+        FeatureNets(fid_weights="/nope.pth").fid_metric()
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("task", ["t2i", "edit"])
+def test_src_eval_image_tasks_draw_and_score_on_the_tiny_twin(task, tmp_path):
+    from omegaconf import OmegaConf
+
+    from src.eval import evaluate
+
+    cfg = compose_cfg("seedx_pretrain_tiny", tmp_path, [f"task={task}", "logger=csv", "sampling.steps=2",
+                                                        "batch_size=8"], config_name="eval")
+    OmegaConf.resolve(cfg)
+    result = evaluate(cfg)
+    scores = json.loads((tmp_path / "eval.json").read_text())["scores"]
+    assert scores == result["scores"] and scores["drawn"] == scores["samples"] > 0 and scores["tiny_metric_networks"]
+    keys = {"t2i": ("clip_score", "fid"), "edit": ("l1", "clip_i", "dino")}[task]
+    assert all(k in scores and scores[k] == scores[k] for k in keys)  # present and not NaN
+    assert len(list((tmp_path / "images").glob("*.png"))) == scores["drawn"]
+    assert "| " + keys[0] + " |" in (tmp_path / "eval.md").read_text()
+
+
+def test_src_eval_scores_a_folder_of_outputs_without_building_a_model(tmp_path):
+    from omegaconf import OmegaConf
+
+    from src.eval import evaluate
+
+    rows = read_tsv(EVAL / "edit.tsv")
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    for r in rows[:5]:  # perfect edits for 5 of the 8 rows: the targets themselves
+        decode_image({"index": r["index"], "image": r["target"]}).save(outputs / f"{r['index']}.png")
+    cfg = compose_cfg("seedx_pretrain_tiny", tmp_path / "run", ["task=edit", "logger=csv", f"outputs={outputs}"],
+                      config_name="eval")
+    OmegaConf.resolve(cfg)
+    scores = evaluate(cfg)["scores"]
+    assert scores["drawn"] == 5 and scores["samples"] == 8
+    assert scores["l1"] == pytest.approx(0.0, abs=1e-6) and scores["clip_i"] == pytest.approx(1.0, abs=1e-5)
+    assert scores["dino"] == pytest.approx(1.0, abs=1e-5)

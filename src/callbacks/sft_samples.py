@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from src.callbacks.periodic import PeriodicCallback
+from src.parallel import is_sharded
 from src.pipelines.conversation import ConversationRunner, load_requests, mode_of
 from src.pipelines.detok import SamplingOptions
 from src.pipelines.mllm import DecodingOptions, MLLMGenerator
@@ -44,12 +45,6 @@ def first_turn_requests(path: str, mode: str, limit: int) -> list[dict]:
             turns.append(t)
         requests.append({**rec, "turns": turns})
     return requests
-
-
-def _sharded(module: torch.nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def _request_text(request: dict) -> str:
@@ -106,7 +101,7 @@ class SFTSamplesCallback(PeriodicCallback):
         dm = trainer.datamodule
         if dm is None or getattr(dm, "builder", None) is None or pl_module.tokenizer is None:
             return
-        if _sharded(pl_module.mllm):
+        if is_sharded(pl_module.mllm):
             # KV-cached decoding calls the LLM below the FSDP2 root, whose parameters stay sharded there.
             if not self._warned_sharded:
                 log.warning("sft samples (%s): skipped under FSDP2 (sharded MLLM); answer the requests from a "

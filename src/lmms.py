@@ -1,0 +1,161 @@
+"""SEED-X as an lmms-eval model: `lmms-eval --model seedx --model_args experiment=seedx_sft_i,ckpt_path=... --tasks mme`.
+
+Registered through lmms-eval's plugin entry points (`[project.entry-points."lmms_eval.models"]` in pyproject:
+`seedx = "src.lmms:manifest"`), installed with the optional extra: `pip install -c constraints/eval.txt -e '.[eval]'`
+(the constraint keeps antlr4 at 4.9.3 for Hydra; `make setup` does this). lmms-eval is imported only here.
+
+Model args (`--model_args k=v,...`): `experiment` (a conf/experiment name; its model.* paths, data layout and
+prompt format), `ckpt_path` (our .ckpt or sharded dir), `exported` (a `src.export` folder), `overrides`
+(Hydra overrides separated by `;`), `device`, `dtype` (float32 | bfloat16), `batch_size`, `max_new_tokens`,
+`prompt_format` (auto | pretrained | instruct). Images are laid out at dynamic resolution exactly as in
+training (the experiment's any-res grids), in the order lmms-eval hands them, before the question text.
+
+* `generate_until`: greedy (or the task's `do_sample`/`temperature`/`top_p`) batched KV-cached decoding
+  (src/pipelines/mllm.py), cut at the task's `until` strings and `max_new_tokens`.
+* `loglikelihood`: log P(continuation | context) from one forward pass of the prompt + continuation, and
+  whether greedy decoding would have produced the continuation.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import torch
+from lmms_eval.api.model import lmms
+from lmms_eval.models.registry_v2 import ModelManifest
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def manifest() -> ModelManifest:
+    return ModelManifest(model_id="seedx", simple_class_path="src.lmms.SeedX")
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class SeedX(lmms):
+    def __init__(self, experiment: str = "seedx_sft_i", ckpt_path: str | None = None, exported: str | None = None,
+                 overrides: str = "", device: str = "cpu", dtype: str = "float32", batch_size: int | str = 1,
+                 max_new_tokens: int | str = 128, prompt_format: str = "auto", **unused) -> None:
+        super().__init__()
+        from hydra import compose, initialize_config_dir
+        from omegaconf import OmegaConf, open_dict
+
+        from src.generate import exported_paths, inference_dtype, sequence_builder
+        from src.pipelines.mllm import MLLMGenerator
+        from src.stages.inference import build_mllm
+
+        os.environ.setdefault("PROJECT_ROOT", str(CONF.parent))
+        extra = [o for o in str(overrides or "").split(";") if o.strip()]
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name="generate", overrides=[f"experiment={experiment}", f"device={device}",
+                                                             f"dtype={dtype}",
+                                                             f"generate.prompt_format={prompt_format}", *extra])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(Path(cfg.paths.log_dir) / "lmms_eval")
+            if exported:
+                cfg.exported = exported
+        if cfg.get("exported"):
+            exported_paths(cfg)
+        OmegaConf.resolve(cfg)
+        stage = build_mllm(OmegaConf.to_container(cfg.stage, resolve=True), ckpt_path)
+        self.stage = stage.to(torch.device(device), inference_dtype(cfg))
+        self.generator = MLLMGenerator(stage.mllm, stage.vit, stage.tokenizer, stage.vit_chunk_size)
+        self.builder = sequence_builder(cfg, stage.tokenizer, "chat")
+        self.tokenizer = stage.tokenizer
+        self.batch_size_per_gpu = int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        self.device = torch.device(device)
+
+    # ---- requests -> our records --------------------------------------------------------------------------
+    def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
+        if doc_to_visual is None:
+            return []
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+        return [v for v in (visuals or []) if hasattr(v, "convert")]  # images (videos/audio are not modelled)
+
+    def _record(self, context: str, images: list, rid: str) -> dict:
+        blobs = {f"img{k}": _png(im) for k, im in enumerate(images)}
+        text = context.replace("<image>", "").strip() or " "
+        content = [{"image": name} for name in blobs] + [{"text": text}]
+        return {"id": rid, "source": "lmms_eval", "_where": rid, "_blobs": blobs,
+                "turns": [{"role": "user", "content": content}]}
+
+    # ---- lmms interface -----------------------------------------------------------------------------------
+    def generate_until(self, requests) -> list[str]:
+        from src.pipelines.mllm import DecodingOptions
+
+        out: list[str] = []
+        for start in range(0, len(requests), self.batch_size_per_gpu):
+            chunk = requests[start:start + self.batch_size_per_gpu]
+            args = [r.args for r in chunk]
+            gen_kwargs = dict(args[0][1] or {})  # lmms-eval groups requests of one task: the same kwargs
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            options = DecodingOptions(
+                max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
+                do_sample=bool(gen_kwargs.get("do_sample", False)) and float(gen_kwargs.get("temperature", 0)) > 0,
+                temperature=float(gen_kwargs.get("temperature", 1.0) or 1.0),
+                top_p=float(gen_kwargs.get("top_p", 1.0) or 1.0), image="free")
+            samples = [self.builder.prompt(self._record(ctx, self._visuals(dtv, doc_id, task, split),
+                                                        f"{task}/{doc_id}"))
+                       for ctx, _, dtv, doc_id, task, split in args]
+            for g in self.generator.generate(samples, options):
+                text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+                for stop in until:
+                    if stop and stop in text:
+                        text = text.split(stop, 1)[0]
+                out.append(text.strip())
+        return out
+
+    @torch.no_grad()
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        from src.data.mllm_collate import MLLMCollator
+
+        collate = MLLMCollator(self.tokenizer.pad_token_id, max_length=1 << 20)
+        out: list[tuple[float, bool]] = []
+        for context, target, dtv, doc_id, task, split in [r.args for r in requests]:
+            continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
+            sample = self.builder.prompt(self._record(context, self._visuals(dtv, doc_id, task, split),
+                                                      f"{task}/{doc_id}"))
+            cont = self._continuation_ids(context, continuation)
+            n = len(cont)
+            if n == 0:
+                out.append((0.0, True))
+                continue
+            pad = torch.zeros(n, dtype=torch.bool)
+            sample = {**sample, "input_ids": torch.cat([sample["input_ids"], torch.tensor(cont)]),
+                      "labels": torch.cat([sample["labels"], torch.tensor(cont)]),
+                      "ids_cmp_mask": torch.cat([sample["ids_cmp_mask"], pad]),
+                      "ids_gen_mask": torch.cat([sample["ids_gen_mask"], pad])}
+            batch = self.stage.transfer_batch_to_device(collate([sample]), self.device, 0)
+            logits = self.stage.mllm(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                ids_cmp_mask=batch["ids_cmp_mask"], ids_gen_mask=batch["ids_gen_mask"],
+                image_embeds=self.stage.image_embeds(batch), embeds_cmp_mask=batch["embeds_cmp_mask"],
+                embeds_gen_mask=batch["embeds_gen_mask"], patch_positions=batch["patch_positions"])["logits"][0]
+            # the logits at position t predict token t + 1: the continuation's tokens are the last n
+            pred = torch.log_softmax(logits[-n - 1:-1].float(), dim=-1)
+            ids = torch.tensor(cont, device=pred.device)
+            out.append((float(pred.gather(1, ids[:, None]).sum()), bool((pred.argmax(-1) == ids).all())))
+        return out
+
+    def _continuation_ids(self, context: str, continuation: str) -> list[int]:
+        """The continuation's tokens as they follow the prompt: tokenised after the end of the prompt text (the chat
+        format's user suffix, e.g. `\nAnswer:`), so a word-start marker merges as it would in generation (the
+        lm-eval convention: encode(context + continuation) minus encode(context))."""
+        anchor = self.builder.chat.user_suffix or context[-32:] or "\n"
+        head = self.tokenizer.encode(anchor, add_special_tokens=False)
+        whole = self.tokenizer.encode(anchor + continuation, add_special_tokens=False)
+        return whole[len(head):] if whole[:len(head)] == head else self.tokenizer.encode(continuation,
+                                                                                          add_special_tokens=False)
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("seedx: multi-round generation tasks are not supported; use single-round tasks "
+                                  "(mme, mmbench_en_dev, seedbench_2)")
