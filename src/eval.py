@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 
 SCORERS = {"mmbench": score_mmbench, "mme": score_mme, "seedbench2": score_multiple_choice}
 IMAGE_TASKS = ("t2i", "edit")
+COLUMNS = {"mmbench": ("image", "answer", "A", "B"), "mme": ("image", "answer", "category"),
+           "seedbench2": ("image", "answer", "A", "B"), "t2i": ("question", "image"),
+           "edit": ("question", "image", "target")}
 TASKS = (*SCORERS, *IMAGE_TASKS)
 HEADLINE = {"mmbench": "circular_accuracy", "mme": "perception", "seedbench2": "accuracy", "t2i": "clip_score",
             "edit": "clip_i"}
@@ -97,7 +100,8 @@ def image_scores(cfg: DictConfig, task: str, rows: list[dict], drawn: dict[str, 
     if task == "t2i":
         references = [decode_image(r) for r in rows]
         scores["clip_score"] = image_metrics.clip_score(nets, outputs, [r["question"] for r in done])
-        scores["fid"] = image_metrics.fid(nets, outputs, references)
+        if len(outputs) >= 2:  # FID needs a covariance on each side
+            scores["fid"] = image_metrics.fid(nets, outputs, references)
     else:
         targets = [decode_image({"index": r["index"], "image": r["target"]}) for r in done]
         scores["l1"] = image_metrics.l1_distance(outputs, targets)
@@ -151,6 +155,9 @@ def evaluate(cfg: DictConfig) -> dict:
     check_experiment(cfg, "chat")
     path = cfg.data.get("path") or str(Path(cfg.paths.root_dir) / "assets" / "eval" / f"{task}.tsv")
     rows = read_tsv(path)  # a bad file fails before any model is built
+    missing = [c for c in COLUMNS[task] if c not in rows[0]]
+    if missing:
+        raise ValueError(f"data.path={path}: task={task} needs the columns {missing} (VLMEvalKit layout)")
     if cfg.get("limit"):
         rows = rows[: int(cfg.limit)]
     dtype = inference_dtype(cfg)

@@ -96,3 +96,17 @@ def wandb_records(run_dir) -> dict[str, list]:
         kind = rec.WhichOneof("record_type")
         out.setdefault(kind, []).append(getattr(rec, kind))
     return out
+
+
+def trained_tiny_mllm(tmp):
+    """A 'trained' tiny seedx_pretrain stage (its trainable weights moved off their init) and its lean
+    checkpoint `tmp/last.ckpt`, as src.train writes it."""
+    import hydra
+
+    stage = hydra.utils.instantiate(tiny_run_cfg("seedx_pretrain_tiny", tmp).stage, _convert_="all")
+    stage.build_models(load_weights=True)
+    perturb_trainable(stage, 0)
+    stage.eval()
+    ckpt = tmp / "last.ckpt"
+    lean_checkpoint(stage, ckpt)
+    return stage, ckpt

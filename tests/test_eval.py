@@ -243,3 +243,15 @@ def test_src_eval_scores_a_folder_of_outputs_without_building_a_model(tmp_path):
     assert scores["drawn"] == 5 and scores["samples"] == 8
     assert scores["l1"] == pytest.approx(0.0, abs=1e-6) and scores["clip_i"] == pytest.approx(1.0, abs=1e-5)
     assert scores["dino"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_benchmark_file_without_the_tasks_columns_fails_before_any_model_is_built(tmp_path):
+    from omegaconf import OmegaConf
+
+    from src.eval import evaluate
+
+    cfg = compose_cfg("seedx_pretrain_tiny", tmp_path, ["task=edit", "logger=csv", f"data.path={EVAL / 't2i.tsv'}"],
+                      config_name="eval")
+    OmegaConf.resolve(cfg)
+    with pytest.raises(ValueError, match=r"task=edit needs the columns \['target'\]"):
+        evaluate(cfg)

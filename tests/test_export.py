@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from src.export import export
 from src.pipelines.detok import SamplingOptions
 from src.stages.inference import build_detokenizer, build_mllm, image_decoder_of
-from tests.helpers import lean_checkpoint, perturb_trainable, tiny_run_cfg
+from tests.helpers import lean_checkpoint, perturb_trainable, tiny_run_cfg, trained_tiny_mllm
 
 pytestmark = pytest.mark.smoke
 
@@ -21,13 +21,7 @@ pytestmark = pytest.mark.smoke
 @pytest.fixture(scope="module")
 def trained_mllm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mllm")
-    cfg = tiny_run_cfg("seedx_pretrain_tiny", tmp)
-    stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
-    stage.build_models(load_weights=True)
-    perturb_trainable(stage, 0)
-    stage.eval()
-    ckpt = tmp / "last.ckpt"
-    lean_checkpoint(stage, ckpt)
+    stage, ckpt = trained_tiny_mllm(tmp)
     out = export(str(ckpt), tmp / "export")
     return stage, ckpt, out
 

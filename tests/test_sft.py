@@ -19,7 +19,7 @@ from src.inspect import build_on_meta, count_parameters
 from src.models.vocab import image_token_ids
 from src.stages.mllm_sft import MergedLoRA
 from src.utils.materialize import HeldTensor
-from tests.helpers import compose_cfg, lean_checkpoint, perturb_trainable, tiny_run_cfg
+from tests.helpers import compose_cfg, lean_checkpoint, perturb_trainable, tiny_run_cfg, trained_tiny_mllm
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,15 +79,7 @@ def test_two_turn_chat_masks_ce_on_assistant_turns_and_mse_on_the_generated_imag
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A 'trained' tiny seedx_pretrain stage and its lean checkpoint, as src.train writes it."""
-    tmp = tmp_path_factory.mktemp("pretrain")
-    cfg = tiny_run_cfg("seedx_pretrain_tiny", tmp)
-    stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
-    stage.build_models(load_weights=True)
-    perturb_trainable(stage, 0)
-    stage.eval()
-    ckpt = tmp / "last.ckpt"
-    lean_checkpoint(stage, ckpt)
-    return stage, ckpt
+    return trained_tiny_mllm(tmp_path_factory.mktemp("pretrain"))
 
 
 def _sft(tmp_path, init_from, *overrides):
