@@ -91,11 +91,13 @@ class SeedX(lmms):
     def generate_until(self, requests) -> list[str]:
         from src.pipelines.mllm import DecodingOptions
 
-        out: list[str] = []
-        for start in range(0, len(requests), self.batch_size_per_gpu):
-            chunk = requests[start:start + self.batch_size_per_gpu]
-            args = [r.args for r in chunk]
-            gen_kwargs = dict(args[0][1] or {})  # lmms-eval groups requests of one task: the same kwargs
+        # lmms-eval hands over the requests of every task at once: batch only those with the same kwargs
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(f"{r.args[4]}|{sorted((r.args[1] or {}).items())!r}", []).append(i)
+        out: list[str] = [""] * len(requests)
+        for members in groups.values():
+            gen_kwargs = dict(requests[members[0]].args[1] or {})
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             options = DecodingOptions(
@@ -103,15 +105,19 @@ class SeedX(lmms):
                 do_sample=bool(gen_kwargs.get("do_sample", False)) and float(gen_kwargs.get("temperature", 0)) > 0,
                 temperature=float(gen_kwargs.get("temperature", 1.0) or 1.0),
                 top_p=float(gen_kwargs.get("top_p", 1.0) or 1.0), image="free")
-            samples = [self.builder.prompt(self._record(ctx, self._visuals(dtv, doc_id, task, split),
-                                                        f"{task}/{doc_id}"))
-                       for ctx, _, dtv, doc_id, task, split in args]
-            for g in self.generator.generate(samples, options):
-                text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True)
-                for stop in until:
-                    if stop and stop in text:
-                        text = text.split(stop, 1)[0]
-                out.append(text.strip())
+            for start in range(0, len(members), self.batch_size_per_gpu):
+                chunk = members[start:start + self.batch_size_per_gpu]
+                samples = []
+                for i in chunk:
+                    ctx, _, dtv, doc_id, task, split = requests[i].args
+                    record = self._record(ctx, self._visuals(dtv, doc_id, task, split), f"{task}/{doc_id}")
+                    samples.append(self.builder.prompt(record))
+                for i, g in zip(chunk, self.generator.generate(samples, options)):
+                    text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+                    for stop in until:
+                        if stop and stop in text:
+                            text = text.split(stop, 1)[0]
+                    out[i] = text.strip()
         return out
 
     @torch.no_grad()

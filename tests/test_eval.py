@@ -255,3 +255,16 @@ def test_a_benchmark_file_without_the_tasks_columns_fails_before_any_model_is_bu
     OmegaConf.resolve(cfg)
     with pytest.raises(ValueError, match=r"task=edit needs the columns \['target'\]"):
         evaluate(cfg)
+
+
+@pytest.mark.slow
+def test_the_eval_cli_writes_eval_json_and_md(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "src.eval", "experiment=seedx_pretrain_tiny", "task=mme",
+                          f"paths.output_dir={tmp_path}", "logger=csv"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "eval.json").read_text())["task"] == "mme"
+    assert "perception" in (tmp_path / "eval.md").read_text()

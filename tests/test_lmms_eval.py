@@ -55,3 +55,12 @@ def test_generate_until_and_loglikelihood_agree_on_the_greedy_answer(model):
     assert ll_other < 0 and not greedy_other
     with pytest.raises(NotImplementedError, match="multi-round"):
         model.generate_until_multi_round(reqs)
+
+
+def test_requests_of_different_tasks_keep_their_own_generation_kwargs_and_order(model):
+    model.task_dict["other"] = {"test": model.task_dict["toy"]["test"]}
+    reqs = [instance("generate_until", ("<image>\nName it.", {"max_new_tokens": n}, visuals, i % 2, task, "test"), i)
+            for i, (task, n) in enumerate([("toy", 1), ("other", 6), ("toy", 1), ("other", 6)])]
+    answers = model.generate_until(reqs)
+    assert answers[0] == answers[2] and answers[1] == answers[3]  # same question, same kwargs -> same answer
+    assert len(model.tokenizer.encode(answers[0], add_special_tokens=False)) <= 2  # max_new_tokens=1 held
