@@ -16,9 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def model():
-    from src.lmms import SeedX
+    from lmms_eval.models import get_model
 
-    m = SeedX(experiment="seedx_pretrain_tiny", batch_size="2", max_new_tokens="8")
+    # as `lmms-eval --model seedx --model_args ... --batch_size 2 --device cpu` builds it
+    m = get_model("seedx").create_from_arg_string("experiment=seedx_pretrain_tiny,max_new_tokens=8",
+                                                  {"batch_size": 2, "device": "cpu", "max_batch_size": None})
     image = Image.open(ROOT / "assets" / "sample" / "images" / "chelsea.jpg")
     m.task_dict = {"toy": {"test": {0: {"image": image}, 1: {"image": image.rotate(90)}}}}
     return m
