@@ -5,6 +5,7 @@ path (SIGKILL mid-epoch, a finished run's last.ckpt, a 2-process checkpoint resu
 import json
 import math
 import os
+import re
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -37,13 +38,32 @@ MLLM_SOURCES = [SourceConfig(path=str(SAMPLE / "captions.jsonl"), name="captions
                 SourceConfig(path=str(SAMPLE / "edit.jsonl"), name="edit", weight=1.0)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _clean_shared_memory():
+def clean_streaming_leftovers() -> None:
+    """Remove what killed runs leave behind: the library's shared memory blocks and its /tmp file locks.
+
+    The library skips every prefix that has a file lock in the temp dir and cleans shared memory only from prefix
+    0 up to the first gap, so on a machine that ran many streams a killed run's blocks outlive
+    clean_stale_shared_memory and its resume can collide with them. Tests run one stream at a time: remove all."""
+    import tempfile
+
+    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, SHM_TO_CLEAN
     from streaming.base.util import clean_stale_shared_memory
 
-    clean_stale_shared_memory()  # leftovers of killed runs (the library keys shared memory by process)
-    yield
     clean_stale_shared_memory()
+    names = "|".join(re.escape(n) for n in [*SHM_TO_CLEAN, BARRIER_FILELOCK, CACHE_FILELOCK])
+    pattern = re.compile(rf"^\d{{6}}_({names})$")
+    for root in (Path("/dev/shm"), Path(tempfile.gettempdir())):
+        if root.is_dir():
+            for f in root.iterdir():
+                if pattern.match(f.name):
+                    f.unlink(missing_ok=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _clean_shared_memory():
+    clean_streaming_leftovers()
+    yield
+    clean_streaming_leftovers()
 
 
 @pytest.fixture(scope="module")
