@@ -1,0 +1,98 @@
+"""Vector quantiser of the SEED tokenizer (v2: 8192 codes x 32 dims): nearest code, straight-through gradients,
+codebook + commitment loss, usage tracking and optional dead-code reset (plain torch).
+
+Forward on z (..., dim): the code of each vector is the nearest codebook row (by cosine when ``l2_norm``, as
+SEED's quantiser normalises both sides, else Euclidean); the output is ``z + sg(e - z)`` (straight through: the
+decoder's gradient reaches the encoder unchanged) and the loss is ``||sg(z) - e||^2 + beta * ||z - sg(e)||^2``
+(VQ-VAE). ``usage`` counts every code chosen since the last ``reset_usage()``; :meth:`usage_stats` gives the
+perplexity of that histogram and the number of codes never chosen (dead). :meth:`reset_dead_codes` moves each
+dead code onto a vector of the last batch (drawn with the given generator), the usual remedy for codebook
+collapse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["VQConfig", "VectorQuantizer"]
+
+
+@dataclass
+class VQConfig:
+    num_codes: int = 8192
+    dim: int = 32
+    beta: float = 0.25
+    l2_norm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_codes < 2 or self.dim < 1:
+            raise ValueError(f"vq: needs num_codes >= 2 and dim >= 1, got {self.num_codes} x {self.dim}")
+        if self.beta < 0:
+            raise ValueError(f"vq.beta must be >= 0, got {self.beta}")
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.num_codes, cfg.dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / cfg.num_codes, 1.0 / cfg.num_codes)
+        self.register_buffer("usage", torch.zeros(cfg.num_codes, dtype=torch.long), persistent=True)
+        self._last_inputs: torch.Tensor | None = None
+
+    def _prepare(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        codebook = self.embedding.weight
+        if self.cfg.l2_norm:
+            return F.normalize(z, dim=-1), F.normalize(codebook, dim=-1)
+        return z, codebook
+
+    def codes_of(self, z: torch.Tensor) -> torch.Tensor:
+        """The nearest code of every vector of z (..., dim) -> (...)."""
+        flat, codebook = self._prepare(z.reshape(-1, self.cfg.dim))
+        dist = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None])
+        return dist.argmin(1).reshape(z.shape[:-1])
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code ids -> their (normalised, when l2_norm) codebook vectors."""
+        e = self.embedding(codes)
+        return F.normalize(e, dim=-1) if self.cfg.l2_norm else e
+
+    def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        codes = self.codes_of(z)
+        zn = F.normalize(z, dim=-1) if self.cfg.l2_norm else z
+        e = self.lookup(codes)
+        loss = F.mse_loss(e, zn.detach()) + self.cfg.beta * F.mse_loss(zn, e.detach())
+        quantized = zn + (e - zn).detach()  # straight-through estimator
+        if self.training:
+            self.usage += torch.bincount(codes.reshape(-1), minlength=self.cfg.num_codes)
+            self._last_inputs = zn.detach().reshape(-1, self.cfg.dim)
+        return {"quantized": quantized, "codes": codes, "loss_vq": loss}
+
+    @torch.no_grad()
+    def usage_stats(self) -> dict[str, float]:
+        """Perplexity of the code histogram since the last reset (num_codes when uniform, 1 when collapsed) and
+        the number of dead (never chosen) codes."""
+        total = int(self.usage.sum())
+        if total == 0:
+            return {"perplexity": 0.0, "dead_codes": float(self.cfg.num_codes), "used_codes": 0.0}
+        p = self.usage.double() / total
+        nz = p[p > 0]
+        return {"perplexity": float(torch.exp(-(nz * nz.log()).sum())),
+                "dead_codes": float((self.usage == 0).sum()), "used_codes": float((self.usage > 0).sum())}
+
+    def reset_usage(self) -> None:
+        self.usage.zero_()
+
+    @torch.no_grad()
+    def reset_dead_codes(self, generator: torch.Generator | None = None) -> int:
+        """Move every dead code onto a random vector of the last training batch; returns how many moved."""
+        dead = (self.usage == 0).nonzero().flatten()
+        if dead.numel() == 0 or self._last_inputs is None:
+            return 0
+        pick = torch.randint(0, self._last_inputs.shape[0], (dead.numel(),), generator=generator)
+        self.embedding.weight[dead] = self._last_inputs[pick.to(self._last_inputs.device)].to(self.embedding.weight)
+        return int(dead.numel())
