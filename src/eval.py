@@ -28,11 +28,11 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from src.evaluation import image_metrics
-from src.evaluation.scorers import score_mmbench, score_mme, score_multiple_choice
+from src.evaluation.scorers import BENCHMARKS
 from src.evaluation.vlmeval_tsv import decode_image, read_tsv, write_predictions
 from src.generate import (
     check_experiment,
@@ -46,18 +46,13 @@ from src.pipelines.benchmark import answer_questions, question_text
 from src.pipelines.conversation import ConversationRunner, mode_of
 from src.pipelines.mllm import MLLMGenerator
 from src.stages.inference import build_mllm
-from src.utils.run import save_resolved_config
+from src.utils.run import pin_output_dir, save_resolved_config
 
 log = logging.getLogger(__name__)
 
-SCORERS = {"mmbench": score_mmbench, "mme": score_mme, "seedbench2": score_multiple_choice}
-IMAGE_TASKS = ("t2i", "edit")
-COLUMNS = {"mmbench": ("image", "answer", "A", "B"), "mme": ("image", "answer", "category"),
-           "seedbench2": ("image", "answer", "A", "B"), "t2i": ("question", "image"),
-           "edit": ("question", "image", "target")}
-TASKS = (*SCORERS, *IMAGE_TASKS)
-HEADLINE = {"mmbench": "circular_accuracy", "mme": "perception", "seedbench2": "accuracy", "t2i": "clip_score",
-            "edit": "clip_i"}
+# t2i / edit: drawn by the model, scored by image metrics (the benchmarks' table is src/evaluation/scorers.py)
+IMAGE_TASKS = {"t2i": ("clip_score", ("question", "image")), "edit": ("clip_i", ("question", "image", "target"))}
+TASKS = (*BENCHMARKS, *IMAGE_TASKS)
 
 
 def draw(cfg: DictConfig, stage, builder, task: str, rows: list[dict], out: Path) -> dict[str, Image.Image]:
@@ -155,7 +150,8 @@ def evaluate(cfg: DictConfig) -> dict:
     check_experiment(cfg, "chat")
     path = cfg.data.get("path") or str(Path(cfg.paths.root_dir) / "assets" / "eval" / f"{task}.tsv")
     rows = read_tsv(path)  # a bad file fails before any model is built
-    missing = [c for c in COLUMNS[task] if c not in rows[0]]
+    columns = BENCHMARKS[task].columns if task in BENCHMARKS else IMAGE_TASKS[task][1]
+    missing = [c for c in columns if c not in rows[0]]
     if missing:
         raise ValueError(f"data.path={path}: task={task} needs the columns {missing} (VLMEvalKit layout)")
     if cfg.get("limit"):
@@ -176,12 +172,12 @@ def evaluate(cfg: DictConfig) -> dict:
         return finish(cfg, task, result, scores, samples, out)
     stage = build_mllm(OmegaConf.to_container(cfg.stage, resolve=True), cfg.get("ckpt_path"))
     stage = stage.to(torch.device(cfg.device), dtype)
-    builder = sequence_builder(cfg, stage.tokenizer, "chat" if task in SCORERS else task)
-    if task in SCORERS:
+    builder = sequence_builder(cfg, stage.tokenizer, "chat" if task in BENCHMARKS else task)
+    if task in BENCHMARKS:
         generator = MLLMGenerator(stage.mllm, stage.vit, stage.tokenizer, stage.vit_chunk_size)
         predictions = answer_questions(generator, builder, task, rows, int(cfg.batch_size),
                                        int(cfg.generate.max_new_tokens))
-        scores = SCORERS[task](rows, predictions)
+        scores = BENCHMARKS[task].score(rows, predictions)
         result["predictions"] = str(write_predictions(rows, predictions,
                                                       out / "predictions" / f"{cfg.task_name}_{task}.tsv"))
         samples = [(r, predictions.get(r["index"], ""), None) for r in rows]
@@ -207,7 +203,8 @@ def read_outputs(folder: str, rows: list[dict]) -> dict[str, Image.Image]:
 
 
 def finish(cfg: DictConfig, task: str, result: dict, scores: dict, samples: list, out: Path) -> dict:
-    result.update(headline={HEADLINE[task]: scores.get(HEADLINE[task])}, scores=scores)
+    headline = BENCHMARKS[task].headline if task in BENCHMARKS else IMAGE_TASKS[task][0]
+    result.update(headline={headline: scores.get(headline)}, scores=scores)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "eval.md").write_text(markdown(task, scores))
     log_to_wandb(cfg, task, scores, samples, out)
@@ -217,10 +214,7 @@ def finish(cfg: DictConfig, task: str, result: dict, scores: dict, samples: list
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval.yaml")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    with open_dict(cfg):
-        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    pin_output_dir(cfg)
     evaluate(cfg)
 
 

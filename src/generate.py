@@ -27,7 +27,7 @@ from src.pipelines.conversation import ConversationRunner, load_requests, mode_o
 from src.pipelines.detok import SamplingOptions
 from src.pipelines.mllm import DecodingOptions, MLLMGenerator
 from src.stages.inference import build_detokenizer, build_mllm, image_decoder_of
-from src.utils.run import save_resolved_config
+from src.utils.run import pin_output_dir, save_resolved_config
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +140,7 @@ def generate(cfg: DictConfig) -> list[dict]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate.yaml")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    with open_dict(cfg):
-        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    pin_output_dir(cfg)
     generate(cfg)
 
 

@@ -81,11 +81,10 @@ class SeedX(lmms):
         return [v for v in (visuals or []) if hasattr(v, "convert")]  # images (videos/audio are not modelled)
 
     def _record(self, context: str, images: list, rid: str) -> dict:
-        blobs = {f"img{k}": _png(im) for k, im in enumerate(images)}
+        from src.pipelines.benchmark import image_question
+
         text = context.replace("<image>", "").strip() or " "
-        content = [{"image": name} for name in blobs] + [{"text": text}]
-        return {"id": rid, "source": "lmms_eval", "_where": rid, "_blobs": blobs,
-                "turns": [{"role": "user", "content": content}]}
+        return image_question(rid, "lmms_eval", [_png(im) for im in images], text)
 
     # ---- lmms interface -----------------------------------------------------------------------------------
     def generate_until(self, requests) -> list[str]:

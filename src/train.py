@@ -16,10 +16,10 @@ import hydra
 import lightning as L
 from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from src.utils.config import check_config
-from src.utils.run import instantiate_named, save_resolved_config, write_metrics_json
+from src.utils.run import instantiate_named, pin_output_dir, save_resolved_config, write_metrics_json
 from src.utils.tracking import configure_wandb, describe_runs
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,7 @@ def _close_wandb() -> None:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    # Pin output_dir to the directory Hydra created (resolving ${now:} twice could differ by a second;
-    # multirun jobs get <sweep dir>/<job number>).
-    with open_dict(cfg):
-        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    pin_output_dir(cfg)
     OmegaConf.resolve(cfg)
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN

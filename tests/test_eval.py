@@ -158,8 +158,9 @@ def test_question_prompts_list_the_options_as_vlmevalkit_does():
     assert text.splitlines() == [row["question"], "A. a spacesuit", "B. a swimsuit", "C. a lab coat",
                                  "D. a wedding dress", MC_INSTRUCTION]
     req = request_of("seedbench2", row)
-    assert Image.open(io.BytesIO(req["_blobs"]["img"])).size == decode_image(row).size
-    assert base64.b64encode(req["_blobs"]["img"]).decode() == row["image"]
+    assert Image.open(io.BytesIO(req["_blobs"]["img0"])).size == decode_image(row).size
+    assert base64.b64encode(req["_blobs"]["img0"]).decode() == row["image"]
+    assert req["turns"][0]["content"][0] == {"image": "img0"}
 
 
 @pytest.mark.smoke

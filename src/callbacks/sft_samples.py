@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from src.callbacks.periodic import PeriodicCallback
-from src.parallel import is_sharded
+from src.callbacks.periodic import GeneratingCallback
 from src.pipelines.conversation import ConversationRunner, load_requests, mode_of
 from src.pipelines.detok import SamplingOptions
 from src.pipelines.mllm import DecodingOptions, MLLMGenerator
@@ -51,7 +50,9 @@ def _request_text(request: dict) -> str:
     return " ".join(item["text"] for t in request["turns"] for item in t["content"] if "text" in item)
 
 
-class SFTSamplesCallback(PeriodicCallback):
+class SFTSamplesCallback(GeneratingCallback):
+    what = "sft samples (answer the requests with python -m src.generate)"
+
     def __init__(self, output_dir: str, every_n_steps: int, mode: str, requests: str, num_requests: int = 4,
                  detok_ckpt_path: str | None = None, max_new_tokens: int = 64, steps: int = 25,
                  guidance_scale: float = 7.5, image_guidance_scale: float = 1.5, seed: int = 0,
@@ -75,7 +76,6 @@ class SFTSamplesCallback(PeriodicCallback):
         self.seed = seed
         self._decoder = None
         self._decoder_error: str | None = None
-        self._warned_sharded = False
 
     def _image_decoder(self, pl_module):
         """The mode's de-tokenizer as a plain pipeline, built once (None, with the reason kept, if it cannot)."""
@@ -98,27 +98,15 @@ class SFTSamplesCallback(PeriodicCallback):
 
     @torch.no_grad()
     def run(self, trainer, pl_module, step: int) -> None:
-        dm = trainer.datamodule
-        if dm is None or getattr(dm, "builder", None) is None or pl_module.tokenizer is None:
-            return
-        if is_sharded(pl_module.mllm):
-            # KV-cached decoding calls the LLM below the FSDP2 root, whose parameters stay sharded there.
-            if not self._warned_sharded:
-                log.warning("sft samples (%s): skipped under FSDP2 (sharded MLLM); answer the requests from a "
-                            "checkpoint with python -m src.generate", self.mode)
-                self._warned_sharded = True
+        if not self.can_generate(trainer, pl_module):
             return
         out = self.dir / f"step_{step:07d}"
         generator = MLLMGenerator(pl_module.mllm, pl_module.vit, pl_module.tokenizer, pl_module.vit_chunk_size)
-        runner = ConversationRunner(self.mode, generator, dm.builder, lambda: self._image_decoder(pl_module),
-                                    self.decoding, self.sampling, out, seed=self.seed, batch_size=len(self.requests),
-                                    progress=False)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        runner = ConversationRunner(self.mode, generator, trainer.datamodule.builder,
+                                    lambda: self._image_decoder(pl_module), self.decoding, self.sampling, out,
+                                    seed=self.seed, batch_size=len(self.requests), progress=False)
+        with self.evaluating(pl_module):
             results = runner.run(self.requests)
-        finally:
-            pl_module.train(was_training)
         if not trainer.is_global_zero:
             return
         if self._decoder_error:

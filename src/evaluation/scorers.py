@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from src.evaluation.vlmeval_tsv import options_of
 
@@ -22,7 +24,8 @@ MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebri
                   "artwork", "OCR")
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
-__all__ = ["extract_choice", "extract_yes_no", "score_mmbench", "score_mme", "score_multiple_choice"]
+__all__ = ["BENCHMARKS", "Benchmark", "extract_choice", "extract_yes_no", "score_mmbench", "score_mme",
+           "score_multiple_choice"]
 
 
 def extract_choice(answer: str, options: dict[str, str]) -> str | None:
@@ -106,3 +109,19 @@ def score_mme(rows: list[dict], predictions: dict[str, str]) -> dict:
     return {"perception": sum(v["score"] for k, v in per.items() if k in MME_PERCEPTION),
             "cognition": sum(v["score"] for k, v in per.items() if k in MME_COGNITION),
             "questions": len(rows), "unparsed": unparsed, "per_category": per}
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """How a benchmark TSV is scored: its scorer, the score it is known by, the columns it needs."""
+
+    score: Callable[[list[dict], dict[str, str]], dict]
+    headline: str
+    columns: tuple[str, ...]
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "mmbench": Benchmark(score_mmbench, "circular_accuracy", ("image", "answer", "A", "B")),
+    "mme": Benchmark(score_mme, "perception", ("image", "answer", "category")),
+    "seedbench2": Benchmark(score_multiple_choice, "accuracy", ("image", "answer", "A", "B")),
+}

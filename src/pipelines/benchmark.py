@@ -29,11 +29,17 @@ def question_text(task: str, row: dict) -> str:
     return "\n".join(parts)
 
 
+def image_question(rid: str, source: str, images: list[bytes], text: str) -> dict:
+    """A one-turn request record of the data schema: the images (carried as bytes, as shard records are), then
+    the question."""
+    blobs = {f"img{k}": data for k, data in enumerate(images)}
+    content = [{"image": name} for name in blobs] + [{"text": text}]
+    return {"id": rid, "source": source, "_where": rid, "_blobs": blobs, "turns": [{"role": "user", "content": content}]}
+
+
 def request_of(task: str, row: dict) -> dict:
-    """One benchmark row as a record of the data schema (the image carried as bytes, as shard records are)."""
-    return {"id": f"{task}/{row['index']}", "source": task, "_where": f"{task}:{row['index']}",
-            "_blobs": {"img": base64.b64decode(row["image"])},
-            "turns": [{"role": "user", "content": [{"image": "img"}, {"text": question_text(task, row)}]}]}
+    """One benchmark row as a request record."""
+    return image_question(f"{task}/{row['index']}", task, [base64.b64decode(row["image"])], question_text(task, row))
 
 
 def answer_questions(generator: MLLMGenerator, builder, task: str, rows: list[dict], batch_size: int,

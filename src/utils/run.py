@@ -46,3 +46,13 @@ def write_metrics_json(path: str | Path, metrics: dict[str, Any]) -> dict[str, f
 
 def save_resolved_config(cfg: DictConfig, output_dir: str | Path) -> None:
     atomic_write_text(Path(output_dir) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def pin_output_dir(cfg: DictConfig) -> None:
+    """Inside a Hydra app: `paths.output_dir` = the directory Hydra created for this job (resolving `${now:}`
+    again could differ by a second; multirun jobs get <sweep dir>/<job number>)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
