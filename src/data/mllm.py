@@ -47,21 +47,26 @@ from src.utils.constraints import (
 __all__ = ["MLLMDataModule", "load_tokenizer"]
 
 
-def load_tokenizer(path: str | None, key: str = "data.tokenizer_path"):
-    """A local tokenizer directory, extended with the SEED-X tokens; pad = unk (else eos) when it has none."""
+def load_tokenizer(path: str | None, key: str = "data.tokenizer_path", extend=add_seedx_tokens):
+    """A local tokenizer directory, extended by ``extend`` (the SEED-X tokens by default; SEED-LLaMA and the
+    SEED tokenizer's Q-Former pass their own); pad = unk (else eos) when it has none."""
     if not path or not Path(path).is_dir():
         raise FileNotFoundError(f"{key}: tokenizer directory {path!r} does not exist; set {key}=<local dir "
                                 f"with tokenizer files> (no downloads at run time)")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    add_seedx_tokens(tokenizer)
+    extend(tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     return tokenizer
 
 
 class MLLMDataModule(ResumableDataModule):
+    # What turns records into samples, and how the tokenizer is extended (SEED-LLaMA's datamodule swaps both).
+    builder_class = SeedXSequenceBuilder
+    extend_tokenizer = staticmethod(add_seedx_tokens)
+
     def __init__(
         self,
         tokenizer_path: TokenizerDir,
@@ -139,10 +144,10 @@ class MLLMDataModule(ResumableDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.builder is None:
-            self.tokenizer = load_tokenizer(self.tokenizer_path)
-            self.builder = SeedXSequenceBuilder(self.tokenizer, **self.builder_kwargs)
+            self.tokenizer = load_tokenizer(self.tokenizer_path, extend=self.extend_tokenizer)
+            self.builder = self.builder_class(self.tokenizer, **self.builder_kwargs)
             store = self._feature_store()
-            self.dataset_builder = (SeedXSequenceBuilder(self.tokenizer, **self.builder_kwargs, features=store)
+            self.dataset_builder = (self.builder_class(self.tokenizer, **self.builder_kwargs, features=store)
                                     if store is not None else self.builder)
             self.collator = MLLMCollator(self.tokenizer.pad_token_id, self.max_length, packing=self.packing,
                                          vit_image_size=self.vit_image_size,

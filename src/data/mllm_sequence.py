@@ -173,15 +173,19 @@ class SeedXSequenceBuilder:
         self.t2i_chat = CHAT_FORMATS[t2i_chat_format]  # wraps the caption turn of a caption -> image sample
         self.features = features  # a src.data.features.FeatureStore, or None: pixels
 
-        self.tok = image_token_ids(tokenizer)  # raises if add_seedx_tokens was not called
+        self._init_tokens(tokenizer)
         if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("tokenizer: needs bos_token_id and eos_token_id")
         self.bos_id = int(tokenizer.bos_token_id)
         self.eos_id = int(tokenizer.eos_token_id)
-        self.slot_ids = list(self.tok.img[: self.num_image_tokens])
         reserved = set(SEEDX_TOKENS) | {"<s>", "</s>"} | set(tokenizer.all_special_tokens)
         reserved |= set(tokenizer.get_added_vocab())
         self._reserved = re.compile("|".join(re.escape(t) for t in sorted(reserved, key=len, reverse=True)))
+
+    def _init_tokens(self, tokenizer) -> None:
+        """The special-token ids the layout uses (SEED-LLaMA's builder has its own)."""
+        self.tok = image_token_ids(tokenizer)  # raises if add_seedx_tokens was not called
+        self.slot_ids = list(self.tok.img[: self.num_image_tokens])
 
     # ------------------------------------------------------------------------------------------ public
     def __call__(self, record: dict | SkippedSample, t2i: bool | None = None) -> dict[str, Any]:

@@ -152,3 +152,55 @@ def image_sequence_text(ncols: int, nrows: int, n: int = NUM_IMG_TOKENS_USED) ->
     if ncols < 1 or nrows < 1:
         raise ValueError(f"ncols/nrows: must be >= 1, got {ncols}x{nrows}")
     return image_span_text("patch", n) * (ncols * nrows) + image_span_text("img", n)
+
+
+# ---- SEED-LLaMA: discrete image codes in the vocabulary -------------------------------------------------
+# The SEED tokenizer's 8192 codes as tokens <img_00000> ... <img_08191> (ids 32000..40191 on Llama-2, in code
+# order), then the image markers <img>, </img> (40192, 40193). An image is <img> + its 32 codes + </img>.
+NUM_IMAGE_CODES = 8192
+CODES_PER_IMAGE = 32
+SEED_LLAMA_TOKENS: tuple[str, ...] = tuple(IMG_TOKEN.format(i) for i in range(NUM_IMAGE_CODES)) + (IMG_START, IMG_END)
+
+
+def add_seed_llama_tokens(tokenizer) -> int:
+    """Add the SEED-LLaMA tokens missing from ``tokenizer`` (codes in code order, then the markers); idempotent."""
+    vocab = tokenizer.get_vocab()
+    missing = [AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False, special=False)
+               for t in SEED_LLAMA_TOKENS if t not in vocab]
+    return tokenizer.add_tokens(missing) if missing else 0
+
+
+@dataclass(frozen=True)
+class SeedLlamaTokenIds:
+    """Ids of the SEED-LLaMA tokens in one tokenizer, and the code <-> id maps."""
+
+    img_start: int
+    img_end: int
+    codes: tuple[int, ...]  # token id of code c at index c
+
+    def code_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """Image codes (any shape, 0..8191) -> their token ids."""
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= len(self.codes)):
+            raise ValueError(f"image codes must be in [0, {len(self.codes)}), got {int(codes.min())}..{int(codes.max())}")
+        return torch.tensor(self.codes, dtype=torch.long, device=codes.device)[codes.long()]
+
+    def codes_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> image codes, -1 where an id is not an image code (text, markers, pad)."""
+        table = torch.full((max(max(self.codes), int(ids.max()) if ids.numel() else 0) + 1,), -1, dtype=torch.long,
+                           device=ids.device)
+        table[torch.tensor(self.codes, device=ids.device)] = torch.arange(len(self.codes), device=ids.device)
+        return table[ids.clamp(min=0)].masked_fill(ids < 0, -1)
+
+    def is_code(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.codes_of(ids) >= 0
+
+
+def seed_llama_token_ids(tokenizer) -> SeedLlamaTokenIds:
+    """Look up every SEED-LLaMA token id; raises ValueError if the tokenizer was not extended."""
+    vocab = tokenizer.get_vocab()
+    absent = [t for t in SEED_LLAMA_TOKENS if t not in vocab]
+    if absent:
+        raise ValueError(f"tokenizer: {len(absent)} SEED-LLaMA tokens missing (e.g. {absent[0]!r}); call "
+                         f"add_seed_llama_tokens first")
+    return SeedLlamaTokenIds(img_start=vocab[IMG_START], img_end=vocab[IMG_END],
+                             codes=tuple(vocab[IMG_TOKEN.format(i)] for i in range(NUM_IMAGE_CODES)))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["VQConfig", "VectorQuantizer"]
+__all__ = ["VQConfig", "VectorQuantizer", "usage_stats"]
 
 
 @dataclass
@@ -76,23 +76,32 @@ class VectorQuantizer(nn.Module):
     def usage_stats(self) -> dict[str, float]:
         """Perplexity of the code histogram since the last reset (num_codes when uniform, 1 when collapsed) and
         the number of dead (never chosen) codes."""
-        total = int(self.usage.sum())
-        if total == 0:
-            return {"perplexity": 0.0, "dead_codes": float(self.cfg.num_codes), "used_codes": 0.0}
-        p = self.usage.double() / total
-        nz = p[p > 0]
-        return {"perplexity": float(torch.exp(-(nz * nz.log()).sum())),
-                "dead_codes": float((self.usage == 0).sum()), "used_codes": float((self.usage > 0).sum())}
+        return usage_stats(self.usage)
 
     def reset_usage(self) -> None:
         self.usage.zero_()
 
     @torch.no_grad()
-    def reset_dead_codes(self, generator: torch.Generator | None = None) -> int:
-        """Move every dead code onto a random vector of the last training batch; returns how many moved."""
-        dead = (self.usage == 0).nonzero().flatten()
+    def reset_dead_codes(self, generator: torch.Generator | None = None, counts: torch.Tensor | None = None) -> int:
+        """Move every dead code (zero in `counts`, default this module's own usage) onto a random vector of the
+        last training batch; returns how many moved."""
+        counts = self.usage if counts is None else counts
+        dead = (counts == 0).nonzero().flatten()
         if dead.numel() == 0 or self._last_inputs is None:
             return 0
         pick = torch.randint(0, self._last_inputs.shape[0], (dead.numel(),), generator=generator)
-        self.embedding.weight[dead] = self._last_inputs[pick.to(self._last_inputs.device)].to(self.embedding.weight)
+        self.embedding.weight[dead.to(self.embedding.weight.device)] = self._last_inputs[
+            pick.to(self._last_inputs.device)].to(self.embedding.weight)
         return int(dead.numel())
+
+
+@torch.no_grad()
+def usage_stats(counts: torch.Tensor) -> dict[str, float]:
+    """Perplexity of a code histogram, and how many codes it never chose (dead) or chose (used)."""
+    total = int(counts.sum())
+    if total == 0:
+        return {"perplexity": 0.0, "dead_codes": float(counts.numel()), "used_codes": 0.0}
+    p = counts.double() / total
+    nz = p[p > 0]
+    return {"perplexity": float(torch.exp(-(nz * nz.log()).sum())),
+            "dead_codes": float((counts == 0).sum()), "used_codes": float((counts > 0).sum())}

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
+from src.data.position import loader_generator
 from src.parallel import FSDP2Strategy, block_classes, parallelize, writes_sharded_checkpoints
 from src.utils.constraints import Fraction, NonNegativeInt
 from src.utils.materialize import TensorSource, clean_name, materialize
@@ -25,6 +26,7 @@ from src.utils.weights import RequiredPath, check_paths
 
 log = logging.getLogger(__name__)
 
+VAL_NOISE_SEED = 1234
 NO_DECAY_HINTS = ("bias", "norm", "ln_", "embed", "latents", "query", "pos")
 
 
@@ -87,6 +89,7 @@ class StageModule(L.LightningModule):
         # Samples / tokens trained on, all ranks (this rank's count x world size): alternative x-axes of every
         # curve (progress/*), kept in the checkpoint so a resume continues them.
         self.progress = {"samples_seen": 0, "tokens_seen": 0}
+        self._micro = (-1, 0)  # (step, micro-batch index) of the last training draw (step_generator)
 
     # ---- what a stage implements -------------------------------------------------------------------
     # Either `build_empty` + `weight_sources` (builds_empty = True: models on meta, then filled from their
@@ -196,6 +199,20 @@ class StageModule(L.LightningModule):
             return None
         self._log_losses(losses, "train", self.batch_size_of(batch))
         return losses["loss"]
+
+    # ---- randomness of a step (noise, drop masks, negatives) -------------------------------------------
+    def step_generator(self, split: str) -> torch.Generator:
+        """Every draw of one compute_losses call: per (stage.noise_seed, rank, step, micro-batch) in training,
+        so ranks draw differently and a resume continues each stream without saved RNG state; one fixed
+        generator otherwise, so validation losses compare across steps."""
+        if split != "train":
+            return torch.Generator().manual_seed(VAL_NOISE_SEED)
+        step = int(self.global_step)
+        last, micro = self._micro
+        # Gradient accumulation runs several batches at one global_step: each gets its own stream.
+        micro = micro + 1 if step == last else 0
+        self._micro = (step, micro)
+        return loader_generator(getattr(self, "noise_seed", 0), self.global_rank, step, micro)
 
     def _any_rank(self, flag: bool) -> bool:
         if self._trainer is None or self.trainer.world_size == 1:

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from src.data.position import loader_generator
 from src.models.detok_adapter import ResamplerXLV2
 from src.models.detokenizer import (
     DetokenizerConfig,
@@ -52,7 +51,6 @@ from src.utils.weights import RequiredPath, check_keys_and_shapes
 log = logging.getLogger(__name__)
 
 NEGATIVES = ("official", "zeros")
-VAL_NOISE_SEED = 1234
 NOISE_SEED_KEY = "detok_noise_seed"  # top-level checkpoint entry
 
 
@@ -105,7 +103,6 @@ class DetokPretrainModule(StageModule):
         self.negative = negative
         self.frozen_dtype = frozen_dtype
         self._negative: torch.Tensor | None = None  # cached; not a buffer, so never in a checkpoint
-        self._micro = (-1, 0)  # (step, micro-batch index) of the last training draw
 
     def configure_model(self) -> None:
         if not self._built and self.frozen_dtype and self._trainer is not None:
@@ -239,17 +236,6 @@ class DetokPretrainModule(StageModule):
         return None
 
     # ---- randomness and classifier-free-guidance dropout ----------------------------------------------
-    def step_generator(self, split: str) -> torch.Generator:
-        """Every draw of one compute_losses call: per (rank, step, micro-batch) in training, fixed otherwise."""
-        if split != "train":
-            return torch.Generator().manual_seed(VAL_NOISE_SEED)
-        step = int(self.global_step)
-        last, micro = self._micro
-        # Gradient accumulation runs several batches at one global_step: each gets its own stream.
-        micro = micro + 1 if step == last else 0
-        self._micro = (step, micro)
-        return loader_generator(self.noise_seed, self.global_rank, step, micro)
-
     def drop_masks(self, u: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """Which samples lose which condition, from one uniform draw `u` per sample."""
         return {"features": u < self.feature_drop_rate}

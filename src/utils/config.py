@@ -166,10 +166,16 @@ def _dataclass_params(cls: type) -> dict[str, Any]:
 
 def _model_schemas() -> dict[str, type]:
     from src.models.detokenizer import DetokenizerConfig
+    from src.models.eva_vit import EvaViTConfig
     from src.models.mllm import AgentConfig, LLMConfig
+    from src.models.qformer_pretrain import QFormerPretrainConfig
     from src.models.qwen_vit import QwenViTConfig
+    from src.models.seed_codec import SeedCodecConfig
+    from src.models.seed_decoder import SeedDecoderConfig
 
-    return {"vit": QwenViTConfig, "detokenizer": DetokenizerConfig, "llm": LLMConfig, "agent": AgentConfig}
+    return {"vit": QwenViTConfig, "detokenizer": DetokenizerConfig, "llm": LLMConfig, "agent": AgentConfig,
+            "eva_vit": EvaViTConfig, "qformer": QFormerPretrainConfig, "seed_codec": SeedCodecConfig,
+            "seed_decoder": SeedDecoderConfig}
 
 
 # Lightning's Trainer signature is not ours to annotate: the value constraints its arguments need.

@@ -1,0 +1,91 @@
+"""SEED-LLaMA data: records whose images were tokenised offline into SEED codes -> discrete token sequences.
+
+`python -m data_prep.tokenize_images` runs the SEED tokenizer over every image of a record source and writes
+the records again with each image item carrying its codes (``{"image": ..., "codes": [32 ints]}``), in jsonl
+shards; training reads those like any other record source (mixtures, streams, exact resume) and never
+decodes an image.
+
+Layout (the SEED-X builder's, `src/data/mllm_sequence.py`, with discrete images): ``<s>``, turns, ``</s>``;
+an image is ``<img>`` + its 32 code tokens + ``</img>``, the same for inputs and generated images. Labels:
+text follows the roles (all text of documents, assistant turns of chats); an image span is supervised
+(``<img>``, codes and ``</img>`` all get CE) when its turn is and ``image_ce`` is on, so documents model text
+and images left to right. Caption pairs are trained in both directions: ``t2i_ratio`` of them become
+caption -> image (one document turn, everything supervised), the rest image -> caption.
+
+Skip reasons added here: ``missing_codes`` (an image item without ``codes``), ``bad_codes`` (not exactly
+``num_image_tokens`` integers in [0, 8192)), ``box_unsupported`` (SEED-LLaMA has no box tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from src.data.mllm import MLLMDataModule
+from src.data.mllm_sequence import IGNORE_INDEX, ChatFormat, SeedXSequenceBuilder, _Segment
+from src.data.records import BadSample
+from src.models.vocab import CODES_PER_IMAGE, NUM_IMAGE_CODES, add_seed_llama_tokens, seed_llama_token_ids
+
+__all__ = ["SeedLlamaDataModule", "SeedLlamaSequenceBuilder", "item_codes"]
+
+
+def item_codes(item: dict, n: int = CODES_PER_IMAGE) -> torch.Tensor:
+    """An image item's stored codes as a LongTensor (n,); BadSample when absent or malformed."""
+    codes = item.get("codes")
+    if codes is None:
+        raise BadSample("missing_codes", f"image {item.get('image')!r} has no 'codes' (tokenise the source with "
+                                         f"python -m data_prep.tokenize_images)")
+    if not (isinstance(codes, list) and len(codes) == n
+            and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < NUM_IMAGE_CODES for c in codes)):
+        raise BadSample("bad_codes", f"image {item.get('image')!r}: 'codes' must be {n} integers in "
+                                     f"[0, {NUM_IMAGE_CODES}), got {str(codes)[:80]}")
+    return torch.tensor(codes, dtype=torch.long)
+
+
+class SeedLlamaSequenceBuilder(SeedXSequenceBuilder):
+    def __init__(self, tokenizer, *args, image_ce: bool = True, **kwargs) -> None:
+        self.image_ce = bool(image_ce)
+        kwargs.setdefault("num_image_tokens", CODES_PER_IMAGE)
+        if kwargs.get("features") is not None:
+            raise ValueError("SEED-LLaMA reads image codes from its records; data.features_dir must be null")
+        super().__init__(tokenizer, *args, **kwargs)
+
+    def _init_tokens(self, tokenizer) -> None:
+        self.tok = seed_llama_token_ids(tokenizer)  # raises if add_seed_llama_tokens was not called
+
+    def _turns(self, record: dict, t2i: bool | None = None) -> tuple[list[dict], ChatFormat]:
+        turns, chat = super()._turns(record, t2i)
+        if turns is not record["turns"]:  # a flipped caption pair: caption then image, one document turn
+            text, image = turns[0]["content"][0], turns[1]["content"][0]
+            return [{"role": None, "content": [text, image]}], self.chat
+        return turns, chat
+
+    def _build(self, record: dict, t2i: bool | None = None) -> dict[str, Any]:
+        for turn in record["turns"]:
+            for item in turn["content"]:
+                if "box" in item:
+                    raise BadSample("box_unsupported", "SEED-LLaMA has no box tokens")
+                if "image" in item:
+                    item_codes(item, self.num_image_tokens)
+        return super()._build(record, t2i)
+
+    def _image_input(self, record: dict, item: dict, k: int, feats) -> tuple[tuple[int, int], int, torch.Tensor]:
+        return (0, 0), 1, item_codes(item, self.num_image_tokens)  # no pixels: the codes are the image
+
+    def _image_segment(self, img_size, item: dict, supervised: bool, codes: torch.Tensor) -> _Segment:
+        ids = [self.tok.img_start, *self.tok.code_ids(codes).tolist(), self.tok.img_end]
+        labels = list(ids) if (supervised and self.image_ce) else [IGNORE_INDEX] * len(ids)
+        return _Segment(ids, labels, image=True, atomic=True)
+
+
+class SeedLlamaDataModule(MLLMDataModule):
+    builder_class = SeedLlamaSequenceBuilder
+    extend_tokenizer = staticmethod(add_seed_llama_tokens)
+
+    def __init__(self, *args, image_ce: bool = True, **kwargs) -> None:
+        kwargs.setdefault("num_image_tokens", CODES_PER_IMAGE)
+        super().__init__(*args, **kwargs)
+        if self.features_dir:
+            raise ValueError("data.features_dir: SEED-LLaMA reads image codes from its records; set it to null")
+        self.builder_kwargs["image_ce"] = image_ce

@@ -1,0 +1,155 @@
+"""SEED tokenizer stage 1: the causal Q-Former trained BLIP-2 style (LAVIS `Blip2Qformer.forward`).
+
+Three losses on image-caption pairs, all through the one Q-Former (`CausalQFormer`):
+
+* ITC, image-text contrastive: each query's output projected to `embed_dim` and normalised, the text's first
+  token ([CLS]) likewise; the image-text similarity is the max over queries, / a learned temperature
+  (clamped to [0.001, 0.5]); symmetric cross-entropy over the batch, all ranks' texts and images as negatives.
+* ITM, image-text matching: for every image a hard negative text and for every text a hard negative image
+  are drawn from the ITC similarities (softmax, the positive excluded); queries + text run jointly and the
+  query outputs' `itm_head` logits are averaged; 2-way cross-entropy over B positives and 2B negatives.
+  Needs >= 2 samples on the rank (else 0).
+* ITG, image-grounded captioning: the text's first token replaced by [DEC], queries + text with the
+  multimodal causal mask (`joint_mask`), a BERT LM head (tied to the word embeddings) predicts the next
+  token, cross-entropy with label smoothing 0.1 over real tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from src.models.causal_qformer import CausalQFormer, CausalQFormerConfig
+from src.utils.constraints import PositiveInt
+
+__all__ = ["QFormerPretrainConfig", "QFormerPretrainer", "gather_batch"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class QFormerPretrainConfig:
+    qformer: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None  # a local text tokenizer folder (bert-base-uncased at full size)
+    # stage 2 without a stage-1 checkpoint (tiny twins): a seeded random Q-Former
+    allow_random_init: bool = False
+    embed_dim: PositiveInt = 256  # ITC projection
+    max_text_len: PositiveInt = 32
+    label_smoothing: float = 0.1
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    itg_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.qformer_cfg = CausalQFormerConfig(**self.qformer)
+        if self.max_text_len > self.qformer_cfg.max_position_embeddings:
+            raise ValueError(f"model.qformer.max_text_len={self.max_text_len} exceeds "
+                             f"model.qformer.qformer.max_position_embeddings={self.qformer_cfg.max_position_embeddings}")
+        for key in ("itc_weight", "itm_weight", "itg_weight"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"model.qformer.{key} must be >= 0, got {getattr(self, key)}")
+
+
+def gather_batch(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' rows of x (gradients flow back to this rank's rows) and this rank's row offset."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    from torch.distributed.nn.functional import all_gather
+
+    parts = all_gather(x)
+    return torch.cat(parts), dist.get_rank() * x.shape[0]
+
+
+def _bert_init(module: nn.Module) -> None:
+    # BERT's init (std 0.02): torch's defaults (N(0, 1) embeddings) would start the tied LM head far off.
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class QFormerPretrainer(nn.Module):
+    """The Q-Former and BLIP-2's stage-1 heads (names as LAVIS: vision_proj, text_proj, itm_head, temp)."""
+
+    def __init__(self, cfg: QFormerPretrainConfig, dec_token_id: int) -> None:
+        super().__init__()
+        from transformers import BertConfig
+        from transformers.models.bert.modeling_bert import BertOnlyMLMHead
+        from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
+
+        self.cfg = cfg
+        qc = cfg.qformer_cfg
+        self.dec_token_id = int(dec_token_id)
+        self.qformer = CausalQFormer(qc)
+        self.text_embeddings = Blip2TextEmbeddings(qc.hf_config())
+        self.vision_proj = nn.Linear(qc.hidden_size, cfg.embed_dim)
+        self.text_proj = nn.Linear(qc.hidden_size, cfg.embed_dim)
+        self.itm_head = nn.Linear(qc.hidden_size, 2)
+        self.lm_head = BertOnlyMLMHead(BertConfig(hidden_size=qc.hidden_size, vocab_size=qc.vocab_size))
+        self.lm_head.predictions.decoder.weight = self.text_embeddings.word_embeddings.weight  # tied, as BERT
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        for module in (self.text_embeddings, self.vision_proj, self.text_proj, self.itm_head, self.lm_head):
+            module.apply(_bert_init)
+
+    # ---- the three losses ---------------------------------------------------------------------------
+    def itc(self, query_out: torch.Tensor, text_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, this rank's image->text and text->image similarities (B, B) for negative mining)."""
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        img = F.normalize(self.vision_proj(query_out), dim=-1)  # (B, Q, E)
+        txt = F.normalize(self.text_proj(text_out[:, 0]), dim=-1)  # (B, E)
+        img_all, offset = gather_batch(img)
+        txt_all, _ = gather_batch(txt)
+        sim_i2t = torch.einsum("bqe,ne->bnq", img, txt_all).amax(-1) / self.temp  # (B, B_all)
+        sim_t2i = torch.einsum("be,nqe->bnq", txt, img_all).amax(-1) / self.temp  # (B, B_all)
+        targets = torch.arange(img.shape[0], device=img.device) + offset
+        loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=self.cfg.label_smoothing)
+                + F.cross_entropy(sim_t2i, targets, label_smoothing=self.cfg.label_smoothing)) / 2
+        return loss, sim_i2t.detach()[:, offset:offset + img.shape[0]], sim_t2i.detach()[:, offset:offset + img.shape[0]]
+
+    def itm(self, image_embeds, ids, mask, sim_i2t, sim_t2i, generator: torch.Generator | None) -> torch.Tensor:
+        b = ids.shape[0]
+        if b < 2:
+            return image_embeds.new_zeros(()) + self.itm_head.weight.sum() * 0.0
+        eye = torch.eye(b, dtype=torch.bool)
+        w_t2i = sim_t2i.float().cpu().softmax(1).masked_fill(eye, 0.0) + 1e-6 * ~eye
+        w_i2t = sim_i2t.float().cpu().softmax(1).masked_fill(eye, 0.0) + 1e-6 * ~eye
+        neg_img = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1).to(ids.device)  # per text
+        neg_txt = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1).to(ids.device)  # per image
+        images = torch.cat([image_embeds, image_embeds[neg_img], image_embeds])
+        texts = torch.cat([ids, ids, ids[neg_txt]])
+        masks = torch.cat([mask, mask, mask[neg_txt]])
+        out = self.qformer.joint(images, self.text_embeddings(input_ids=texts), masks, text_causal=False)
+        logits = self.itm_head(out[:, : self.cfg.qformer_cfg.num_queries]).mean(1)
+        labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(ids.device)
+        return F.cross_entropy(logits.float(), labels)
+
+    def itg(self, image_embeds, ids, mask) -> torch.Tensor:
+        dec = ids.clone()
+        dec[:, 0] = self.dec_token_id
+        labels = dec.masked_fill(mask == 0, IGNORE_INDEX)
+        out = self.qformer.joint(image_embeds, self.text_embeddings(input_ids=dec), mask, text_causal=True)
+        logits = self.lm_head(out[:, self.cfg.qformer_cfg.num_queries:])
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                               ignore_index=IGNORE_INDEX, label_smoothing=self.cfg.label_smoothing)
+
+    def forward(self, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """ViT features (B, N, D) and tokenised captions (B, T) -> the weighted loss and its parts."""
+        query_out = self.qformer(image_embeds)
+        text_out = self.qformer.encode_text(self.text_embeddings(input_ids=ids), mask)
+        itc, sim_i2t, sim_t2i = self.itc(query_out, text_out)
+        itm = self.itm(image_embeds, ids, mask, sim_i2t, sim_t2i, generator)
+        itg = self.itg(image_embeds, ids, mask)
+        c = self.cfg
+        loss = c.itc_weight * itc + c.itm_weight * itm + c.itg_weight * itg
+        return {"loss": loss, "loss_itc": itc.detach(), "loss_itm": itm.detach(), "loss_itg": itg.detach()}
