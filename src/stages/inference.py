@@ -114,3 +114,15 @@ def image_decoder_of(module: DetokPretrainModule) -> ImageDecoder:
     """The plain sampling pipeline of a built de-tokenizer stage (its unconditional branch included)."""
     return ImageDecoder(module.resampler, module.unet, module.vae, module.noise_scheduler.config,
                         module.negative_features(), module.detok_cfg.resolution)
+
+
+def build_trained(stage_cls: type[StageModule], stage_cfg: dict, ckpt_path: str | None = None) -> StageModule:
+    """Any stage (a class and its constructor arguments: a resolved `stage` node or a checkpoint's
+    hyper-parameters) built with its weights, filled from `ckpt_path` when given, eval mode."""
+    cfg = {k: v for k, v in copy.deepcopy(dict(stage_cfg)).items() if k != "_target_"}
+    cfg["optimizer"] = None
+    module = stage_cls(**cfg)
+    module.build_models(load_weights=True)
+    if ckpt_path:
+        load_checkpoint_into(module, ckpt_path)
+    return module.eval().requires_grad_(False)
