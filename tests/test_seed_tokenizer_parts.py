@@ -1,4 +1,4 @@
-"""Building blocks of the SEED tokenizer (issue 14, in progress): the vector quantiser and the causal Q-Former."""
+"""Building blocks of the SEED tokenizer: the vector quantiser and the causal Q-Former."""
 
 from __future__ import annotations
 

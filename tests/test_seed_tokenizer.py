@@ -1,0 +1,222 @@
+"""The SEED tokenizer stages: stage 1 (causal Q-Former, BLIP-2 losses) and stage 2 (v1 / v2 codec), tiny twins
+and full size on meta."""
+
+from __future__ import annotations
+
+import json
+
+import hydra
+import pytest
+import torch
+
+from src.models.causal_qformer import joint_mask
+from src.models.qformer_pretrain import QFormerPretrainConfig, QFormerPretrainer
+from src.models.seed_codec import SeedCodec, SeedCodecConfig
+from src.models.vq import usage_stats
+from src.pipelines.seed_decode import build_decode_pipeline, decode_embeddings
+from tests.helpers import compose_cfg, lean_checkpoint, perturb_trainable, tiny_run_cfg
+
+EVA_G_PARAMS = 985_894_528  # timm eva_giant_patch14 at depth 39, no final norm
+QFORMER_PARAMS = 161_852_672  # BLIP-2 Q-Former (BERT-base, cross-attention every 2nd layer) + 32 queries + ln_vision
+CLIP_H_VISION_PARAMS = 632_076_800
+CLIP_L_TEXT_PARAMS = 123_060_480
+
+
+def _stage(experiment: str, tmp_path, *overrides):
+    cfg = tiny_run_cfg(experiment, tmp_path, list(overrides))
+    stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
+    stage.build_models(load_weights=True)
+    return stage
+
+
+def _pixels(n: int, size: int = 56, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _tiny_pretrainer() -> QFormerPretrainer:
+    torch.manual_seed(0)
+    cfg = QFormerPretrainConfig(qformer=dict(num_queries=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=64, encoder_hidden_size=24, vocab_size=50,
+                                             max_position_embeddings=16), embed_dim=16, max_text_len=8)
+    return QFormerPretrainer(cfg, dec_token_id=49).eval()
+
+
+# ---- stage 1: masks and losses ------------------------------------------------------------------------------
+@pytest.mark.unit
+def test_joint_mask_for_captioning_and_matching():
+    text = torch.tensor([[1, 1, 0]])  # two real tokens, one pad
+    itg = joint_mask(2, text, causal_queries=True, text_causal=True)[0, 0].int().tolist()
+    assert itg == [[1, 0, 0, 0, 0],   # query 0: itself only
+                   [1, 1, 0, 0, 0],   # query 1: queries 0..1, never the text
+                   [1, 1, 1, 0, 0],   # text 0: every query, itself
+                   [1, 1, 1, 1, 0],   # text 1: every query, text 0..1
+                   [1, 1, 1, 1, 0]]   # the pad row sees what is real (no all-masked row)
+    itm = joint_mask(2, text, causal_queries=True, text_causal=False)[0, 0].int().tolist()
+    assert itm[0] == [1, 0, 1, 1, 0] and itm[2] == [1, 1, 1, 1, 0]  # queries see the real text; text sees all
+
+
+@pytest.mark.unit
+def test_captioning_pass_keeps_queries_blind_to_the_text_and_the_text_causal():
+    m = _tiny_pretrainer()
+    image = torch.randn(1, 5, 24)
+    ids = torch.tensor([[1, 7, 8, 9, 10]])
+    mask = torch.ones_like(ids)
+    q = m.cfg.qformer_cfg.num_queries
+    base = m.qformer.joint(image, m.text_embeddings(input_ids=ids), mask, text_causal=True)
+    changed = ids.clone()
+    changed[0, 3] = 20
+    moved = m.qformer.joint(image, m.text_embeddings(input_ids=changed), mask, text_causal=True)
+    diff = (moved - base).abs().amax(-1)[0]
+    assert torch.all(diff[: q + 3] == 0), "queries or earlier text saw text token 3"
+    assert torch.all(diff[q + 3:] > 0)
+    # matching: the queries read the text
+    base = m.qformer.joint(image, m.text_embeddings(input_ids=ids), mask, text_causal=False)
+    moved = m.qformer.joint(image, m.text_embeddings(input_ids=changed), mask, text_causal=False)
+    assert (moved - base)[0, :q].abs().amax() > 0
+
+
+@pytest.mark.unit
+def test_stage1_losses_fall_on_a_repeated_batch():
+    m = _tiny_pretrainer().train()
+    image = torch.randn(4, 5, 24, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(2, 40, (4, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    first = None
+    for step in range(25):
+        out = m(image, ids, mask, torch.Generator().manual_seed(step))
+        assert all(torch.isfinite(v) for v in out.values())
+        first = first or {k: float(v.detach()) for k, v in out.items()}
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert float(out["loss_itg"]) < first["loss_itg"] and float(out["loss_itc"]) < first["loss_itc"]
+    assert float(out["loss"]) < 0.7 * first["loss"]
+
+
+# ---- stage 2: straight-through gradients, usage, stage-1 start ------------------------------------------------
+@pytest.mark.unit
+def test_straight_through_gradients_reach_the_encoder_from_the_decoder_loss():
+    torch.manual_seed(0)
+    codec = SeedCodec(SeedCodecConfig(vq={"num_codes": 64, "dim": 8}, decoder_layers=1, decoder_heads=2,
+                                      decoder_intermediate_size=32), width=16, gen_tokens=1, gen_dim=12)
+    causal = torch.randn(3, 4, 16, requires_grad=True)
+    out = codec(causal, torch.randn(3, 1, 12))
+    out["loss_gen"].backward()  # the decoder's loss alone: no VQ term, so only the straight-through path
+    enc = codec.encode_task_layer[0].weight.grad
+    assert enc is not None and enc.abs().sum() > 0
+    assert causal.grad is not None and causal.grad.abs().sum() > 0  # and on into what encoded (the Q-Former)
+    assert codec.quantizer.embedding.weight.grad is None or codec.quantizer.embedding.weight.grad.abs().sum() == 0
+
+
+@pytest.mark.smoke
+def test_stage2_counts_codes_exactly_and_resets_dead_codes(tmp_path):
+    stage = _stage("seed_tokenizer_v2_tiny", tmp_path)
+    pixels = _pixels(3)
+    codes = stage.codes_of(pixels)
+    assert codes.shape == (3, 32) and codes.dtype == torch.long
+    for _ in range(2):
+        stage.compute_losses({"pixels": pixels, "caption": ["a"] * 3}, "train")
+    stage.compute_losses({"pixels": pixels, "caption": ["a"] * 3}, "val")  # validation is not counted
+    expected = 2 * torch.bincount(codes.flatten(), minlength=8192)
+    assert torch.equal(stage._usage, expected)
+    stats = usage_stats(stage._usage)
+    assert stats["used_codes"] == len(set(codes.flatten().tolist()))
+    assert stats["dead_codes"] == 8192 - stats["used_codes"]
+    moved = stage.reset_dead_codes(stage._usage)
+    assert moved == stats["dead_codes"]
+    # every moved code now sits on an encoder output of the last batch (cosine: the normalised vector)
+    last = stage.codec.quantizer._last_inputs
+    dead = (stage._usage == 0).nonzero().flatten()[:5]
+    for c in dead:
+        row = stage.codec.quantizer.embedding.weight[c]
+        assert any(torch.allclose(row, r) for r in last)
+
+
+@pytest.mark.smoke
+def test_stage2_starts_from_the_stage1_checkpoint(tmp_path):
+    stage1 = _stage("seed_tokenizer_qformer_tiny", tmp_path / "s1")
+    perturb_trainable(stage1, 0)
+    ckpt = tmp_path / "stage1.ckpt"
+    lean_checkpoint(stage1, ckpt)
+    stage2 = _stage("seed_tokenizer_v2_tiny", tmp_path / "s2", f"stage.init_from={ckpt}",
+                    "model.qformer.allow_random_init=false")
+    want = {k.removeprefix("blip2.qformer."): v for k, v in stage1.state_dict().items() if k.startswith("blip2.qformer.")}
+    got = stage2.qformer.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not any(p.requires_grad for p in stage2.qformer.parameters())
+    # a checkpoint of something else is named, key by key
+    other = tmp_path / "stage2.ckpt"
+    lean_checkpoint(stage2, other)
+    with pytest.raises(ValueError, match="(?s)not a seed_tokenizer_qformer checkpoint.*missing \\(59\\): ln_vision"):
+        _stage("seed_tokenizer_v2_tiny", tmp_path / "s3", f"stage.init_from={other}")
+
+
+@pytest.mark.config
+def test_full_size_stage2_without_a_stage1_checkpoint_names_the_key(tmp_path):
+    cfg = compose_cfg("seed_tokenizer_v2", tmp_path)
+    stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
+    with pytest.raises(Exception, match="stage.init_from") as err:
+        stage.configure_model()
+    assert "model.eva_vit.weights" in str(err.value) and "model.seed_decoder.pretrained_dir" in str(err.value)
+    assert not hasattr(stage, "codec")  # nothing was built
+
+
+@pytest.mark.parametrize(("experiment", "kind"), [("seed_tokenizer_v2_tiny", "unclip"), ("seed_tokenizer_v1_tiny", "sd")])
+@pytest.mark.smoke
+def test_codes_decode_to_images_through_the_diffusers_pipeline(experiment, kind, tmp_path):
+    stage = _stage(experiment, tmp_path)
+    codes = stage.codes_of(_pixels(2))
+    embeds = stage.codec.decode_codes(codes)
+    assert embeds.shape == (2, stage.decoder_cfg.num_tokens, stage.decoder_cfg.embed_dim)
+    pipe = build_decode_pipeline(stage.decoder_cfg)
+    images = decode_embeddings(pipe, kind, embeds, steps=2, seed=0)
+    res = stage.decoder_cfg.resolution
+    assert [im.size for im in images] == [(res, res)] * 2
+
+
+# ---- tiny twins ------------------------------------------------------------------------------------------------
+@pytest.mark.smoke
+@pytest.mark.parametrize("experiment", ["seed_tokenizer_qformer_tiny", "seed_tokenizer_v1_tiny", "seed_tokenizer_v2_tiny"])
+def test_tiny_tokenizer_experiments_train_three_steps(experiment, tmp_path):
+    from src.train import train
+
+    window = [] if "qformer" in experiment else ["stage.usage_window=3"]
+    train(tiny_run_cfg(experiment, tmp_path, ["trainer.max_steps=3", *window]))
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    parts = ["loss_itc", "loss_itm", "loss_itg"] if "qformer" in experiment else ["loss_vq", "loss_recon", "loss_gen"]
+    for k in ["loss", *parts]:
+        assert torch.isfinite(torch.tensor(m[f"train/{k}"])), k
+    assert m["train/loss"] > 0
+    if "qformer" not in experiment:
+        assert 1 <= m["train/codebook_perplexity"] <= 32 * 10 and m["train/dead_codes"] == 8192 - m["train/used_codes"]
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+# ---- full size on meta -----------------------------------------------------------------------------------------
+@pytest.mark.config
+@pytest.mark.parametrize(("experiment", "target"), [("seed_tokenizer_v2", CLIP_H_VISION_PARAMS),
+                                                    ("seed_tokenizer_v1", CLIP_L_TEXT_PARAMS)])
+def test_stage2_full_size_on_meta(experiment, target):
+    from src.inspect import build_on_meta, count_parameters
+
+    counts = count_parameters(build_on_meta(compose_cfg(experiment)))
+    m = counts["modules"]
+    assert m["vit"] == {"total": EVA_G_PARAMS, "trainable": 0}
+    assert m["qformer"] == {"total": QFORMER_PARAMS, "trainable": 0}
+    assert m["target"] == {"total": target, "trainable": 0}
+    assert m["codec"]["total"] == m["codec"]["trainable"] == counts["trainable"]
+    # the codebook: 8192 x 32
+    assert 8192 * 32 < counts["trainable"] < 50_000_000
+
+
+@pytest.mark.config
+def test_stage1_full_size_on_meta():
+    from src.inspect import build_on_meta, count_parameters
+
+    counts = count_parameters(build_on_meta(compose_cfg("seed_tokenizer_qformer")))
+    assert counts["modules"]["vit"] == {"total": EVA_G_PARAMS, "trainable": 0}
+    assert counts["modules"]["blip2.qformer"]["trainable"] == QFORMER_PARAMS
+    assert counts["total"] - counts["trainable"] == EVA_G_PARAMS  # the ViT alone is frozen
