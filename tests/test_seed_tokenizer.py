@@ -35,9 +35,9 @@ def _pixels(n: int, size: int = 56, seed: int = 0) -> torch.Tensor:
 
 def _tiny_pretrainer() -> QFormerPretrainer:
     torch.manual_seed(0)
-    cfg = QFormerPretrainConfig(qformer=dict(num_queries=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                             intermediate_size=64, encoder_hidden_size=24, vocab_size=50,
-                                             max_position_embeddings=16), embed_dim=16, max_text_len=8)
+    qformer = {"num_queries": 4, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "intermediate_size": 64, "encoder_hidden_size": 24, "vocab_size": 50, "max_position_embeddings": 16}
+    cfg = QFormerPretrainConfig(qformer=qformer, embed_dim=16, max_text_len=8)
     return QFormerPretrainer(cfg, dec_token_id=49).eval()
 
 
