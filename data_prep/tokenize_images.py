@@ -27,25 +27,12 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-from omegaconf import OmegaConf
 
 from data_prep.common import RecordWriter, image_from_bytes, progress
-from data_prep.precompute_features import compose, iter_records, parse_source
+from data_prep.precompute_features import iter_records, parse_source
 from src.data.images import vit_view
 from src.data.records import SkippedSample, image_bytes, load_image, record_images
-
-
-def build_tokenizer(experiment: str, ckpt: str | None, overrides: list[str], device: str):
-    from src.stages.inference import build_trained, checkpoint_hparams
-    from src.stages.seed_tokenizer import SeedTokenizerModule
-    from src.utils.checkpoint import read_checkpoint
-
-    if ckpt:
-        stage_cfg = checkpoint_hparams(read_checkpoint(ckpt, "--ckpt"), ckpt, "--ckpt")
-    else:
-        cfg = compose(experiment, overrides)
-        stage_cfg = OmegaConf.to_container(cfg.stage, resolve=True)
-    return build_trained(SeedTokenizerModule, stage_cfg, ckpt).to(device)
+from src.stages.inference import build_image_tokenizer
 
 
 def tokenize_source(stage, source, writer: RecordWriter, batch_size: int, device: str) -> None:
@@ -95,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     names = args.source_name or [None] * len(args.source)
     if len(names) != len(args.source):
         parser.error("give --source-name once per --source, or never")
-    stage = build_tokenizer(args.experiment, args.ckpt, overrides, args.device)
+    stage = build_image_tokenizer(args.ckpt, args.experiment, overrides, keys=("--ckpt", "--experiment")).to(args.device)
     summary = []
     with torch.no_grad():
         for path, name in zip(args.source, names):

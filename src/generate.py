@@ -8,6 +8,7 @@ plain modules to src/pipelines and write `results.jsonl` + PNGs under `paths.out
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 
@@ -110,10 +111,65 @@ def check_experiment(cfg: DictConfig, mode: str) -> None:
                          f"stage._target_ is {target!r}")
 
 
+def is_seed_llama(cfg: DictConfig) -> bool:
+    from src.stages.seed_llama import SeedLlamaModule
+
+    target = (cfg.get("stage") or {}).get("_target_")
+    return bool(target) and issubclass(hydra.utils.get_class(target), SeedLlamaModule)
+
+
+def seed_llama_generate(cfg: DictConfig, mode: str, requests: list[dict], out: Path, device: torch.device,
+                        dtype: torch.dtype) -> list[dict]:
+    """SEED-LLaMA's modes: the LLM from `ckpt_path` / model.llm.*, the SEED tokenizer from `image_tokenizer.*`."""
+    from src.data.seed_llama import SeedLlamaSequenceBuilder
+    from src.pipelines.conversation import safe_name
+    from src.pipelines.seed_decode import build_decode_pipeline
+    from src.pipelines.seed_llama import SEED_LLAMA_MODES, SeedLlamaGenerator
+    from src.stages.inference import build_image_tokenizer, build_trained
+    from src.stages.seed_llama import SeedLlamaModule, SeedLlamaSFTModule
+
+    if mode not in SEED_LLAMA_MODES:
+        raise ValueError(f"mode={mode}: a SEED-LLaMA experiment answers mode={'|'.join(SEED_LLAMA_MODES)}")
+    stage_cfg = OmegaConf.to_container(cfg.stage, resolve=True)
+    ckpt = cfg.get("ckpt_path")
+    if ckpt:  # an SFT checkpoint rebuilds the pre-trained start it trained on
+        from src.utils.checkpoint import read_checkpoint
+
+        hp = read_checkpoint(ckpt).get("hyper_parameters") or {}
+        if hp.get("init_from") and not stage_cfg.get("init_from"):
+            stage_cfg.update(init_from=hp["init_from"], pretrain_lora=hp.get("pretrain_lora", "merge"))
+    cls = SeedLlamaSFTModule if "init_from" in stage_cfg else SeedLlamaModule
+    stage = build_trained(cls, stage_cfg, ckpt).to(device, dtype)
+    it = cfg.image_tokenizer
+    image_tokenizer = build_image_tokenizer(it.ckpt_path, it.experiment).to(device)
+    fmt = cfg.generate.prompt_format
+    instruct = fmt == "instruct" or (fmt == "auto" and cls is SeedLlamaSFTModule)
+    builder = SeedLlamaSequenceBuilder(stage.tokenizer, max_length=int(cfg.data.max_length), truncation="cut",
+                                       chat_format="llama2" if instruct else "plain")
+    pipe = functools.cache(lambda: build_decode_pipeline(image_tokenizer.decoder_cfg, device, dtype))
+    generator = SeedLlamaGenerator(stage.mllm.llm, stage.tokenizer, builder, image_tokenizer, pipe)
+    decoding, _ = options(cfg, "chat")
+    results = []
+    with (out / "results.jsonl").open("w") as f:
+        for k, request in enumerate(requests):
+            reply = generator.reply(request, mode, decoding, torch.Generator().manual_seed(int(cfg.seed) + k))
+            result = {"id": request["id"], "mode": mode, "text": reply.text, "codes": reply.codes, "image": None}
+            if reply.codes is not None:
+                path = out / f"{safe_name(request['id'])}.png"
+                generator.draw(reply.codes, int(cfg.sampling.steps), float(cfg.sampling.guidance_scale),
+                               int(cfg.seed) + k).save(path)
+                result["image"] = str(path)
+            f.write(json.dumps(result) + "\n")
+            results.append(result)
+    return results
+
+
 def generate(cfg: DictConfig) -> list[dict]:
     mode = cfg.mode
     spec = mode_of(mode)
-    check_experiment(cfg, mode)
+    seed_llama = is_seed_llama(cfg)
+    if not seed_llama:
+        check_experiment(cfg, mode)
     requests = load_requests(cfg.get("requests"), cfg.get("prompt"), cfg.get("image"), mode)
     decoding, sampling = options(cfg, mode)  # option mistakes fail before any model is built
     dtype = inference_dtype(cfg)
@@ -124,6 +180,10 @@ def generate(cfg: DictConfig) -> list[dict]:
     save_resolved_config(cfg, out)
     device = torch.device(cfg.device)
     torch.manual_seed(int(cfg.seed))
+    if seed_llama:
+        results = seed_llama_generate(cfg, mode, requests, out, device, dtype)
+        log.info("%d results in %s", len(results), out / "results.jsonl")
+        return results
 
     generator = builder = None
     if spec.uses_llm:

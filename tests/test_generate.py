@@ -134,6 +134,7 @@ def requests_file(tmp_path: Path, mode: str) -> Path:
                                        user({"text": "What colour is it?"})]},
                  {"id": "c2", "turns": [user({"text": "Hello"}), user({"text": "And again"})]}],
         "ground": [{"id": "g", "turns": [user(img("coffee.jpg"), {"text": "Where is the cup?"})]}],
+        "caption": [{"id": "k", "turns": [user(img("chelsea.jpg"))]}],
         "t2i": [{"id": "t1", "turns": [user({"text": "a red apple"})]},
                 {"id": "t2", "turns": [user({"text": "a blue car"})]}],
         "edit": [{"id": "e", "turns": [user(img("chelsea.jpg"), {"text": "Make it black and white"})]}],

@@ -203,9 +203,10 @@ def test_seed_llama_full_size_on_meta():
 # ---- offline tokenisation ---------------------------------------------------------------------------------
 @pytest.mark.smoke
 def test_tokenize_images_writes_the_codes_the_tokenizer_gives(tmp_path):
-    from data_prep.tokenize_images import build_tokenizer, main
+    from data_prep.tokenize_images import main
     from src.data.images import vit_view
     from src.data.records import load_image, read_jsonl
+    from src.stages.inference import build_image_tokenizer
 
     main(["--experiment", "seed_tokenizer_v2_tiny", "--source", str(ROOT / "assets/sample/captions.jsonl"),
           "--source", str(ROOT / "assets/sample/sft_chat.jsonl"), "--out", str(tmp_path), "--device", "cpu"])
@@ -213,7 +214,7 @@ def test_tokenize_images_writes_the_codes_the_tokenizer_gives(tmp_path):
     assert len(records) == 10  # 12 lines, the corrupt and the missing image skipped ...
     skipped = [json.loads(x)["reason"] for x in (tmp_path / "captions.skipped.jsonl").read_text().splitlines()]
     assert sorted(skipped) == ["corrupt_image", "missing_file"]  # ... and logged with their reason
-    stage = build_tokenizer("seed_tokenizer_v2_tiny", None, [], "cpu")
+    stage = build_image_tokenizer(None, "seed_tokenizer_v2_tiny")
     for r in records[:3]:
         item = r["turns"][0]["content"][0]
         view = vit_view(load_image(r, item), stage.vit_cfg.image_size)
@@ -222,3 +223,32 @@ def test_tokenize_images_writes_the_codes_the_tokenizer_gives(tmp_path):
     for name in ("captions", "sft_chat"):
         assert (tmp_path / f"{name}.jsonl").read_text() == (ROOT / f"assets/sample/seed_codes/{name}.jsonl").read_text()
     shutil.rmtree(tmp_path / "images")
+
+
+# ---- generation -----------------------------------------------------------------------------------------------
+@pytest.mark.smoke
+def test_generate_captions_and_draws_with_seed_llama(tmp_path):
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from src.generate import generate
+
+    def run(mode, *extra):
+        out = tmp_path / mode
+        cfg = compose_cfg("seed_llama_pretrain_tiny", out, [
+            f"mode={mode}", "image_tokenizer.experiment=seed_tokenizer_v2_tiny", "sampling.steps=2",
+            "generate.max_new_tokens=6", "progress=false", *extra], config_name="generate")
+        OmegaConf.resolve(cfg)
+        return generate(cfg), out
+
+    (drawn,), out = run("t2i", "prompt=a red apple")
+    assert len(drawn["codes"]) == 32 and all(0 <= c < NUM_IMAGE_CODES for c in drawn["codes"])
+    image = Image.open(drawn["image"])
+    assert image.format == "PNG" and image.size == (32, 32)  # the tiny unCLIP decoder's resolution
+    assert json.loads((out / "results.jsonl").read_text())["codes"] == drawn["codes"]
+    again, _ = run("t2i", "prompt=a red apple")
+    assert again[0]["codes"] == drawn["codes"]  # greedy: the same codes every time
+    (captioned,), _ = run("caption", f"image={ROOT / 'assets/sample/images/coffee.jpg'}")
+    assert captioned["codes"] is None and "<img" not in captioned["text"]
+    with pytest.raises(ValueError, match="SEED-LLaMA experiment answers"):
+        run("chat", "prompt=hi")

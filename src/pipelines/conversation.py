@@ -40,6 +40,8 @@ class Mode:
 
 MODES: dict[str, Mode] = {
     "chat": Mode("free", "stage1", "qa"),
+    # the image alone as the prompt: the pretrained model continues it with its caption (also SEED-LLaMA's mode)
+    "caption": Mode("free", "stage1", "plain", needs_image=True),
     "ground": Mode("free", "stage1", "qa", needs_image=True),
     "t2i": Mode("first", "stage1", "plain"),
     "edit": Mode("first", "stage2", "plain", condition="last", needs_image=True),

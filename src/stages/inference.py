@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from src.pipelines.detok import ImageDecoder
 from src.stages.base import StageModule
@@ -21,6 +23,11 @@ from src.stages.detok_pretrain import DetokPretrainModule
 from src.stages.mllm_pretrain import MLLMPretrainModule
 from src.stages.mllm_sft import MLLMSFTModule
 from src.utils.checkpoint import read_checkpoint
+
+if TYPE_CHECKING:
+    from src.stages.seed_tokenizer import SeedTokenizerModule
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def checkpoint_hparams(checkpoint: dict, path: str | Path, key: str = "ckpt_path") -> dict:
@@ -126,3 +133,34 @@ def build_trained(stage_cls: type[StageModule], stage_cfg: dict, ckpt_path: str 
     if ckpt_path:
         load_checkpoint_into(module, ckpt_path)
     return module.eval().requires_grad_(False)
+
+
+def compose_experiment(experiment: str, overrides: list[str] = ()) -> DictConfig:
+    """The training config of `experiment=<name>` (+ overrides), as `python -m src.train` composes it; works
+    inside another Hydra app (src.generate) and outside one (data_prep)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    args = [f"experiment={experiment}", *overrides]
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="train", overrides=args)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=args)
+
+
+def build_image_tokenizer(ckpt_path: str | None, experiment: str | None, overrides: list[str] = (),
+                          keys: tuple[str, str] = ("image_tokenizer.ckpt_path", "image_tokenizer.experiment"),
+                          ) -> SeedTokenizerModule:
+    """A SEED tokenizer (stage 2, v1 or v2) for inference: from its checkpoint (rebuilt from the checkpoint's own
+    hyper-parameters), or (random-init tiny twins) from an experiment's config as it is."""
+    from src.stages.seed_tokenizer import SeedTokenizerModule
+
+    if ckpt_path:
+        checkpoint = read_checkpoint(ckpt_path, keys[0])
+        stage_cfg = checkpoint_hparams(checkpoint, ckpt_path, keys[0])
+    elif experiment:
+        stage_cfg = OmegaConf.to_container(compose_experiment(experiment, list(overrides)).stage, resolve=True)
+    else:
+        raise ValueError(f"set {keys[0]} (a seed_tokenizer_v1/v2 checkpoint) or, for a random-init tiny twin, "
+                         f"{keys[1]} (e.g. seed_tokenizer_v2_tiny)")
+    return build_trained(SeedTokenizerModule, stage_cfg, ckpt_path)
