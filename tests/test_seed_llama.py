@@ -221,7 +221,7 @@ def test_tokenize_images_writes_the_codes_the_tokenizer_gives(tmp_path):
         assert item["codes"] == stage.codes_of(view[None])[0].tolist()
     # the bundled sample is what this command writes (deterministic: tiny twins are seeded)
     for name in ("captions", "sft_chat"):
-        assert (tmp_path / f"{name}.jsonl").read_text() == (ROOT / f"assets/sample/seed_codes/{name}.jsonl").read_text()
+        assert (tmp_path / f"{name}.jsonl").read_text() == (ROOT / f"assets/seed_codes/{name}.jsonl").read_text()
     shutil.rmtree(tmp_path / "images")
 
 
