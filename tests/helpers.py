@@ -98,6 +98,15 @@ def wandb_records(run_dir) -> dict[str, list]:
     return out
 
 
+def built_stage(experiment: str, tmp, *overrides: str):
+    """The stage of a tiny experiment, its models built (weights loaded: random init for tiny twins), eval mode."""
+    import hydra
+
+    stage = hydra.utils.instantiate(tiny_run_cfg(experiment, tmp, list(overrides)).stage, _convert_="all")
+    stage.build_models(load_weights=True)
+    return stage.eval()
+
+
 def trained_tiny_mllm(tmp):
     """A 'trained' tiny seedx_pretrain stage (its trainable weights moved off their init) and its lean
     checkpoint `tmp/last.ckpt`, as src.train writes it."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import hydra
 import pytest
 import torch
 
@@ -16,7 +15,7 @@ from src.data.mllm_sequence import IGNORE_INDEX
 from src.data.seed_llama import SeedLlamaSequenceBuilder
 from src.models.vocab import NUM_IMAGE_CODES, add_seed_llama_tokens, seed_llama_token_ids
 from tests.conftest import ROOT
-from tests.helpers import compose_cfg, lean_checkpoint, perturb_trainable, tiny_run_cfg
+from tests.helpers import built_stage, compose_cfg, lean_checkpoint, perturb_trainable, tiny_run_cfg
 
 TOKENIZER = ROOT / "assets" / "tokenizers" / "tiny-llama"
 BASE_VOCAB = 1000
@@ -132,13 +131,6 @@ def test_bad_image_codes_and_boxes_are_skipped_with_their_reason(tokenizer, item
 
 
 # ---- stages -------------------------------------------------------------------------------------------------
-def _stage(experiment, tmp_path, *overrides):
-    cfg = tiny_run_cfg(experiment, tmp_path, list(overrides))
-    stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
-    stage.build_models(load_weights=True)
-    return stage.eval()
-
-
 @pytest.mark.smoke
 @pytest.mark.parametrize("experiment", ["seed_llama_pretrain_tiny", "seed_llama_sft_tiny"])
 def test_tiny_seed_llama_experiments_train_three_steps(experiment, tmp_path):
@@ -154,7 +146,7 @@ def test_tiny_seed_llama_experiments_train_three_steps(experiment, tmp_path):
 
 @pytest.mark.smoke
 def test_loss_splits_into_text_and_image_code_tokens(tmp_path):
-    stage = _stage("seed_llama_pretrain_tiny", tmp_path)
+    stage = built_stage("seed_llama_pretrain_tiny", tmp_path)
     ids = seed_llama_token_ids(stage.tokenizer)
     rec = _record([{"role": None, "content": [_image(), {"text": "A red car."}]}])
     s = SeedLlamaSequenceBuilder(stage.tokenizer, max_length=512)(rec)
@@ -171,11 +163,11 @@ def test_loss_splits_into_text_and_image_code_tokens(tmp_path):
 
 @pytest.mark.smoke
 def test_sft_starts_from_the_pretraining_checkpoint(tmp_path):
-    pre = _stage("seed_llama_pretrain_tiny", tmp_path / "pre")
+    pre = built_stage("seed_llama_pretrain_tiny", tmp_path / "pre")
     perturb_trainable(pre, 0)
     ckpt = tmp_path / "pre.ckpt"
     lean_checkpoint(pre, ckpt)
-    sft = _stage("seed_llama_sft_tiny", tmp_path / "sft", f"stage.init_from={ckpt}")
+    sft = built_stage("seed_llama_sft_tiny", tmp_path / "sft", f"stage.init_from={ckpt}")
     x = torch.randint(0, len(pre.tokenizer), (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(sft.mllm.llm(input_ids=x).logits, pre.mllm.llm(input_ids=x).logits,

@@ -14,19 +14,12 @@ from src.models.qformer_pretrain import QFormerPretrainConfig, QFormerPretrainer
 from src.models.seed_codec import SeedCodec, SeedCodecConfig
 from src.models.vq import usage_stats
 from src.pipelines.seed_decode import build_decode_pipeline, decode_embeddings
-from tests.helpers import compose_cfg, lean_checkpoint, perturb_trainable, tiny_run_cfg
+from tests.helpers import built_stage, compose_cfg, lean_checkpoint, perturb_trainable, tiny_run_cfg
 
 EVA_G_PARAMS = 985_894_528  # timm eva_giant_patch14 at depth 39, no final norm
 QFORMER_PARAMS = 161_852_672  # BLIP-2 Q-Former (BERT-base, cross-attention every 2nd layer) + 32 queries + ln_vision
 CLIP_H_VISION_PARAMS = 632_076_800
 CLIP_L_TEXT_PARAMS = 123_060_480
-
-
-def _stage(experiment: str, tmp_path, *overrides):
-    cfg = tiny_run_cfg(experiment, tmp_path, list(overrides))
-    stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
-    stage.build_models(load_weights=True)
-    return stage
 
 
 def _pixels(n: int, size: int = 56, seed: int = 0) -> torch.Tensor:
@@ -112,7 +105,7 @@ def test_straight_through_gradients_reach_the_encoder_from_the_decoder_loss():
 
 @pytest.mark.smoke
 def test_stage2_counts_codes_exactly_and_resets_dead_codes(tmp_path):
-    stage = _stage("seed_tokenizer_v2_tiny", tmp_path)
+    stage = built_stage("seed_tokenizer_v2_tiny", tmp_path).train()  # training batches count
     pixels = _pixels(3)
     codes = stage.codes_of(pixels)
     assert codes.shape == (3, 32) and codes.dtype == torch.long
@@ -136,11 +129,11 @@ def test_stage2_counts_codes_exactly_and_resets_dead_codes(tmp_path):
 
 @pytest.mark.smoke
 def test_stage2_starts_from_the_stage1_checkpoint(tmp_path):
-    stage1 = _stage("seed_tokenizer_qformer_tiny", tmp_path / "s1")
+    stage1 = built_stage("seed_tokenizer_qformer_tiny", tmp_path / "s1")
     perturb_trainable(stage1, 0)
     ckpt = tmp_path / "stage1.ckpt"
     lean_checkpoint(stage1, ckpt)
-    stage2 = _stage("seed_tokenizer_v2_tiny", tmp_path / "s2", f"stage.init_from={ckpt}",
+    stage2 = built_stage("seed_tokenizer_v2_tiny", tmp_path / "s2", f"stage.init_from={ckpt}",
                     "model.qformer.allow_random_init=false")
     want = {k.removeprefix("blip2.qformer."): v for k, v in stage1.state_dict().items() if k.startswith("blip2.qformer.")}
     got = stage2.qformer.state_dict()
@@ -151,7 +144,7 @@ def test_stage2_starts_from_the_stage1_checkpoint(tmp_path):
     other = tmp_path / "stage2.ckpt"
     lean_checkpoint(stage2, other)
     with pytest.raises(ValueError, match="(?s)not a seed_tokenizer_qformer checkpoint.*missing \\(59\\): ln_vision"):
-        _stage("seed_tokenizer_v2_tiny", tmp_path / "s3", f"stage.init_from={other}")
+        built_stage("seed_tokenizer_v2_tiny", tmp_path / "s3", f"stage.init_from={other}")
 
 
 @pytest.mark.config
@@ -167,7 +160,7 @@ def test_full_size_stage2_without_a_stage1_checkpoint_names_the_key(tmp_path):
 @pytest.mark.parametrize(("experiment", "kind"), [("seed_tokenizer_v2_tiny", "unclip"), ("seed_tokenizer_v1_tiny", "sd")])
 @pytest.mark.smoke
 def test_codes_decode_to_images_through_the_diffusers_pipeline(experiment, kind, tmp_path):
-    stage = _stage(experiment, tmp_path)
+    stage = built_stage(experiment, tmp_path)
     codes = stage.codes_of(_pixels(2))
     embeds = stage.codec.decode_codes(codes)
     assert embeds.shape == (2, stage.decoder_cfg.num_tokens, stage.decoder_cfg.embed_dim)

@@ -102,7 +102,7 @@ def test_every_wandb_sweep_command_is_a_valid_train_command(path, tmp_path):
     cmd = sweep_command(path)
     assert cmd[1:3] == ["-m", "src.train"] and cmd[3] == f"experiment={path.parent.name}"
     spec = yaml.safe_load(path.read_text())
-    assert spec["metric"]["name"] in ("val/loss", "val/loss_ce") and spec["parameters"]
+    assert spec["metric"]["name"] in ("val/loss", "val/loss_ce", "val/loss_gen") and spec["parameters"]
     overrides = cmd[4:]
     cfg = compose_cfg(path.parent.name, tmp_path, overrides)
     check_config(cfg, overrides)  # every swept key exists with a value of the right type

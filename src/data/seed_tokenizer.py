@@ -16,7 +16,7 @@ from typing import Any
 from src.data.detok import DetokDataModule, split_target_condition
 from src.data.images import vit_view
 from src.data.records import BadSample, SkippedSample, load_image, record_text
-from src.utils.constraints import NonNegativeInt, PositiveFloat, PositiveInt, StreamDir
+from src.utils.constraints import PositiveInt
 
 __all__ = ["CaptionedImageBuilder", "SeedTokenizerDataModule", "add_dec_token"]
 
@@ -54,27 +54,12 @@ class CaptionedImageBuilder:
 
 
 class SeedTokenizerDataModule(DetokDataModule):
-    def __init__(
-        self,
-        train_sources: list[dict],
-        val_sources: list[dict] | None = None,
-        image_size: PositiveInt = 224,
-        require_caption: bool = True,
-        batch_size: PositiveInt = 4,
-        val_batch_size: PositiveInt | None = None,
-        num_workers: NonNegativeInt = 0,
-        shuffle: bool = True,
-        min_image_size: PositiveInt = 8,
-        max_aspect_ratio: PositiveFloat = 8.0,
-        val_max_samples: PositiveInt | None = None,
-        seed: int = 0,
-        stream_dir: StreamDir = None,
-        stream_cache_dir: str | None = None,
-        stream_canonical_nodes: PositiveInt = 1,
-    ) -> None:
-        super().__init__(train_sources, val_sources, vit_image_size=image_size, resolution=image_size,
-                         batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
-                         shuffle=shuffle, min_image_size=min_image_size, max_aspect_ratio=max_aspect_ratio,
-                         val_max_samples=val_max_samples, seed=seed, stream_dir=stream_dir,
-                         stream_cache_dir=stream_cache_dir, stream_canonical_nodes=stream_canonical_nodes)
-        self.build = CaptionedImageBuilder(image_size, require_caption, min_image_size, max_aspect_ratio)
+    """`DetokDataModule` (its sources, shards, streams, batch and worker settings in `**kwargs`) with
+    image-caption samples instead of de-tokenizer views."""
+
+    def __init__(self, train_sources: list[dict], val_sources: list[dict] | None = None,
+                 image_size: PositiveInt = 224, require_caption: bool = True, **kwargs) -> None:
+        if kwargs.get("features_dir"):
+            raise ValueError("data.features_dir: the SEED tokenizer stages read pixels; set it to null")
+        super().__init__(train_sources, val_sources, vit_image_size=image_size, resolution=image_size, **kwargs)
+        self.build = CaptionedImageBuilder(image_size, require_caption, self.build.min_size, self.build.max_aspect_ratio)
