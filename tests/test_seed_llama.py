@@ -176,6 +176,15 @@ def test_sft_starts_from_the_pretraining_checkpoint(tmp_path):
     assert task_b and all(bool((p == 0).all()) for p in task_b)  # a fresh task LoRA on the merged start
 
 
+@pytest.mark.smoke
+def test_full_finetuning_trains_the_whole_llm_and_needs_something_to_train(tmp_path):
+    stage = built_stage("seed_llama_pretrain_tiny", tmp_path, "stage.full_finetune=true", "stage.lora.enabled=false")
+    params = list(stage.mllm.llm.named_parameters())
+    assert params and all(p.requires_grad for _, p in params) and not any("lora_" in n for n, _ in params)
+    with pytest.raises(Exception, match="nothing would train"):  # at instantiation, before any build
+        built_stage("seed_llama_pretrain_tiny", tmp_path, "stage.lora.enabled=false")
+
+
 @pytest.mark.config
 def test_seed_llama_full_size_on_meta():
     from src.inspect import build_on_meta, count_parameters
@@ -214,6 +223,14 @@ def test_tokenize_images_writes_the_codes_the_tokenizer_gives(tmp_path):
     # the bundled sample is what this command writes (deterministic: tiny twins are seeded)
     for name in ("captions", "sft_chat"):
         assert (tmp_path / f"{name}.jsonl").read_text() == (ROOT / f"assets/seed_codes/{name}.jsonl").read_text()
+    # --shards: the same records as webdataset shards, images inside, readable as a record source
+    from src.data.records import read_shards
+
+    main(["--experiment", "seed_tokenizer_v2_tiny", "--source", str(ROOT / "assets/sample/captions.jsonl"),
+          "--out", str(tmp_path / "shards"), "--shards", "--device", "cpu"])
+    sharded = [r for r in read_shards(str(tmp_path / "shards" / "captions" / "captions-000000.tar"))]
+    assert [r["turns"][0]["content"][0]["codes"] for r in sharded] == [
+        r["turns"][0]["content"][0]["codes"] for r in records]
     shutil.rmtree(tmp_path / "images")
 
 

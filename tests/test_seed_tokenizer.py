@@ -213,3 +213,23 @@ def test_stage1_full_size_on_meta():
     assert counts["modules"]["vit"] == {"total": EVA_G_PARAMS, "trainable": 0}
     assert counts["modules"]["blip2.qformer"]["trainable"] == QFORMER_PARAMS
     assert counts["total"] - counts["trainable"] == EVA_G_PARAMS  # the ViT alone is frozen
+
+
+# ---- sharded (FSDP2, 2 gloo processes) ---------------------------------------------------------------------------
+@pytest.mark.slow  # subprocess runs (~40 s each here); CI runs the slow tier
+@pytest.mark.parametrize("experiment", ["seed_tokenizer_qformer_tiny", "seed_tokenizer_v2_tiny", "seed_llama_pretrain_tiny"])
+def test_fsdp2_two_processes_train_the_seed_stages(experiment, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cmd = [sys.executable, "-m", "src.train", f"experiment={experiment}", f"paths.output_dir={tmp_path}", "logger=csv",
+           "strategy=fsdp2", "strategy.fsdp2.param_dtype=null", "~callbacks.progress_bar", "trainer.devices=2",
+           "trainer.max_steps=3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=420, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard per rank

@@ -8,7 +8,7 @@ Three losses on image-caption pairs, all through the one Q-Former (`CausalQForme
 * ITM, image-text matching: for every image a hard negative text and for every text a hard negative image
   are drawn from the ITC similarities (softmax, the positive excluded); queries + text run jointly and the
   query outputs' `itm_head` logits are averaged; 2-way cross-entropy over B positives and 2B negatives.
-  Needs >= 2 samples on the rank (else 0).
+  Needs >= 2 samples on the rank (else the pass runs at zero weight).
 * ITG, image-grounded captioning: the text's first token replaced by [DEC], queries + text with the
   multimodal causal mask (`joint_mask`), a BERT LM head (tied to the word embeddings) predicts the next
   token, cross-entropy with label smoothing 0.1 over real tokens.
@@ -55,15 +55,20 @@ class QFormerPretrainConfig:
 
 
 def gather_batch(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All ranks' rows of x (gradients flow back to this rank's rows) and this rank's row offset."""
+    """All ranks' rows of x (gradients flow back to this rank's rows) and this rank's row offset. Ranks may hold
+    different numbers of rows (skipped samples): each pads to the largest, and the padding is cut out again."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
     from torch.distributed.nn.functional import all_gather
 
-    parts = all_gather(x)
-    return torch.cat(parts), dist.get_rank() * x.shape[0]
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    sizes = [int(n) for n in sizes]
+    padded = torch.cat([x, x.new_zeros(max(sizes) - x.shape[0], *x.shape[1:])])
+    parts = all_gather(padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[: dist.get_rank()])
 
 
 def _bert_init(module: nn.Module) -> None:
@@ -96,7 +101,7 @@ class QFormerPretrainer(nn.Module):
         self.itm_head = nn.Linear(qc.hidden_size, 2)
         self.lm_head = BertOnlyMLMHead(BertConfig(hidden_size=qc.hidden_size, vocab_size=qc.vocab_size))
         self.lm_head.predictions.decoder.weight = self.text_embeddings.word_embeddings.weight  # tied, as BERT
-        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.temp = nn.Parameter(torch.full((1,), 0.07))  # 1-D: FSDP2 shards no scalars
         for module in (self.text_embeddings, self.vision_proj, self.text_proj, self.itm_head, self.lm_head):
             module.apply(_bert_init)
 
@@ -119,19 +124,22 @@ class QFormerPretrainer(nn.Module):
     def itm(self, image_embeds, ids, mask, sim_i2t, sim_t2i, generator: torch.Generator | None) -> torch.Tensor:
         b = ids.shape[0]
         if b < 2:
-            return image_embeds.new_zeros(()) + self.itm_head.weight.sum() * 0.0
-        eye = torch.eye(b, dtype=torch.bool)
-        w_t2i = sim_t2i.float().cpu().softmax(1).masked_fill(eye, 0.0) + 1e-6 * ~eye
-        w_i2t = sim_i2t.float().cpu().softmax(1).masked_fill(eye, 0.0) + 1e-6 * ~eye
-        neg_img = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1).to(ids.device)  # per text
-        neg_txt = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1).to(ids.device)  # per image
+            # No negative on this rank: the same joint pass at zero weight, so every rank runs the same
+            # (sharded) layers the same number of times.
+            neg_img = neg_txt = torch.arange(b, device=ids.device)
+        else:
+            eye = torch.eye(b, dtype=torch.bool)
+            w_t2i = sim_t2i.float().cpu().softmax(1).masked_fill(eye, 0.0) + 1e-6 * ~eye
+            w_i2t = sim_i2t.float().cpu().softmax(1).masked_fill(eye, 0.0) + 1e-6 * ~eye
+            neg_img = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1).to(ids.device)  # per text
+            neg_txt = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1).to(ids.device)  # per image
         images = torch.cat([image_embeds, image_embeds[neg_img], image_embeds])
         texts = torch.cat([ids, ids, ids[neg_txt]])
         masks = torch.cat([mask, mask, mask[neg_txt]])
         out = self.qformer.joint(images, self.text_embeddings(input_ids=texts), masks, text_causal=False)
         logits = self.itm_head(out[:, : self.cfg.qformer_cfg.num_queries]).mean(1)
         labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(ids.device)
-        return F.cross_entropy(logits.float(), labels)
+        return F.cross_entropy(logits.float(), labels) * (1.0 if b >= 2 else 0.0)
 
     def itg(self, image_embeds, ids, mask) -> torch.Tensor:
         dec = ids.clone()
