@@ -261,3 +261,30 @@ def test_generate_captions_and_draws_with_seed_llama(tmp_path):
     assert captioned["codes"] is None and "<img" not in captioned["text"]
     with pytest.raises(ValueError, match="SEED-LLaMA experiment answers"):
         run("chat", "prompt=hi")
+
+
+# ---- exact resume ---------------------------------------------------------------------------------------------
+def _logged_losses(out) -> dict[int, str]:
+    import csv
+
+    with open(out / "csv" / "metrics.csv", newline="") as f:
+        return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("experiment", ["seed_llama_pretrain_tiny", "seed_tokenizer_qformer_tiny", "seed_tokenizer_v2_tiny"])
+def test_a_resumed_run_gives_the_uninterrupted_losses(experiment, tmp_path):
+    """Same data position, same ITM negatives (stage 1 draws them per step), same optimiser state."""
+    from src.train import train
+
+    # a constant schedule: the first run's max_steps=2 must not change the learning rates the second one sees
+    common = ["+logger.csv.flush_logs_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=2",
+              "stage.scheduler.name=constant", "stage.scheduler.warmup_steps=0"]
+    train(tiny_run_cfg(experiment, tmp_path / "straight", ["trainer.max_steps=4", *common]))
+    train(tiny_run_cfg(experiment, tmp_path / "first", ["trainer.max_steps=2", *common]))
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    train(tiny_run_cfg(experiment, tmp_path / "second", ["trainer.max_steps=4", f"ckpt_path={ckpt}", *common]))
+    straight = _logged_losses(tmp_path / "straight")
+    resumed = {**_logged_losses(tmp_path / "first"), **_logged_losses(tmp_path / "second")}
+    assert sorted(resumed) == sorted(straight) == [0, 1, 2, 3]
+    assert resumed == straight
