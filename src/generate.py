@@ -124,7 +124,7 @@ def seed_llama_generate(cfg: DictConfig, mode: str, requests: list[dict], out: P
     from src.data.seed_llama import SeedLlamaSequenceBuilder
     from src.pipelines.conversation import safe_name
     from src.pipelines.seed_decode import build_decode_pipeline
-    from src.pipelines.seed_llama import SEED_LLAMA_MODES, SeedLlamaGenerator
+    from src.pipelines.seed_llama import SEED_LLAMA_MODES, SeedImages, SeedLlamaGenerator
     from src.stages.inference import build_image_tokenizer, build_trained
     from src.stages.seed_llama import SeedLlamaModule, SeedLlamaSFTModule
 
@@ -147,7 +147,8 @@ def seed_llama_generate(cfg: DictConfig, mode: str, requests: list[dict], out: P
     builder = SeedLlamaSequenceBuilder(stage.tokenizer, max_length=int(cfg.data.max_length), truncation="cut",
                                        chat_format="llama2" if instruct else "plain")
     pipe = functools.cache(lambda: build_decode_pipeline(image_tokenizer.decoder_cfg, device, dtype))
-    generator = SeedLlamaGenerator(stage.mllm.llm, stage.tokenizer, builder, image_tokenizer, pipe)
+    images = SeedImages(image_tokenizer, pipe)
+    generator = SeedLlamaGenerator(stage.mllm.llm, stage.tokenizer, builder, images)
     decoding, _ = options(cfg, "chat")
     results = []
     with (out / "results.jsonl").open("w") as f:
@@ -156,9 +157,50 @@ def seed_llama_generate(cfg: DictConfig, mode: str, requests: list[dict], out: P
             result = {"id": request["id"], "mode": mode, "text": reply.text, "codes": reply.codes, "image": None}
             if reply.codes is not None:
                 path = out / f"{safe_name(request['id'])}.png"
-                generator.draw(reply.codes, int(cfg.sampling.steps), float(cfg.sampling.guidance_scale),
+                images.draw(reply.codes, int(cfg.sampling.steps), float(cfg.sampling.guidance_scale),
                                int(cfg.seed) + k).save(path)
                 result["image"] = str(path)
+            f.write(json.dumps(result) + "\n")
+            results.append(result)
+    return results
+
+
+def is_seed_tokenizer(cfg: DictConfig) -> bool:
+    from src.stages.seed_tokenizer import SeedTokenizerModule
+
+    target = (cfg.get("stage") or {}).get("_target_")
+    return bool(target) and issubclass(hydra.utils.get_class(target), SeedTokenizerModule)
+
+
+def seed_tokenizer_recon(cfg: DictConfig, mode: str, requests: list[dict], out: Path, device: torch.device,
+                         dtype: torch.dtype) -> list[dict]:
+    """A SEED tokenizer's own check (SEED's demo_recon): every input image -> 32 codes -> its decoder's image."""
+    from src.pipelines.conversation import safe_name
+    from src.pipelines.seed_decode import build_decode_pipeline
+    from src.pipelines.seed_llama import SeedImages
+    from src.stages.inference import build_image_tokenizer, build_trained
+    from src.stages.seed_tokenizer import SeedTokenizerModule
+
+    if mode != "recon":
+        raise ValueError(f"mode={mode}: a SEED tokenizer experiment answers mode=recon (image -> codes -> image)")
+    if cfg.get("ckpt_path"):
+        tokenizer = build_image_tokenizer(cfg.ckpt_path, None, keys=("ckpt_path", "experiment"))
+    else:
+        tokenizer = build_trained(SeedTokenizerModule, OmegaConf.to_container(cfg.stage, resolve=True))
+    tokenizer = tokenizer.to(device)
+    images = SeedImages(tokenizer, functools.cache(lambda: build_decode_pipeline(tokenizer.decoder_cfg, device, dtype)))
+    results = []
+    with (out / "results.jsonl").open("w") as f:
+        for k, request in enumerate(requests):
+            record = images.attach_codes(request)
+            result = {"id": request["id"], "mode": mode, "inputs": [], "codes": [], "images": []}
+            for j, item in enumerate(it for t in record["turns"] for it in t["content"] if "image" in it):
+                path = out / f"{safe_name(request['id'])}_{j}.png"
+                images.draw(item["codes"], int(cfg.sampling.steps), float(cfg.sampling.guidance_scale),
+                            int(cfg.seed) + k).save(path)
+                result["inputs"].append(item["image"])
+                result["codes"].append(item["codes"])
+                result["images"].append(str(path))
             f.write(json.dumps(result) + "\n")
             results.append(result)
     return results
@@ -167,8 +209,8 @@ def seed_llama_generate(cfg: DictConfig, mode: str, requests: list[dict], out: P
 def generate(cfg: DictConfig) -> list[dict]:
     mode = cfg.mode
     spec = mode_of(mode)
-    seed_llama = is_seed_llama(cfg)
-    if not seed_llama:
+    seed_llama, seed_tokenizer = is_seed_llama(cfg), is_seed_tokenizer(cfg)
+    if not (seed_llama or seed_tokenizer):
         check_experiment(cfg, mode)
     requests = load_requests(cfg.get("requests"), cfg.get("prompt"), cfg.get("image"), mode)
     decoding, sampling = options(cfg, mode)  # option mistakes fail before any model is built
@@ -180,8 +222,9 @@ def generate(cfg: DictConfig) -> list[dict]:
     save_resolved_config(cfg, out)
     device = torch.device(cfg.device)
     torch.manual_seed(int(cfg.seed))
-    if seed_llama:
-        results = seed_llama_generate(cfg, mode, requests, out, device, dtype)
+    if seed_llama or seed_tokenizer:
+        run = seed_llama_generate if seed_llama else seed_tokenizer_recon
+        results = run(cfg, mode, requests, out, device, dtype)
         log.info("%d results in %s", len(results), out / "results.jsonl")
         return results
 

@@ -233,3 +233,30 @@ def test_fsdp2_two_processes_train_the_seed_stages(experiment, tmp_path):
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard per rank
+
+
+@pytest.mark.smoke
+def test_generate_recon_reconstructs_images_through_a_trained_tokenizer(tmp_path):
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from src.data.images import vit_view
+    from src.generate import generate
+    from src.stages.inference import build_image_tokenizer
+    from src.train import train
+    from tests.conftest import ROOT
+
+    train(tiny_run_cfg("seed_tokenizer_v2_tiny", tmp_path / "run", ["trainer.max_steps=2"]))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    photo = ROOT / "assets" / "sample" / "images" / "coffee.jpg"
+    cfg = compose_cfg("seed_tokenizer_v2_tiny", tmp_path / "out", [
+        "mode=recon", f"image={photo}", f"ckpt_path={ckpt}", "sampling.steps=2", "progress=false"],
+        config_name="generate")
+    OmegaConf.resolve(cfg)
+    (result,) = generate(cfg)
+    trained = build_image_tokenizer(str(ckpt), None)
+    assert result["codes"] == [trained.codes_of(vit_view(Image.open(photo).convert("RGB"), 56)[None])[0].tolist()]
+    assert Image.open(result["images"][0]).size == (32, 32)
+    with pytest.raises(ValueError, match="answers mode=recon"):
+        generate(compose_cfg("seed_tokenizer_v2_tiny", tmp_path / "o2", ["mode=chat", "prompt=hi"],
+                             config_name="generate"))

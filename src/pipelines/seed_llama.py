@@ -1,4 +1,5 @@
-"""SEED-LLaMA inference: captions of images and images from text, over plain modules.
+"""SEED-LLaMA inference (captions of images, images from text) and SEED tokenizer reconstructions, over plain
+modules.
 
 * `caption`: the request's images are tokenised by the SEED tokenizer (EVA ViT -> causal Q-Former -> codes),
   laid out as in training (`<img>` + 32 code tokens + `</img>`), and the LLM continues in text (image tokens
@@ -35,11 +36,35 @@ class SeedLlamaReply:
     image: Image.Image | None = None
 
 
+class SeedImages:
+    """Images <-> SEED codes: a trained SEED tokenizer (`SeedTokenizerModule`: codes_of, codec, decoder_cfg) and
+    its diffusers decoder pipeline (built on first use: captions need none)."""
+
+    def __init__(self, image_tokenizer, decode_pipe: Callable[[], object]) -> None:
+        self.tokenizer = image_tokenizer
+        self.decode_pipe = decode_pipe
+
+    @torch.no_grad()
+    def attach_codes(self, record: dict) -> dict:
+        """The record with `codes` on every image item (tokenised here unless it has them)."""
+        size = self.tokenizer.vit_cfg.image_size
+        for item in record_images(record):
+            if "codes" not in item:
+                view = vit_view(load_image(record, item), size)[None].to(self.tokenizer.device)
+                item["codes"] = self.tokenizer.codes_of(view)[0].tolist()
+        return record
+
+    @torch.no_grad()
+    def draw(self, codes: list[int], steps: int, guidance_scale: float | None, seed: int) -> Image.Image:
+        """32 codes -> codebook -> reverse Q-Former -> generation embeddings -> the decoder's image."""
+        embeds = self.tokenizer.codec.decode_codes(torch.tensor([codes], device=self.tokenizer.device))
+        return decode_embeddings(self.decode_pipe(), self.tokenizer.decoder_cfg.kind, embeds, steps=steps,
+                                 guidance_scale=guidance_scale, seed=seed)[0]
+
+
 class SeedLlamaGenerator:
-    def __init__(self, llm: nn.Module, tokenizer, builder, image_tokenizer, decode_pipe: Callable[[], object]) -> None:
-        self.llm, self.tokenizer, self.builder = llm, tokenizer, builder
-        self.image_tokenizer = image_tokenizer  # a SeedTokenizerModule (codes_of, codec, decoder_cfg)
-        self.decode_pipe = decode_pipe  # built on first use: captions need no diffusion pipeline
+    def __init__(self, llm: nn.Module, tokenizer, builder, images: SeedImages) -> None:
+        self.llm, self.tokenizer, self.builder, self.images = llm, tokenizer, builder, images
         self.ids = builder.tok
         vocab = llm.get_output_embeddings().weight.shape[0]
         self.code_mask = torch.zeros(vocab, dtype=torch.bool)
@@ -48,25 +73,6 @@ class SeedLlamaGenerator:
     @property
     def device(self) -> torch.device:
         return next(self.llm.parameters()).device
-
-    # ---- images -> codes -> images ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def attach_codes(self, record: dict) -> dict:
-        """The record with `codes` on every image item (tokenised here unless it has them)."""
-        size = self.image_tokenizer.vit_cfg.image_size
-        for item in record_images(record):
-            if "codes" not in item:
-                view = vit_view(load_image(record, item), size)[None].to(self.image_tokenizer.device)
-                item["codes"] = self.image_tokenizer.codes_of(view)[0].tolist()
-        return record
-
-    @torch.no_grad()
-    def draw(self, codes: list[int], steps: int, guidance_scale: float | None, seed: int) -> Image.Image:
-        codec = self.image_tokenizer.codec
-        embeds = codec.decode_codes(torch.tensor([codes], device=self.image_tokenizer.device))
-        kind = self.image_tokenizer.decoder_cfg.kind
-        return decode_embeddings(self.decode_pipe(), kind, embeds, steps=steps, guidance_scale=guidance_scale,
-                                 seed=seed)[0]
 
     # ---- decoding -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -87,7 +93,7 @@ class SeedLlamaGenerator:
     def reply(self, record: dict, mode: str, options: DecodingOptions, generator: torch.Generator) -> SeedLlamaReply:
         if mode not in SEED_LLAMA_MODES:
             raise ValueError(f"mode={mode!r}: SEED-LLaMA answers {SEED_LLAMA_MODES}")
-        prompt = self.builder.prompt(self.attach_codes(record))["input_ids"].tolist()
+        prompt = self.builder.prompt(self.images.attach_codes(record))["input_ids"].tolist()
         if mode == "t2i":
             codes = self._decode(prompt + [self.ids.img_start], self.builder.num_image_tokens, self.code_mask, None,
                                  options, generator)
