@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from src.utils.constraints import PositiveInt
+from src.utils.materialize import seeded
 from src.utils.weights import MissingWeightsError, RequiredPath, check_paths, missing_weights_error
 
 KEY = "model.seed_decoder"
@@ -33,8 +34,6 @@ KINDS = {
     "unclip": "SD 2.1 unCLIP (StableUnCLIPImg2ImgPipeline; SEED tokenizer v2)",
     "sd": "Stable Diffusion v1.4 (StableDiffusionPipeline; SEED tokenizer v1)",
 }
-# Per-component seed offsets: the same `seed` gives the same random component wherever it is built.
-_SEED_OFFSET = {"image_encoder": 0, "text_encoder": 1, "unet": 2, "vae": 3}
 
 
 @dataclass
@@ -135,10 +134,9 @@ class SeedDecoderConfig:
         return False
 
 
-def _seeded(seed: int, component: str, build):
-    """Build under a fixed seed without touching the caller's global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + _SEED_OFFSET[component])
+def _built(seed: int, component: str, build):
+    """Build under the component's own seed (`src.utils.materialize.seeded`), the caller's RNG untouched."""
+    with seeded(seed, component):
         return build()
 
 
@@ -154,26 +152,26 @@ def build_image_encoder(cfg: SeedDecoderConfig, load_weights: bool = True, seed:
     if cfg.loads_weights(load_weights):
         return CLIPVisionModelWithProjection.from_pretrained(
             cfg.pretrained_dir, subfolder="image_encoder", local_files_only=True, dtype=torch.float32)
-    return _seeded(seed, "image_encoder", lambda: CLIPVisionModelWithProjection(cfg.vision_config))
+    return _built(seed, "image_encoder", lambda: CLIPVisionModelWithProjection(cfg.vision_config))
 
 
 def build_text_encoder(cfg: SeedDecoderConfig, load_weights: bool = True, seed: int = 0) -> CLIPTextModel:
     if cfg.loads_weights(load_weights):
         return CLIPTextModel.from_pretrained(
             cfg.pretrained_dir, subfolder="text_encoder", local_files_only=True, dtype=torch.float32)
-    return _seeded(seed, "text_encoder", lambda: CLIPTextModel(cfg.text_config))
+    return _built(seed, "text_encoder", lambda: CLIPTextModel(cfg.text_config))
 
 
 def build_unet(cfg: SeedDecoderConfig, load_weights: bool = True, seed: int = 0) -> UNet2DConditionModel:
     if cfg.loads_weights(load_weights):
         return UNet2DConditionModel.from_pretrained(cfg.pretrained_dir, subfolder="unet", local_files_only=True)
-    return _seeded(seed, "unet", lambda: UNet2DConditionModel.from_config(dict(cfg.unet)))
+    return _built(seed, "unet", lambda: UNet2DConditionModel.from_config(dict(cfg.unet)))
 
 
 def build_vae(cfg: SeedDecoderConfig, load_weights: bool = True, seed: int = 0) -> AutoencoderKL:
     if cfg.loads_weights(load_weights):
         return AutoencoderKL.from_pretrained(cfg.pretrained_dir, subfolder="vae", local_files_only=True)
-    return _seeded(seed, "vae", lambda: AutoencoderKL.from_config(dict(cfg.vae)))
+    return _built(seed, "vae", lambda: AutoencoderKL.from_config(dict(cfg.vae)))
 
 
 def build_tokenizer(cfg: SeedDecoderConfig) -> CLIPTokenizer:

@@ -8,7 +8,6 @@ seeded component builders the training target uses, so a twin's pipeline and tar
 
 from __future__ import annotations
 
-import diffusers
 import torch
 from diffusers import StableDiffusionPipeline, StableUnCLIPImg2ImgPipeline
 from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
@@ -24,6 +23,7 @@ from src.models.seed_decoder import (
     build_unet,
     build_vae,
 )
+from src.pipelines.detok import sampler_class
 
 # The released pipelines' own defaults (SEED-LLaMA decodes unCLIP at 10, SD v1 samples at 7.5).
 DEFAULT_GUIDANCE = {"unclip": 10.0, "sd": 7.5}
@@ -31,11 +31,7 @@ DEFAULT_GUIDANCE = {"unclip": 10.0, "sd": 7.5}
 
 def build_scheduler(config: dict, key: str):
     """A diffusers scheduler from a scheduler_config.json-like dict; `_class_name` names the class."""
-    name = config.get("_class_name")
-    cls = getattr(diffusers, str(name), None)
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-        raise ValueError(  # noqa: TRY004 - a config value, not a type error
-            f"{key}._class_name={name!r} is not a diffusers scheduler class (e.g. DDIMScheduler)")
+    cls = sampler_class(str(config.get("_class_name")), f"{key}._class_name")
     return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 
 
