@@ -107,15 +107,15 @@ def built_stage(experiment: str, tmp, *overrides: str):
     return stage.eval()
 
 
-def trained_tiny_mllm(tmp):
-    """A 'trained' tiny seedx_pretrain stage (its trainable weights moved off their init) and its lean
-    checkpoint `tmp/last.ckpt`, as src.train writes it."""
-    import hydra
-
-    stage = hydra.utils.instantiate(tiny_run_cfg("seedx_pretrain_tiny", tmp).stage, _convert_="all")
-    stage.build_models(load_weights=True)
+def trained_tiny_stage(experiment: str, tmp):
+    """A 'trained' tiny stage (its trainable weights moved off their init) and its lean checkpoint
+    `tmp/last.ckpt`, as src.train writes it."""
+    stage = built_stage(experiment, tmp)
     perturb_trainable(stage, 0)
-    stage.eval()
     ckpt = tmp / "last.ckpt"
     lean_checkpoint(stage, ckpt)
     return stage, ckpt
+
+
+def trained_tiny_mllm(tmp):
+    return trained_tiny_stage("seedx_pretrain_tiny", tmp)

@@ -15,7 +15,7 @@ from src.data.mllm_sequence import IGNORE_INDEX
 from src.data.seed_llama import SeedLlamaSequenceBuilder
 from src.models.vocab import NUM_IMAGE_CODES, add_seed_llama_tokens, seed_llama_token_ids
 from tests.conftest import ROOT
-from tests.helpers import built_stage, compose_cfg, lean_checkpoint, perturb_trainable, tiny_run_cfg
+from tests.helpers import built_stage, compose_cfg, tiny_run_cfg, trained_tiny_stage
 
 TOKENIZER = ROOT / "assets" / "tokenizers" / "tiny-llama"
 BASE_VOCAB = 1000
@@ -163,10 +163,7 @@ def test_loss_splits_into_text_and_image_code_tokens(tmp_path):
 
 @pytest.mark.smoke
 def test_sft_starts_from_the_pretraining_checkpoint(tmp_path):
-    pre = built_stage("seed_llama_pretrain_tiny", tmp_path / "pre")
-    perturb_trainable(pre, 0)
-    ckpt = tmp_path / "pre.ckpt"
-    lean_checkpoint(pre, ckpt)
+    pre, ckpt = trained_tiny_stage("seed_llama_pretrain_tiny", tmp_path)
     sft = built_stage("seed_llama_sft_tiny", tmp_path / "sft", f"stage.init_from={ckpt}")
     x = torch.randint(0, len(pre.tokenizer), (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

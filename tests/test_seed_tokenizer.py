@@ -14,7 +14,7 @@ from src.models.qformer_pretrain import QFormerPretrainConfig, QFormerPretrainer
 from src.models.seed_codec import SeedCodec, SeedCodecConfig
 from src.models.vq import usage_stats
 from src.pipelines.seed_decode import build_decode_pipeline, decode_embeddings
-from tests.helpers import built_stage, compose_cfg, lean_checkpoint, perturb_trainable, tiny_run_cfg
+from tests.helpers import built_stage, compose_cfg, lean_checkpoint, tiny_run_cfg, trained_tiny_stage
 
 EVA_G_PARAMS = 985_894_528  # timm eva_giant_patch14 at depth 39, no final norm
 QFORMER_PARAMS = 161_852_672  # BLIP-2 Q-Former (BERT-base, cross-attention every 2nd layer) + 32 queries + ln_vision
@@ -129,10 +129,7 @@ def test_stage2_counts_codes_exactly_and_resets_dead_codes(tmp_path):
 
 @pytest.mark.smoke
 def test_stage2_starts_from_the_stage1_checkpoint(tmp_path):
-    stage1 = built_stage("seed_tokenizer_qformer_tiny", tmp_path / "s1")
-    perturb_trainable(stage1, 0)
-    ckpt = tmp_path / "stage1.ckpt"
-    lean_checkpoint(stage1, ckpt)
+    stage1, ckpt = trained_tiny_stage("seed_tokenizer_qformer_tiny", tmp_path)
     stage2 = built_stage("seed_tokenizer_v2_tiny", tmp_path / "s2", f"stage.init_from={ckpt}",
                     "model.qformer.allow_random_init=false")
     want = {k.removeprefix("blip2.qformer."): v for k, v in stage1.state_dict().items() if k.startswith("blip2.qformer.")}
