@@ -103,19 +103,17 @@ def image_decoder(cfg: DictConfig, stage: str, device: torch.device, dtype: torc
 
 def check_experiment(cfg: DictConfig, mode: str) -> None:
     """The modes that talk need an MLLM experiment; `recon` only a de-tokenizer config."""
-    from src.stages.mllm_pretrain import MLLMPretrainModule
-
-    target = (cfg.get("stage") or {}).get("_target_")
-    if mode_of(mode).uses_llm and not (target and issubclass(hydra.utils.get_class(target), MLLMPretrainModule)):
+    if mode_of(mode).uses_llm and not stage_is(cfg, "src.stages.mllm_pretrain", "MLLMPretrainModule"):
         raise ValueError(f"mode={mode} needs an MLLM experiment (e.g. experiment=seedx_pretrain_tiny); "
-                         f"stage._target_ is {target!r}")
+                         f"stage._target_ is {(cfg.get('stage') or {}).get('_target_')!r}")
 
 
-def is_seed_llama(cfg: DictConfig) -> bool:
-    from src.stages.seed_llama import SeedLlamaModule
+def stage_is(cfg: DictConfig, module: str, name: str) -> bool:
+    """Whether the experiment's stage is (a subclass of) `module.name`, imported only when asked."""
+    import importlib
 
     target = (cfg.get("stage") or {}).get("_target_")
-    return bool(target) and issubclass(hydra.utils.get_class(target), SeedLlamaModule)
+    return bool(target) and issubclass(hydra.utils.get_class(target), getattr(importlib.import_module(module), name))
 
 
 def seed_llama_generate(cfg: DictConfig, mode: str, requests: list[dict], out: Path, device: torch.device,
@@ -158,18 +156,11 @@ def seed_llama_generate(cfg: DictConfig, mode: str, requests: list[dict], out: P
             if reply.codes is not None:
                 path = out / f"{safe_name(request['id'])}.png"
                 images.draw(reply.codes, int(cfg.sampling.steps), float(cfg.sampling.guidance_scale),
-                               int(cfg.seed) + k).save(path)
+                            int(cfg.seed) + k).save(path)
                 result["image"] = str(path)
             f.write(json.dumps(result) + "\n")
             results.append(result)
     return results
-
-
-def is_seed_tokenizer(cfg: DictConfig) -> bool:
-    from src.stages.seed_tokenizer import SeedTokenizerModule
-
-    target = (cfg.get("stage") or {}).get("_target_")
-    return bool(target) and issubclass(hydra.utils.get_class(target), SeedTokenizerModule)
 
 
 def seed_tokenizer_recon(cfg: DictConfig, mode: str, requests: list[dict], out: Path, device: torch.device,
@@ -209,7 +200,8 @@ def seed_tokenizer_recon(cfg: DictConfig, mode: str, requests: list[dict], out: 
 def generate(cfg: DictConfig) -> list[dict]:
     mode = cfg.mode
     spec = mode_of(mode)
-    seed_llama, seed_tokenizer = is_seed_llama(cfg), is_seed_tokenizer(cfg)
+    seed_llama = stage_is(cfg, "src.stages.seed_llama", "SeedLlamaModule")
+    seed_tokenizer = stage_is(cfg, "src.stages.seed_tokenizer", "SeedTokenizerModule")
     if not (seed_llama or seed_tokenizer):
         check_experiment(cfg, mode)
     requests = load_requests(cfg.get("requests"), cfg.get("prompt"), cfg.get("image"), mode)
