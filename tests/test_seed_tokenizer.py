@@ -257,3 +257,26 @@ def test_generate_recon_reconstructs_images_through_a_trained_tokenizer(tmp_path
     with pytest.raises(ValueError, match="answers mode=recon"):
         generate(compose_cfg("seed_tokenizer_v2_tiny", tmp_path / "o2", ["mode=chat", "prompt=hi"],
                              config_name="generate"))
+
+
+@pytest.mark.unit
+def test_eva_weights_load_from_a_deeper_checkpoint_and_name_what_does_not_fit(tmp_path):
+    """EVA-CLIP-g has 40 blocks and BLIP-2 reads 39: the extra block and any head/final norm are dropped; every
+    other key must fit, and a mismatch names it."""
+    from src.models.eva_vit import EvaViTConfig, build_eva_vit, encode, load_eva_weights
+
+    small = EvaViTConfig(image_size=28, width=32, depth=2, heads=2, mlp_ratio=2.0, allow_random_init=True)
+    deeper = build_eva_vit(EvaViTConfig(**{**small.__dict__, "depth": 3}), True, seed=1)
+    state = {**deeper.state_dict(), "norm.weight": torch.ones(32), "norm.bias": torch.zeros(32),
+             "head.weight": torch.zeros(10, 32)}
+    torch.save(state, tmp_path / "eva.pth")
+    vit = build_eva_vit(small, True, seed=2)
+    load_eva_weights(vit, str(tmp_path / "eva.pth"))
+    assert all(torch.equal(v, state[k]) for k, v in vit.state_dict().items() if k in state)
+    x = torch.randn(1, 3, 28, 28)
+    assert encode(vit, x).shape == (1, 5, 32)
+    state["blocks.0.attn.qkv.weight"] = torch.zeros(7, 32)
+    del state["cls_token"]
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"(?s)missing \(1\): cls_token.*shape mismatch.*blocks.0.attn.qkv.weight"):
+        load_eva_weights(build_eva_vit(small, True), str(tmp_path / "bad.pth"))
