@@ -183,10 +183,11 @@ def test_full_finetuning_trains_the_whole_llm_and_needs_something_to_train(tmp_p
 
 
 @pytest.mark.config
-def test_seed_llama_full_size_on_meta():
+@pytest.mark.parametrize("experiment", ["seed_llama_pretrain", "seed_llama_sft"])
+def test_seed_llama_full_size_on_meta(experiment):
     from src.inspect import build_on_meta, count_parameters
 
-    counts = count_parameters(build_on_meta(compose_cfg("seed_llama_pretrain")))
+    counts = count_parameters(build_on_meta(compose_cfg(experiment)))
     llama2_13b, width, layers = 13_015_864_320, 5120, 40
     new_rows = NUM_IMAGE_CODES + 2
     lora = layers * 16 * (4 * 2 * width + 2 * (width + 13824) + (13824 + width))  # r16 on q k v o gate up down
