@@ -129,15 +129,16 @@ def seed_llama_generate(cfg: DictConfig, mode: str, requests: list[dict], out: P
     if mode not in SEED_LLAMA_MODES:
         raise ValueError(f"mode={mode}: a SEED-LLaMA experiment answers mode={'|'.join(SEED_LLAMA_MODES)}")
     stage_cfg = OmegaConf.to_container(cfg.stage, resolve=True)
-    ckpt = cfg.get("ckpt_path")
+    ckpt, checkpoint = cfg.get("ckpt_path"), None
     if ckpt:  # an SFT checkpoint rebuilds the pre-trained start it trained on
         from src.utils.checkpoint import read_checkpoint
 
-        hp = read_checkpoint(ckpt).get("hyper_parameters") or {}
+        checkpoint = read_checkpoint(ckpt)
+        hp = checkpoint.get("hyper_parameters") or {}
         if hp.get("init_from") and not stage_cfg.get("init_from"):
             stage_cfg.update(init_from=hp["init_from"], pretrain_lora=hp.get("pretrain_lora", "merge"))
     cls = SeedLlamaSFTModule if "init_from" in stage_cfg else SeedLlamaModule
-    stage = build_trained(cls, stage_cfg, ckpt).to(device, dtype)
+    stage = build_trained(cls, stage_cfg, ckpt, checkpoint).to(device, dtype)
     it = cfg.image_tokenizer
     image_tokenizer = build_image_tokenizer(it.ckpt_path, it.experiment).to(device)
     fmt = cfg.generate.prompt_format

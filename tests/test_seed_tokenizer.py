@@ -111,17 +111,19 @@ def test_stage2_counts_codes_exactly_and_resets_dead_codes(tmp_path):
     assert codes.shape == (3, 32) and codes.dtype == torch.long
     for _ in range(2):
         stage.compute_losses({"pixels": pixels, "caption": ["a"] * 3}, "train")
+    stage.eval()  # as Lightning runs validation
     stage.compute_losses({"pixels": pixels, "caption": ["a"] * 3}, "val")  # validation is not counted
+    stage.train()
     expected = 2 * torch.bincount(codes.flatten(), minlength=8192)
-    assert torch.equal(stage._usage, expected)
-    stats = usage_stats(stage._usage)
+    assert torch.equal(stage.codec.quantizer.usage, expected)
+    stats = usage_stats(stage.codec.quantizer.usage)
     assert stats["used_codes"] == len(set(codes.flatten().tolist()))
     assert stats["dead_codes"] == 8192 - stats["used_codes"]
-    moved = stage.reset_dead_codes(stage._usage)
+    moved = stage.reset_dead_codes(stage.codec.quantizer.usage)
     assert moved == stats["dead_codes"]
     # every moved code now sits on an encoder output of the last batch (cosine: the normalised vector)
     last = stage.codec.quantizer._last_inputs
-    dead = (stage._usage == 0).nonzero().flatten()[:5]
+    dead = (stage.codec.quantizer.usage == 0).nonzero().flatten()[:5]
     for c in dead:
         row = stage.codec.quantizer.embedding.weight[c]
         assert any(torch.allclose(row, r) for r in last)

@@ -62,13 +62,9 @@ class SeedLlamaSequenceBuilder(SeedXSequenceBuilder):
         return turns, chat
 
     def _build(self, record: dict, t2i: bool | None = None) -> dict[str, Any]:
-        for turn in record["turns"]:
-            for item in turn["content"]:
-                if "box" in item:
-                    raise BadSample("box_unsupported", "SEED-LLaMA has no box tokens")
-                if "image" in item:
-                    item_codes(item, self.num_image_tokens)
-        return super()._build(record, t2i)
+        if any("box" in item for turn in record["turns"] for item in turn["content"]):
+            raise BadSample("box_unsupported", "SEED-LLaMA has no box tokens")
+        return super()._build(record, t2i)  # codes are read (and checked) where each image is laid out
 
     def _image_input(self, record: dict, item: dict, k: int, feats) -> tuple[tuple[int, int], int, torch.Tensor]:
         return (0, 0), 1, item_codes(item, self.num_image_tokens)  # no pixels: the codes are the image

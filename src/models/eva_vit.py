@@ -94,5 +94,6 @@ def build_eva_vit(cfg: EvaViTConfig, load_weights: bool, seed: int = 0) -> nn.Mo
 
 def encode(vit: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """CLIP-normalised pixels (B, 3, S, S) -> all token features (B, 1 + N, width). Through `forward` (no pooling
-    or head with global_pool="" and num_classes=0), so FSDP2 unshards the root parameters around it."""
-    return vit(pixels)
+    or head with global_pool="" and num_classes=0), so FSDP2 unshards the root parameters around it. Pixels are
+    cast to the ViT's dtype (a bf16-held frozen tower)."""
+    return vit(pixels.to(next(vit.parameters()).dtype))

@@ -4,10 +4,10 @@ codebook + commitment loss, usage tracking and optional dead-code reset (plain t
 Forward on z (..., dim): the code of each vector is the nearest codebook row (by cosine when ``l2_norm``, as
 SEED's quantiser normalises both sides, else Euclidean); the output is ``z + sg(e - z)`` (straight through: the
 decoder's gradient reaches the encoder unchanged) and the loss is ``||sg(z) - e||^2 + beta * ||z - sg(e)||^2``
-(VQ-VAE). ``usage`` counts every code chosen since the last ``reset_usage()``; :meth:`usage_stats` gives the
-perplexity of that histogram and the number of codes never chosen (dead). :meth:`reset_dead_codes` moves each
-dead code onto a vector of the last batch (drawn with the given generator), the usual remedy for codebook
-collapse.
+(VQ-VAE). ``usage`` counts every code chosen by a training batch since the last ``reset_usage()``;
+:meth:`usage_stats` gives the perplexity of that histogram and the number of codes never chosen (dead).
+:meth:`reset_dead_codes` moves each dead code onto a vector of the last batch (drawn with the given generator),
+the usual remedy for codebook collapse.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["VQConfig", "VectorQuantizer", "usage_stats"]
+__all__ = ["VQConfig", "VectorQuantizer", "perplexity", "usage_stats"]
 
 
 @dataclass
@@ -41,7 +41,10 @@ class VectorQuantizer(nn.Module):
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.num_codes, cfg.dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / cfg.num_codes, 1.0 / cfg.num_codes)
-        self.register_buffer("usage", torch.zeros(cfg.num_codes, dtype=torch.long), persistent=True)
+        # Codes chosen by training batches since the last reset. A plain tensor, not a buffer: DDP would
+        # overwrite every rank's counts with rank 0's at each forward (broadcast_buffers), and a checkpoint
+        # does not need them; the stage sums the ranks' counts itself.
+        self.usage = torch.zeros(cfg.num_codes, dtype=torch.long)
         self._last_inputs: torch.Tensor | None = None
 
     def _prepare(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +71,7 @@ class VectorQuantizer(nn.Module):
         loss = F.mse_loss(e, zn.detach()) + self.cfg.beta * F.mse_loss(zn, e.detach())
         quantized = zn + (e - zn).detach()  # straight-through estimator
         if self.training:
-            self.usage += torch.bincount(codes.reshape(-1), minlength=self.cfg.num_codes)
+            self.usage = self.usage.to(codes.device) + torch.bincount(codes.reshape(-1), minlength=self.cfg.num_codes)
             self._last_inputs = zn.detach().reshape(-1, self.cfg.dim)
         return {"quantized": quantized, "codes": codes, "loss_vq": loss}
 
@@ -79,7 +82,7 @@ class VectorQuantizer(nn.Module):
         return usage_stats(self.usage)
 
     def reset_usage(self) -> None:
-        self.usage.zero_()
+        self.usage = torch.zeros_like(self.usage)
 
     @torch.no_grad()
     def reset_dead_codes(self, generator: torch.Generator | None = None, counts: torch.Tensor | None = None) -> int:
@@ -95,13 +98,16 @@ class VectorQuantizer(nn.Module):
         return int(dead.numel())
 
 
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of a code histogram, on its device with no host sync (0 for an empty histogram)."""
+    total = counts.sum()
+    p = counts.double() / total.clamp(min=1)
+    return torch.where(total > 0, torch.exp(-torch.special.xlogy(p, p).sum()), torch.zeros((), dtype=p.dtype,
+                                                                                             device=p.device))
+
+
 @torch.no_grad()
 def usage_stats(counts: torch.Tensor) -> dict[str, float]:
     """Perplexity of a code histogram, and how many codes it never chose (dead) or chose (used)."""
-    total = int(counts.sum())
-    if total == 0:
-        return {"perplexity": 0.0, "dead_codes": float(counts.numel()), "used_codes": 0.0}
-    p = counts.double() / total
-    nz = p[p > 0]
-    return {"perplexity": float(torch.exp(-(nz * nz.log()).sum())),
-            "dead_codes": float((counts == 0).sum()), "used_codes": float((counts > 0).sum())}
+    used = float((counts > 0).sum())
+    return {"perplexity": float(perplexity(counts)), "dead_codes": float(counts.numel()) - used, "used_codes": used}

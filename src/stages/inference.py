@@ -123,15 +123,17 @@ def image_decoder_of(module: DetokPretrainModule) -> ImageDecoder:
                         module.negative_features(), module.detok_cfg.resolution)
 
 
-def build_trained(stage_cls: type[StageModule], stage_cfg: dict, ckpt_path: str | None = None) -> StageModule:
+def build_trained(stage_cls: type[StageModule], stage_cfg: dict, ckpt_path: str | None = None,
+                  checkpoint: dict | None = None) -> StageModule:
     """Any stage (a class and its constructor arguments: a resolved `stage` node or a checkpoint's
-    hyper-parameters) built with its weights, filled from `ckpt_path` when given, eval mode."""
+    hyper-parameters) built with its weights, filled from `ckpt_path` when given (`checkpoint`: it, already
+    read), eval mode."""
     cfg = {k: v for k, v in copy.deepcopy(dict(stage_cfg)).items() if k != "_target_"}
     cfg["optimizer"] = None
     module = stage_cls(**cfg)
     module.build_models(load_weights=True)
     if ckpt_path:
-        load_checkpoint_into(module, ckpt_path)
+        load_checkpoint_into(module, ckpt_path, checkpoint=checkpoint)
     return module.eval().requires_grad_(False)
 
 
@@ -155,6 +157,7 @@ def build_image_tokenizer(ckpt_path: str | None, experiment: str | None, overrid
     hyper-parameters), or (random-init tiny twins) from an experiment's config as it is."""
     from src.stages.seed_tokenizer import SeedTokenizerModule
 
+    checkpoint = None
     if ckpt_path:
         checkpoint = read_checkpoint(ckpt_path, keys[0])
         stage_cfg = checkpoint_hparams(checkpoint, ckpt_path, keys[0])
@@ -163,4 +166,4 @@ def build_image_tokenizer(ckpt_path: str | None, experiment: str | None, overrid
     else:
         raise ValueError(f"set {keys[0]} (a seed_tokenizer_v1/v2 checkpoint) or, for a random-init tiny twin, "
                          f"{keys[1]} (e.g. seed_tokenizer_v2_tiny)")
-    return build_trained(SeedTokenizerModule, stage_cfg, ckpt_path)
+    return build_trained(SeedTokenizerModule, stage_cfg, ckpt_path, checkpoint)

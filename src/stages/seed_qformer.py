@@ -65,13 +65,11 @@ class SeedQFormerModule(StageModule):
                              return_tensors="pt")
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return encode(self.vit, pixels.to(next(self.vit.parameters()).dtype))
-
     def compute_losses(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
         ids, mask = self.tokenize(batch["caption"], batch["pixels"].device)
-        return self.blip2(self.image_features(batch["pixels"]), ids, mask, self.step_generator(split))
+        with torch.no_grad():
+            image = encode(self.vit, batch["pixels"])
+        return self.blip2(image, ids, mask, self.step_generator(split))
 
     def report_modules(self) -> dict:
         b = self.blip2

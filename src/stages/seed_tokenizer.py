@@ -9,7 +9,7 @@ Trained: encode/decode task layers, the codebook, the reverse Q-Former and its p
 
 loss = vq_weight * VQ + recon_weight * (1 - cos) + gen_weight * MSE (5 / 2 / 0.5 by default).
 
-Codebook usage: every training batch's codes are counted; every `usage_window` steps the counts of all ranks
+Codebook usage: the quantiser counts every training batch's codes; every `usage_window` steps the counts of all ranks
 are summed and logged (`train/codebook_perplexity`, `train/dead_codes`, `train/used_codes`), dead codes are
 optionally moved onto encoder outputs of the last batch (`dead_code_reset`; rank 0 draws, every rank gets
 its codebook), and the counts restart. `train/batch_perplexity` is this rank's batch alone, every step.
@@ -26,7 +26,7 @@ from src.models.eva_vit import EvaViTConfig, build_eva_vit, encode
 from src.models.qformer_pretrain import QFormerPretrainConfig
 from src.models.seed_codec import SeedCodec, SeedCodecConfig
 from src.models.seed_decoder import SeedDecoderConfig, build_target_encoder
-from src.models.vq import usage_stats
+from src.models.vq import perplexity, usage_stats
 from src.stages.base import StageModule
 from src.stages.seed_qformer import EVA_BLOCK, QFORMER_LAYER
 from src.utils.checkpoint import checkpoint_tensors, read_checkpoint
@@ -71,7 +71,6 @@ class SeedTokenizerModule(StageModule):
         self.dead_code_reset = dead_code_reset
         self.init_seed = init_seed
         self.noise_seed = int(noise_seed)
-        self._usage: torch.Tensor | None = None  # codes counted since the window began (this rank)
 
     def required_paths(self) -> list[RequiredPath]:
         return [*self.vit_cfg.required_paths(), *self.decoder_cfg.required_paths(),
@@ -107,7 +106,7 @@ class SeedTokenizerModule(StageModule):
     @torch.no_grad()
     def causal_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels (B, 3, 224, 224) -> the frozen causal Q-Former's 32 embeddings (B, 32, 768)."""
-        return self.qformer(encode(self.vit, pixels.to(next(self.vit.parameters()).dtype)))
+        return self.qformer(encode(self.vit, pixels))
 
     @torch.no_grad()
     def codes_of(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -122,18 +121,16 @@ class SeedTokenizerModule(StageModule):
         w = self.weights
         loss = w["vq"] * out["loss_vq"] + w["recon"] * out["loss_recon"] + w["gen"] * out["loss_gen"]
         counts = torch.bincount(out["codes"].reshape(-1), minlength=self.codec_cfg.vq_cfg.num_codes)
-        if split == "train":
-            self._usage = counts if self._usage is None else self._usage + counts
         return {"loss": loss, "loss_vq": out["loss_vq"].detach(), "loss_recon": out["loss_recon"].detach(),
-                "loss_gen": out["loss_gen"].detach(),
-                "batch_perplexity": loss.new_tensor(usage_stats(counts)["perplexity"])}
+                "loss_gen": out["loss_gen"].detach(), "batch_perplexity": perplexity(counts).to(loss.dtype)}
 
     # ---- codebook usage -----------------------------------------------------------------------------------
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         step = int(self.global_step)
-        if not self.usage_window or step % self.usage_window or self._usage is None:
+        quantizer = self.codec.quantizer  # counts the codes of training batches (train mode) itself
+        if not self.usage_window or step % self.usage_window or not bool(quantizer.usage.any()):
             return
-        counts = self._usage
+        counts = quantizer.usage
         if self._trainer is not None and self.trainer.world_size > 1:
             counts = self.trainer.strategy.reduce(counts.clone(), reduce_op="sum")
         stats = usage_stats(counts)
@@ -142,7 +139,7 @@ class SeedTokenizerModule(StageModule):
         if self.dead_code_reset:
             moved = self.reset_dead_codes(counts)
             self.log("train/codes_reset", float(moved), on_step=True, on_epoch=False, rank_zero_only=True)
-        self._usage = None
+        quantizer.reset_usage()
 
     @torch.no_grad()
     def reset_dead_codes(self, counts: torch.Tensor) -> int:
