@@ -85,8 +85,8 @@ class SeedLlamaGenerator:
             logits = out.logits[:, -1].float().masked_fill(~allowed.to(self.device), float("-inf"))
             token = next_tokens(logits, options, generator)
             new.append(int(token))
-            if stop is not None and new[-1] == stop:
-                break
+            if (stop is not None and new[-1] == stop) or len(new) == n:
+                break  # no forward pass for a token nothing follows
             out = self.llm(input_ids=token[:, None], past_key_values=out.past_key_values, use_cache=True)
         return new
 
