@@ -151,7 +151,7 @@ class DetokJob(Job):
         self.build = dm.build
 
     def expect(self) -> dict[str, Any]:
-        return {"vit_image_size": self.build.vit_size, "resolution": self.build.vae_size}
+        return {"vit_image_size": self.build.vit_size, "resolution": self.build.vae_size, "image_fit": self.build.fit}
 
     def prepare(self, record: dict) -> dict:
         from src.data.detok import split_target_condition

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from src.data.images import vae_view, vit_view
+from src.data.images import IMAGE_FITS, vae_view, vit_view
 from src.data.mixture import MixtureSampler
 from src.data.position import ResumableDataModule
 from src.data.records import (
@@ -57,9 +57,12 @@ class DetokSampleBuilder:
     """Record -> tensors for the de-tokenizer (target ViT view + VAE view, optional condition)."""
 
     def __init__(self, vit_size: int, vae_size: int, min_size: int = 8, max_aspect_ratio: float = 8.0,
-                 features=None):
+                 features=None, fit: str = "crop"):
+        if fit not in IMAGE_FITS:
+            raise ValueError(f"data.image_fit must be one of {IMAGE_FITS}, got {fit!r}")
         self.vit_size = vit_size
         self.vae_size = vae_size
+        self.fit = fit  # how target and condition become the square VAE view (src/data/images.py vae_view)
         self.min_size = min_size
         self.max_aspect_ratio = max_aspect_ratio
         self.features = features  # a src.data.features.FeatureStore, or None: pixels
@@ -96,7 +99,7 @@ class DetokSampleBuilder:
     def image_views(self, img) -> dict[str, Any]:
         """The ViT view and the VAE view (+ SDXL original size, crop) of one image (also what
         data_prep/precompute_features.py encodes)."""
-        vae_pixels, original, crop = vae_view(img, self.vae_size)
+        vae_pixels, original, crop = vae_view(img, self.vae_size, self.fit)
         return {"vit_pixels": vit_view(img, self.vit_size), "vae_pixels": vae_pixels,
                 "original_size": original, "crop_top_left": crop}
 
@@ -168,18 +171,22 @@ class DetokDataModule(ResumableDataModule):
         stream_dir: StreamDir = None,
         stream_cache_dir: str | None = None,
         stream_canonical_nodes: PositiveInt = 1,
+        image_fit: str = "crop",
     ) -> None:
         super().__init__()
         self.train_sources, self.val_sources = parse_sources(train_sources, val_sources)
         self.stream = StreamSettings.of(stream_dir, stream_cache_dir, stream_canonical_nodes, self.train_sources)
+        if image_fit not in IMAGE_FITS:
+            raise ValueError(f"data.image_fit must be one of {IMAGE_FITS}, got {image_fit!r}")
         store = None
         if features_dir:
             from src.data.features import FeatureStore
 
             store = FeatureStore(features_dir, expect={
-                "kind": "detok", "vit_image_size": vit_image_size, "resolution": resolution})
+                "kind": "detok", "vit_image_size": vit_image_size, "resolution": resolution, "image_fit": image_fit})
         self.features_dir = features_dir
-        self.build = DetokSampleBuilder(vit_image_size, resolution, min_image_size, max_aspect_ratio, store)
+        self.build = DetokSampleBuilder(vit_image_size, resolution, min_image_size, max_aspect_ratio, store,
+                                        fit=image_fit)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers

@@ -38,7 +38,7 @@ _PERM_STREAM = 0x9E3
 class MixtureSampler(Sampler[int]):
     def __init__(self, sizes: Sequence[int], weights: Sequence[float], num_samples: int, seed: int = 0,
                  names: Sequence[str] | None = None, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, with_draws: bool = False) -> None:
         sizes, weights = list(sizes), list(weights)
         names = list(names) if names is not None else [f"#{k}" for k in range(len(sizes))]
         if not sizes:
@@ -66,6 +66,9 @@ class MixtureSampler(Sampler[int]):
         self.num_samples = int(num_samples)
         self.seed = int(seed) % 2**63
         self.shuffle = bool(shuffle)
+        # yield (index, epoch, global position) instead of the index: which use of a record a draw is
+        # (src/data/sources.py DrawnRecords hands it to the sample builder)
+        self.with_draws = bool(with_draws)
         self.epoch = 0
         self._start = 0  # global position where the next iteration begins (set by load_state_dict)
         self._consumed = 0  # global position of what was handed out in the current epoch
@@ -130,7 +133,7 @@ class MixtureSampler(Sampler[int]):
         self._consumed = start
         for i, index in enumerate(mine):
             self._consumed = start + (i + 1) * world
-            yield int(index)
+            yield (int(index), epoch, start + i * world + self.rank) if self.with_draws else int(index)
         if self.epoch == epoch:  # a finished pass moves on, unless set_epoch intervened
             self.epoch = epoch + 1
             self._consumed = 0

@@ -26,6 +26,7 @@ from src.data.mllm_collate import MLLMCollator
 from src.data.mllm_sequence import SeedXSequenceBuilder
 from src.data.position import ResumableDataModule
 from src.data.sources import (
+    DrawnRecords,
     RecordDataset,
     SourceConfig,
     parse_sources,
@@ -86,9 +87,11 @@ class MLLMDataModule(ResumableDataModule):
         num_image_tokens: PositiveInt = 64,
         min_image_size: PositiveInt = 8,
         max_aspect_ratio: PositiveFloat = 8.0,
-        chat_format: str = "llama2",
+        chat_format: str = "qa",
         features_dir: str | None = None,
         t2i_chat_format: str = "plain",
+        gen_prompts: bool = False,
+        edit_responses: bool = False,
         stream_dir: StreamDir = None,
         stream_cache_dir: str | None = None,
         stream_canonical_nodes: PositiveInt = 1,
@@ -116,7 +119,7 @@ class MLLMDataModule(ResumableDataModule):
             "vit_image_size": vit_image_size, "grids": tuple(grids), "num_image_tokens": num_image_tokens,
             "max_length": max_length, "truncation": truncation, "t2i_ratio": t2i_ratio, "seed": seed,
             "min_image_size": min_image_size, "max_aspect_ratio": max_aspect_ratio, "chat_format": chat_format,
-            "t2i_chat_format": t2i_chat_format,
+            "t2i_chat_format": t2i_chat_format, "gen_prompts": gen_prompts, "edit_responses": edit_responses,
         }
         self.features_dir = features_dir
         self.tokenizer = None
@@ -154,15 +157,15 @@ class MLLMDataModule(ResumableDataModule):
                                          feature_shape=(store.tokens, store.dim) if store is not None else None)
         if self.train_set is None and self.stream:
             self.train_set = self.open_train_stream(self.stream, self.train_sources, self.dataset_builder,
-                                                    weighted=True, epoch_size=self.samples_per_epoch)
+                                                    weighted=True, epoch_size=self.samples_per_epoch, draws=True)
         if self.train_set is None:
             parts = self._datasets(self.train_sources)
             sizes = [len(p) for p in parts]
-            self.train_set = ConcatDataset(parts)
+            self.train_set = DrawnRecords(parts)
             self.train_sampler = MixtureSampler(
                 sizes, [s.weight for s in self.train_sources],
                 num_samples=self.samples_per_epoch or sum(sizes), seed=self.seed,
-                names=[source_name(s) for s in self.train_sources],
+                names=[source_name(s) for s in self.train_sources], with_draws=True,
             )
         if self.val_set is None and self.val_sources:
             self.val_set = ConcatDataset(self._datasets(self.val_sources))

@@ -83,20 +83,67 @@ CHAT_FORMATS: dict[str, ChatFormat] = {
     "plain": ChatFormat(user_prefix="", user_suffix="", turn_sep="", system_suffix=""),
     # The pretrained model's comprehension prompt (official inference): `Question: {q}\nAnswer:`
     "qa": ChatFormat(user_prefix="Question: ", user_suffix="\nAnswer:", turn_sep="\n", system_suffix="\n"),
+    # The pretrained model's grounding prompt (official bbox_prompt `{image}{caption} [[ <box_start>`; the
+    # generator forces `<box_start>`): GRIT-style text, `phrase [[ <box_start>...<box_end> ]]`
+    "ground": ChatFormat(user_prefix="", user_suffix=" [[ ", turn_sep="\n", system_suffix="\n"),
 }
 
-__all__ = ["CHAT_FORMATS", "IGNORE_INDEX", "SeedXSequenceBuilder", "t2i_flip"]
+# Official SFT text-to-image wrapper (image_text_pairs_clm.py `gen_prompt_all` / `gen_prompt_response_all`,
+# parallel lists: prompt k goes with response k). The caption becomes `{prompt} {caption}` and the response
+# follows `[/INST]\n` unsupervised, before the image.
+GEN_PROMPTS = (
+    "Please show me a picture of", "Please design an image of", "Please produce a photo of",
+    "Please generate an image of", "Please draw a painting of", "I'd like to see a drawing of",
+    "I'd love to see an illustration of", "I'd like to view an image of", "I want to see a picture of",
+    "I would like to see a photo of", "Show me a photo of", "Generate a picture of", "Show me a photograph of",
+    "Generate an image of", "Generate an image:", "Generate a picture:", "Generate a painting:",
+    "Generate a photograph:", "Show me a photograph:", "Draw a picture:", "Draw a painting:", "Draw an image:",
+    "Can you make an image of", "Can you draw a painting of", "Can you produce a picture of",
+    "Can you generate a photo of", "Can you depict a picture of", "Can you show me an illustration of",
+)
+GEN_PROMPT_RESPONSES = (
+    "Here is a picture.", "I have designed an image.", "Here is a photo.", "I have generated an image.",
+    "Here's a painting.", "Here's a drawing.", "Enjoy this illustration.", "Take a look at this image.",
+    "Here is a picture.", "I have created a photo.", "Enjoy this photo.", "I have generated a picture.",
+    "Here is a photograph.", "Here's an image.", "Here's an image.", "Here's a picture.", "Here's a painting.",
+    "Here's a photograph.", "Here's a photograph.", "Enjoy this picture.", "Enjoy this painting.",
+    "Enjoy this image.", "Absolutely, here is an image.", "Absolutely, here is a painting.",
+    "Sure, here is a picture.", "Of course, here is a photo.", "Certainly, please enjoy this picture.",
+    "Sure, please enjoy this illustration.",
+)
+# Official SFT edit answers (sft_clm.py `gen_prompt_response`): one of these, supervised, before the image
+# ("" = the image alone).
+EDIT_RESPONSES = (
+    "Here is a picture.", "I have designed an image.", "Here is a photo.", "I have generated an image.",
+    "Here's a painting.", "Here's a drawing.", "Enjoy this illustration.", "Take a look at this image.",
+    "Here is a picture.", "I have created a photo.", "Enjoy this photo.", "I have generated a picture.",
+    "Here is a photograph.", "Here's an image.", "Certainly, here's an image.", "Absolutely, here is a painting.",
+    "Sure, here is a picture.", "Of course, here is a photo.", "Certainly, please enjoy this picture.",
+    "Sure, please enjoy this illustration.", "",
+)
+
+__all__ = ["CHAT_FORMATS", "EDIT_RESPONSES", "GEN_PROMPTS", "GEN_PROMPT_RESPONSES", "IGNORE_INDEX",
+           "SeedXSequenceBuilder", "draw_unit", "t2i_flip"]
+
+Draw = tuple[int, int] | None  # (epoch, global position in the epoch's order) of one use of a record
 
 
-def t2i_flip(seed: int, record_id: str, ratio: float) -> bool:
-    """Deterministic coin with P(True) = ``ratio`` from (seed, record id): same answer on every worker,
-    rank and resume."""
+def draw_unit(seed: int, tag: str, record_id: str, draw: Draw = None, *salt: object) -> float:
+    """A number in [0, 1) from (seed, tag, record id, draw, salt): the same on every worker, rank and resume,
+    and fresh for every use of a record (``draw``: its epoch and position in the epoch's global order, given
+    by the training sampler; None = one fixed value per record, e.g. validation and probes)."""
+    key = "\x00".join(str(v) for v in (seed, tag, record_id, draw, *salt))
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
+
+
+def t2i_flip(seed: int, record_id: str, ratio: float, draw: Draw = None) -> bool:
+    """Deterministic coin with P(True) = ``ratio`` for one use of a caption pair (official SEED-X draws the
+    direction afresh each time a pair is used)."""
     if ratio <= 0.0:
         return False
     if ratio >= 1.0:
         return True
-    digest = hashlib.sha256(f"{seed}\x00t2i\x00{record_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64 < ratio
+    return draw_unit(seed, "t2i", record_id, draw) < ratio
 
 
 @dataclass
@@ -110,6 +157,7 @@ class _Segment:
     views: list[torch.Tensor] = field(default_factory=list)
     view_is_gen: list[bool] = field(default_factory=list)
     positions: list[tuple[float, float]] = field(default_factory=list)
+    view_info: list[dict] = field(default_factory=list)  # per view: kind tile|global, role input|generate, grid
     image: bool = False
     atomic: bool = False
 
@@ -143,6 +191,8 @@ class SeedXSequenceBuilder:
         chat_format: str = "llama2",
         features=None,
         t2i_chat_format: str = "plain",
+        gen_prompts: bool = False,
+        edit_responses: bool = False,
     ) -> None:
         if truncation not in TRUNCATION_MODES:
             raise ValueError(f"truncation: expected one of {TRUNCATION_MODES}, got {truncation!r}")
@@ -172,6 +222,8 @@ class SeedXSequenceBuilder:
         self.chat = CHAT_FORMATS[chat_format]
         self.t2i_chat = CHAT_FORMATS[t2i_chat_format]  # wraps the caption turn of a caption -> image sample
         self.features = features  # a src.data.features.FeatureStore, or None: pixels
+        self.gen_prompts = bool(gen_prompts)  # official SFT wrapper of caption -> image samples
+        self.edit_responses = bool(edit_responses)  # official SEED-X-Edit short reply before the image
 
         self._init_tokens(tokenizer)
         if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
@@ -188,9 +240,11 @@ class SeedXSequenceBuilder:
         self.slot_ids = list(self.tok.img[: self.num_image_tokens])
 
     # ------------------------------------------------------------------------------------------ public
-    def __call__(self, record: dict | SkippedSample, t2i: bool | None = None) -> dict[str, Any]:
+    def __call__(self, record: dict | SkippedSample, t2i: bool | None = None, draw: Draw = None) -> dict[str, Any]:
         """``t2i``: None draws the direction of a caption pair by ``t2i_ratio``; True / False force it (probes;
-        True on a record that is not a caption pair raises ValueError)."""
+        True on a record that is not a caption pair raises ValueError). ``draw``: which use of the record this
+        is (the training sampler's (epoch, position)); the caption-pair direction and the official prompt /
+        response picks are drawn from it, so repeats and epochs vary and a resume draws the same again."""
         if isinstance(record, SkippedSample):
             return {"skipped": record}
         source = record.get("source") if isinstance(record, dict) else None
@@ -198,7 +252,7 @@ class SeedXSequenceBuilder:
         where = record.get("_where") if isinstance(record, dict) else None
         try:
             validate_record(record)
-            return self._build(record, t2i)
+            return self._build(record, t2i, draw)
         except BadSample as e:
             return {"skipped": e.to_skipped(source if isinstance(source, str) else None,
                                             rid if isinstance(rid, str) else None,
@@ -206,14 +260,47 @@ class SeedXSequenceBuilder:
 
     def prompt(self, record: dict, t2i: bool | None = False) -> dict[str, Any]:
         """The sample of ``record`` as a generation prompt: the same layout without the closing ``</s>``
-        (the model continues after the last turn). Bad input raises ValueError with the skip reason."""
-        sample = self(record, t2i=t2i)
-        if "skipped" in sample:
-            skipped = sample["skipped"]
-            raise ValueError(f"request {record.get('id')!r}: {skipped.reason}: {skipped.detail}")
-        if not sample["truncated"] and int(sample["input_ids"][-1]) == self.eos_id:
-            for k in ("input_ids", "labels", "ids_cmp_mask", "ids_gen_mask"):
-                sample[k] = sample[k][:-1]
+        (the model continues after the last turn). An image the model generated earlier (``generate``) stays
+        its own span, ``<img>`` + the query tokens + ``</img>``, as in training: no ViT view of it is encoded
+        (its view stays listed in ``views`` with role ``generate``, but not in ``vit_pixels``).
+
+        A prompt longer than ``max_length`` loses its oldest whole turns (never BOS or the latest request);
+        ``dropped_turns`` says how many. When even the latest request alone does not fit, or the record is bad
+        input, ValueError names the request and the reason."""
+        try:
+            validate_record(record)
+        except BadSample as e:
+            raise ValueError(f"request {record.get('id')!r}: {e.reason}: {e.detail}") from None
+        turns = record["turns"]
+        head = turns[:1] if turns[0].get("role") == "system" else []  # a system turn is kept
+        last_user = max((i for i, t in enumerate(turns) if t.get("role") == "user"), default=0)
+        # the oldest whole turns go first; a kept context starts at a user turn
+        starts = [len(head)] + [i for i in range(len(head) + 1, last_user + 1) if turns[i].get("role") == "user"]
+        for start in starts:
+            candidate = {**record, "turns": head + turns[start:]}
+            try:
+                sample = self._build(candidate, t2i, None, prompt=True)
+            except BadSample as e:
+                if e.reason == "too_long":
+                    continue
+                raise ValueError(f"request {record.get('id')!r}: {e.reason}: {e.detail}") from None
+            if int(sample["input_ids"][-1]) == self.eos_id:  # the model continues after the last turn
+                for k in ("input_ids", "labels", "ids_cmp_mask", "ids_gen_mask"):
+                    sample[k] = sample[k][:-1]
+            sample["dropped_turns"] = start - len(head)
+            return self._without_generated_views(sample)
+        raise ValueError(f"request {record.get('id')!r}: too_long: even the latest request alone is longer than "
+                         f"data.max_length={self.max_length} tokens (shorten it, or raise data.max_length)")
+
+    @staticmethod
+    def _without_generated_views(sample: dict[str, Any]) -> dict[str, Any]:
+        """A prompt encodes no view of an image the model generated: its span is the query tokens."""
+        keep = ~sample["embeds_gen_mask"]
+        view_key = "vit_features" if "vit_features" in sample else "vit_pixels"
+        sample[view_key] = sample[view_key][keep]
+        sample["patch_positions"] = sample["patch_positions"][keep]
+        sample["embeds_cmp_mask"] = sample["embeds_cmp_mask"][keep]
+        sample["embeds_gen_mask"] = sample["embeds_gen_mask"][keep]
         return sample
 
     def is_t2i_candidate(self, record: dict) -> bool:
@@ -231,14 +318,14 @@ class SeedXSequenceBuilder:
         if m:
             raise BadSample("special_token_in_text", f"{at} contains the special token {m.group(0)!r}")
 
-    def _turns(self, record: dict, t2i: bool | None = None) -> tuple[list[dict], ChatFormat]:
+    def _turns(self, record: dict, t2i: bool | None = None, draw: Draw = None) -> tuple[list[dict], ChatFormat]:
         """The turns to lay out and the format wrapping their user turns."""
         turns = record["turns"]
         if t2i and not self.is_t2i_candidate(record):
             raise ValueError(f"t2i=True: record {record['id']!r} is not an image-caption pair")
         if t2i is None:
             t2i = (self.t2i_ratio > 0 and self.is_t2i_candidate(record)
-                   and t2i_flip(self.seed, record["id"], self.t2i_ratio))
+                   and t2i_flip(self.seed, record["id"], self.t2i_ratio, draw))
         if t2i:
             image, text = turns[0]["content"]
             gen_image = {k: v for k, v in image.items() if k != "grid"}
@@ -247,6 +334,38 @@ class SeedXSequenceBuilder:
             flipped = [{"role": "user", "content": [text]}, {"role": "assistant", "content": [gen_image]}]
             return flipped, self.t2i_chat
         return turns, self.chat
+
+    @staticmethod
+    def _is_generation_request(turns: list[dict]) -> bool:
+        """A caption -> image exchange: one user turn of text only, answered by one generated image."""
+        return (len(turns) == 2 and turns[0].get("role") == "user" and turns[1].get("role") == "assistant"
+                and all("text" in it for it in turns[0]["content"])
+                and [("image" in it and it.get("generate", False)) for it in turns[1]["content"]] == [True])
+
+    def _official_wrappers(self, record: dict, turns: list[dict],
+                           draw: Draw) -> tuple[list[dict], dict[int, str]]:
+        """The official SFT wrappers, picked per use from (seed, record id, draw): a caption -> image exchange
+        asks with one of ``GEN_PROMPTS`` and the matching response leads the answer unsupervised
+        (``gen_prompts``); an edit answer that is only the generated image gets one of ``EDIT_RESPONSES``,
+        supervised, before it (``edit_responses``). Returns the turns and {turn index: unsupervised lead}."""
+        leads: dict[int, str] = {}
+        if self.gen_prompts and self._is_generation_request(turns):
+            k = int(draw_unit(self.seed, "gen_prompt", record["id"], draw) * len(GEN_PROMPTS))
+            caption = " ".join(it["text"].strip() for it in turns[0]["content"])
+            turns = [{**turns[0], "content": [{"text": f"{GEN_PROMPTS[k]} {caption}"}]}, turns[1]]
+            leads[1] = " " + GEN_PROMPT_RESPONSES[k]
+        elif self.edit_responses and any("image" in it and not it.get("generate", False)
+                                         for t in turns if t.get("role") == "user" for it in t["content"]):
+            out = []
+            for i, turn in enumerate(turns):
+                content = turn["content"]
+                if turn.get("role") == "assistant" and all(it.get("generate", False) for it in content):
+                    pick = int(draw_unit(self.seed, "edit_response", record["id"], draw, i) * len(EDIT_RESPONSES))
+                    if EDIT_RESPONSES[pick]:
+                        turn = {**turn, "content": [{"text": EDIT_RESPONSES[pick]}, *content]}
+                out.append(turn)
+            turns = out
+        return turns, leads
 
     # ------------------------------------------------------------------------------------------ views
     def image_grid(self, width: int, height: int, item: dict) -> tuple[int, int] | None:
@@ -263,8 +382,8 @@ class SeedXSequenceBuilder:
         (comprehension), or the one generation view (``generate``)."""
         size = self.vit_image_size
         grid = self.image_grid(img.width, img.height, item)
-        if grid is None:
-            return vit_view(img, size).unsqueeze(0)
+        if grid is None:  # the any-res global view (official: every SFT config is multi_resolution)
+            return vit_view(tile_image(img, 1, 1, tile=size)[-1], size).unsqueeze(0)
         views = tile_image(img, *grid, tile=size)  # tiles row-major, then the global view
         return torch.stack([vit_view(view, size) for view in views])
 
@@ -281,7 +400,8 @@ class SeedXSequenceBuilder:
         views = feats.gen(k).unsqueeze(0) if grid is None else feats.cmp(k, grid[0] * grid[1] + 1)
         return (w, h), feats.orientation(k), views
 
-    def _build(self, record: dict, t2i: bool | None = None) -> dict[str, Any]:
+    def _build(self, record: dict, t2i: bool | None = None, draw: Draw = None,
+               prompt: bool = False) -> dict[str, Any]:
         for i, turn in enumerate(record["turns"]):
             for j, item in enumerate(turn["content"]):
                 if "text" in item:
@@ -292,10 +412,13 @@ class SeedXSequenceBuilder:
         # 1) a flat list of pieces: ("text", str, supervised) | ("image", item, supervised) | ("box", ...)
         pieces: list[tuple[str, Any, bool]] = []
         seen_dialogue = False
-        turns, chat = self._turns(record, t2i)
-        for turn in turns:
+        turns, chat = self._turns(record, t2i, draw)
+        turns, leads = self._official_wrappers(record, turns, draw)
+        for t, turn in enumerate(turns):
             role = turn.get("role")
             supervised = role in (None, "assistant")
+            if t in leads:
+                pieces.append(("text", leads[t], False))
             if role == "user":
                 if seen_dialogue:
                     pieces.append(("text", chat.turn_sep, False))
@@ -355,8 +478,8 @@ class SeedXSequenceBuilder:
                                          atomic=True))
         flush()
 
-        # 3) assemble (with truncation)
-        return self._assemble(record, segments)
+        # 3) assemble (with truncation; a prompt is never cut, prompt() drops whole turns instead)
+        return self._assemble(record, segments, cut=not prompt)
 
     def _span(self, start: int, end: int, start_label: int, gen: bool) -> tuple[list[int], list[int],
                                                                                 list[bool], list[bool]]:
@@ -378,6 +501,7 @@ class SeedXSequenceBuilder:
             seg.views.append(views[0])
             seg.view_is_gen.append(True)
             seg.positions.append((0.5, 0.5))
+            seg.view_info.append({"kind": "global", "role": "generate", "grid": None})
             return seg
         ncols, nrows = grid
         for k, (view, pos) in enumerate(zip(views, tile_positions(ncols, nrows))):
@@ -392,14 +516,16 @@ class SeedXSequenceBuilder:
             seg.views.append(view)
             seg.view_is_gen.append(False)
             seg.positions.append(tuple(float(p) for p in pos))
+            seg.view_info.append({"kind": "global" if is_global else "tile", "role": "input",
+                                  "grid": f"{ncols}x{nrows}"})
         return seg
 
-    def _assemble(self, record: dict, segments: list[_Segment]) -> dict[str, Any]:
+    def _assemble(self, record: dict, segments: list[_Segment], cut: bool = True) -> dict[str, Any]:
         supervised = any(lab != IGNORE_INDEX for s in segments for lab in s.labels)
         total = 1 + sum(len(s.ids) for s in segments) + 1
         truncated = False
         if total > self.max_length:
-            if self.truncation == "skip":
+            if self.truncation == "skip" or not cut:
                 raise BadSample("too_long", f"{total} tokens > max_length={self.max_length} (truncation=skip)")
             budget = self.max_length - 1  # BOS; a cut sample gets no EOS (its text goes on)
             kept: list[_Segment] = []
@@ -416,6 +542,9 @@ class SeedXSequenceBuilder:
                 raise BadSample("too_long", f"{total} tokens > max_length={self.max_length} and the first "
                                             f"image does not fit")
             segments, truncated = kept, True
+            if supervised and not any(lab != IGNORE_INDEX for s in kept for lab in s.labels):
+                raise BadSample("no_supervised_token", f"{total} tokens cut to max_length={self.max_length} "
+                                                       f"leave no position with a loss")
 
         ids = [self.bos_id]
         labels = [IGNORE_INDEX]
@@ -424,6 +553,7 @@ class SeedXSequenceBuilder:
         views: list[torch.Tensor] = []
         view_is_gen: list[bool] = []
         positions: list[tuple[float, float]] = []
+        view_info: list[dict] = []
         for s in segments:
             ids += s.ids
             labels += s.labels
@@ -432,6 +562,7 @@ class SeedXSequenceBuilder:
             views += s.views
             view_is_gen += s.view_is_gen
             positions += s.positions
+            view_info += s.view_info
         if not truncated:
             ids.append(self.eos_id)
             labels.append(self.eos_id if supervised else IGNORE_INDEX)
@@ -456,4 +587,5 @@ class SeedXSequenceBuilder:
             "id": record["id"],
             "source": record["source"],
             "truncated": truncated,
+            "views": view_info,
         }

@@ -148,7 +148,7 @@ class ResumableDataModule(L.LightningDataModule):
         return kwargs
 
     def open_train_stream(self, stream: StreamSettings, sources: list, build, *, weighted: bool,
-                          epoch_size: int | None = None, shuffle: bool = True):
+                          epoch_size: int | None = None, shuffle: bool = True, draws: bool = False):
         """The streamed training set of ``sources`` (one stream each under ``stream.dir``, see
         ``src/data/stream.py``); sets ``self.train_sampler`` to its :class:`StreamOrder`. ``weighted``: the
         sources' weights become stream proportions (else every stream once an epoch)."""
@@ -162,7 +162,7 @@ class ResumableDataModule(L.LightningDataModule):
         dataset, self.train_sampler = open_stream(
             stream.dir, [source_name(s) for s in sources], build, seed=self.seed, batch_size=int(self.batch_size),
             weights=[s.weight for s in sources] if weighted else None, epoch_size=epoch_size, shuffle=shuffle,
-            cache_dir=stream.cache_dir, num_canonical_nodes=stream.num_canonical_nodes, world=world)
+            cache_dir=stream.cache_dir, num_canonical_nodes=stream.num_canonical_nodes, world=world, draws=draws)
         return dataset
 
     def _remap_batch_progress(self, state: dict[str, Any]) -> None:

@@ -10,13 +10,14 @@ records' image paths may resolve into; anything else is skipped as ``path_outsid
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from src.data.records import SkippedSample, read_image_folder, read_jsonl, shard_source_name
 
@@ -94,3 +95,17 @@ class RecordDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.build(self.records[i])
+
+
+class DrawnRecords(ConcatDataset):
+    """Several :class:`RecordDataset` parts indexed by a :class:`~src.data.mixture.MixtureSampler` with
+    ``with_draws``: the key ``(index, epoch, position)`` reaches the builder as ``draw=(epoch, position)``,
+    so what a builder draws per use of a record (the caption-pair direction, official prompt picks) differs
+    between repeats and epochs yet is the same on a resume. A plain int index builds with ``draw=None``."""
+
+    def __getitem__(self, key) -> dict[str, Any]:
+        index, draw = (key[0], tuple(key[1:])) if isinstance(key, tuple) else (key, None)
+        part = bisect.bisect_right(self.cumulative_sizes, index)
+        offset = self.cumulative_sizes[part - 1] if part else 0
+        dataset = self.datasets[part]
+        return dataset.build(dataset.records[index - offset], draw=draw)

@@ -167,14 +167,20 @@ def _record_stream_class():
     class RecordStream(StreamingDataset):
         """A StreamingDataset whose items are samples of ``build`` (a record -> sample builder)."""
 
-        def __init__(self, *, build: Callable[[dict], dict], wheres: list[str], **kwargs) -> None:
+        def __init__(self, *, build: Callable[[dict], dict], wheres: list[str], draws: bool = False,
+                     **kwargs) -> None:
             super().__init__(**kwargs)
-            self.build, self.wheres = build, wheres
+            self.build, self.wheres, self.draws = build, wheres, draws
 
         def get_item(self, sample_id: int, retry: int = 7) -> Any:
             raw = super().get_item(sample_id, retry)
             stream = int(self.stream_per_shard[self.spanner[sample_id][0]])
-            return self.build(decode_sample(raw, self.wheres[stream]))
+            record = decode_sample(raw, self.wheres[stream])
+            if not self.draws:
+                return self.build(record)
+            # which use of the record: (epoch, sample id); the library pre-increments next_epoch while an epoch
+            # runs. A sample repeated within one epoch (a source up-weighted past its size) draws alike.
+            return self.build(record, draw=(int(self.next_epoch) - 1, int(sample_id)))
 
     return RecordStream
 
@@ -193,12 +199,13 @@ def _set_world_env(rank: int, world_size: int, local_rank: int, local_world_size
 def open_stream(stream_dir: str, names: list[str], build: Callable[[dict], dict], *, seed: int,
                 batch_size: int, weights: list[float] | None = None, epoch_size: int | None = None,
                 shuffle: bool = True, cache_dir: str | None = None, num_canonical_nodes: int = 1,
-                world: tuple[int, int, int, int] | None = None):
+                world: tuple[int, int, int, int] | None = None, draws: bool = False):
     """The training set of ``names`` (one stream each) under ``stream_dir`` and its :class:`StreamOrder`.
 
     ``weights``: relative source weights (proportions of ``epoch_size``, default the total); None takes
     every stream once an epoch. ``world``: (rank, world size, local rank, local world size), default the
     environment's. Remote ``stream_dir``: shards are downloaded into ``cache_dir`` (default a temp dir).
+    ``draws``: ``build`` also takes ``draw=(epoch, sample id)`` (see ``src/data/sources.py`` DrawnRecords).
     """
     from streaming import Stream
 
@@ -218,7 +225,7 @@ def open_stream(stream_dir: str, names: list[str], build: Callable[[dict], dict]
             kw["proportion"] = float(weights[k]) / float(sum(weights))
         streams.append(Stream(**kw))
     dataset = _record_stream_class()(
-        build=build, wheres=[f"{str(stream_dir).rstrip('/')}/{n}" for n in names], streams=streams,
+        build=build, wheres=[f"{str(stream_dir).rstrip('/')}/{n}" for n in names], streams=streams, draws=draws,
         epoch_size=epoch_size, shuffle=shuffle, shuffle_seed=int(seed) % 2**31, batch_size=batch_size,
         num_canonical_nodes=num_canonical_nodes, partition_algo="orig")
     return dataset, StreamOrder(dataset, seed, num_canonical_nodes)
