@@ -40,12 +40,14 @@ from src.generate import (
     image_decoder,
     inference_dtype,
     options,
+    prompt_format,
     sequence_builder,
 )
 from src.pipelines.benchmark import answer_questions, question_text
-from src.pipelines.conversation import ConversationRunner, mode_of
+from src.pipelines.conversation import ConversationRunner, mode_of, worded_requests
 from src.pipelines.mllm import MLLMGenerator
 from src.stages.inference import build_mllm
+from src.utils.checkpoint import read_checkpoint
 from src.utils.run import pin_output_dir, save_resolved_config
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,8 @@ IMAGE_TASKS = {"t2i": ("clip_score", ("question", "image")), "edit": ("clip_i", 
 TASKS = (*BENCHMARKS, *IMAGE_TASKS)
 
 
-def draw(cfg: DictConfig, stage, builder, task: str, rows: list[dict], out: Path) -> dict[str, Image.Image]:
+def draw(cfg: DictConfig, stage, builder, task: str, rows: list[dict], out: Path,
+         fmt: str) -> dict[str, Image.Image]:
     """{row index: the image the model drew} for t2i (the prompt) or edit (source + instruction)."""
     mode = task
     inputs = out / "inputs"
@@ -68,7 +71,8 @@ def draw(cfg: DictConfig, stage, builder, task: str, rows: list[dict], out: Path
             decode_image(r).save(src)
             content.insert(0, {"image": str(src)})
         requests.append({"id": f"{task}/{r['index']}", "source": task, "turns": [{"role": "user", "content": content}]})
-    decoding, sampling = options(cfg, mode)
+    requests = worded_requests(requests, mode, instruct=fmt == "instruct")
+    decoding, sampling = options(cfg, mode, fmt)
     device, dtype = torch.device(cfg.device), inference_dtype(cfg)
     decoder, _ = image_decoder(cfg, mode_of(mode).detokenizer, device, dtype)
     generator = MLLMGenerator(stage.mllm, stage.vit, stage.tokenizer, stage.vit_chunk_size)
@@ -170,9 +174,11 @@ def evaluate(cfg: DictConfig) -> dict:
         scores = image_scores(cfg, task, rows, drawn)
         samples = [(r, "", drawn.get(r["index"])) for r in rows]
         return finish(cfg, task, result, scores, samples, out)
-    stage = build_mllm(OmegaConf.to_container(cfg.stage, resolve=True), cfg.get("ckpt_path"))
+    checkpoint = read_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    fmt = prompt_format(cfg, checkpoint)
+    stage = build_mllm(OmegaConf.to_container(cfg.stage, resolve=True), cfg.get("ckpt_path"), checkpoint)
     stage = stage.to(torch.device(cfg.device), dtype)
-    builder = sequence_builder(cfg, stage.tokenizer, "chat" if task in BENCHMARKS else task)
+    builder = sequence_builder(cfg, stage.tokenizer, "chat" if task in BENCHMARKS else task, fmt)
     if task in BENCHMARKS:
         generator = MLLMGenerator(stage.mllm, stage.vit, stage.tokenizer, stage.vit_chunk_size)
         predictions = answer_questions(generator, builder, task, rows, int(cfg.batch_size),
@@ -182,7 +188,7 @@ def evaluate(cfg: DictConfig) -> dict:
                                                       out / "predictions" / f"{cfg.task_name}_{task}.tsv"))
         samples = [(r, predictions.get(r["index"], ""), None) for r in rows]
     else:
-        drawn = draw(cfg, stage, builder, task, rows, out)
+        drawn = draw(cfg, stage, builder, task, rows, out, fmt)
         scores = image_scores(cfg, task, rows, drawn)
         samples = [(r, "", drawn.get(r["index"])) for r in rows]
     return finish(cfg, task, result, scores, samples, out)

@@ -22,9 +22,16 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src.data.mllm_sequence import SeedXSequenceBuilder
+from src.data.mllm_sequence import CHAT_FORMATS, SeedXSequenceBuilder
 from src.models.detokenizer import hold_decoder_in
-from src.pipelines.conversation import ConversationRunner, load_requests, mode_of
+from src.pipelines.conversation import (
+    Conversation,
+    ConversationRunner,
+    load_requests,
+    mode_of,
+    rendered_prompt,
+    worded_requests,
+)
 from src.pipelines.detok import SamplingOptions
 from src.pipelines.mllm import DecodingOptions, MLLMGenerator
 from src.stages.inference import build_detokenizer, build_mllm, image_decoder_of
@@ -52,29 +59,67 @@ def exported_paths(cfg: DictConfig) -> None:
             cfg.model.detokenizer.adapter_weights = str(root / "detokenizer" / "adapter" / "model.safetensors")
 
 
-def options(cfg: DictConfig, mode: str) -> tuple[DecodingOptions, SamplingOptions]:
-    g, s = cfg.generate, cfg.sampling
+def options(cfg: DictConfig, mode: str, fmt: str = "instruct") -> tuple[DecodingOptions, SamplingOptions]:
+    """Decoding as the mode asks in prompt format `fmt` (pretrained | instruct), and the sampling options."""
+    g, s, spec = cfg.generate, cfg.sampling, mode_of(mode)
+    pretrained = fmt == "pretrained"
+    user_prefix = CHAT_FORMATS[chat_format_of(mode, fmt)].user_prefix.strip()
     decoding = DecodingOptions(max_new_tokens=int(g.max_new_tokens), do_sample=bool(g.do_sample),
-                               temperature=float(g.temperature), top_p=float(g.top_p), image=mode_of(mode).image)
+                               temperature=float(g.temperature), top_p=float(g.top_p),
+                               image=(spec.pretrained_image or spec.image) if pretrained else spec.image,
+                               box_first=pretrained and spec.pretrained_box_first,
+                               stop_texts=(user_prefix,) if user_prefix else ())
     sampling = SamplingOptions(sampler=s.sampler, steps=int(s.steps), guidance_scale=float(s.guidance_scale),
                                image_guidance_scale=float(s.image_guidance_scale),
                                resolution=None if s.resolution is None else int(s.resolution))
     return decoding, sampling
 
 
-def sequence_builder(cfg: DictConfig, tokenizer, mode: str) -> SeedXSequenceBuilder:
-    """Prompts laid out as the MLLM was trained (data.* settings), in the mode's prompt format."""
+def prompt_format(cfg: DictConfig, checkpoint: dict | None = None) -> str:
+    """`pretrained` or `instruct`. `auto` follows what the weights were trained as: the checkpoint's own stage
+    when `ckpt_path` is given (an SFT checkpoint holds `init_from` in its hyper-parameters), else the
+    experiment's stage (seedx_sft_* are instruction-tuned)."""
     fmt = cfg.generate.prompt_format
     if fmt not in PROMPT_FORMATS:
         raise ValueError(f"generate.prompt_format must be one of {PROMPT_FORMATS}, got {fmt!r}")
-    if fmt == "auto":  # instruction-tuned stages were trained on the [INST] template
-        fmt = "instruct" if str((cfg.get("stage") or {}).get("_target_", "")).endswith(".MLLMSFTModule") else "pretrained"
+    if fmt != "auto":
+        return fmt
+    if checkpoint is not None:
+        return "instruct" if "init_from" in (checkpoint.get("hyper_parameters") or {}) else "pretrained"
+    return "instruct" if stage_is(cfg, "src.stages.mllm_sft", "MLLMSFTModule") else "pretrained"
+
+
+def chat_format_of(mode: str, fmt: str) -> str:
+    return mode_of(mode).pretrained_format if fmt == "pretrained" else "llama2"
+
+
+def sequence_builder(cfg: DictConfig, tokenizer, mode: str, fmt: str | None = None) -> SeedXSequenceBuilder:
+    """Prompts laid out as the MLLM was trained (data.* settings), in the mode's prompt format `fmt`
+    (default: `prompt_format(cfg)`, the experiment's)."""
+    fmt = fmt or prompt_format(cfg)
     d = cfg.data
-    chat = mode_of(mode).pretrained_format if fmt == "pretrained" else "llama2"
     return SeedXSequenceBuilder(tokenizer, vit_image_size=d.vit_image_size, grids=list(d.grids),
                                 num_image_tokens=d.num_image_tokens, max_length=d.max_length, truncation="cut",
                                 min_image_size=d.min_image_size, max_aspect_ratio=d.max_aspect_ratio,
-                                chat_format=chat)
+                                chat_format=chat_format_of(mode, fmt))
+
+
+def dry_run(cfg: DictConfig, mode: str, fmt: str, requests: list[dict], out: Path) -> list[dict]:
+    """The first turn of every request rendered as the model would be prompted, without building any model:
+    one line per request in results.jsonl with its `prompt` (tokens, views with role, dropped turns)."""
+    from src.data.mllm import load_tokenizer
+
+    builder = sequence_builder(cfg, load_tokenizer(cfg.data.tokenizer_path), mode, fmt)
+    results = []
+    for request in requests:
+        conv = Conversation.of(request)
+        conv.next_prompt()
+        sample = builder.prompt(conv.record(), t2i=False)
+        results.append({"id": request["id"], "mode": mode, "prompt_format": fmt, "dry_run": True,
+                        "prompt": rendered_prompt(sample, builder.tokenizer)})
+    with (out / "results.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in results)
+    return results
 
 
 def inference_dtype(cfg: DictConfig) -> torch.dtype:
@@ -206,13 +251,25 @@ def generate(cfg: DictConfig) -> list[dict]:
     if not (seed_llama or seed_tokenizer):
         check_experiment(cfg, mode)
     requests = load_requests(cfg.get("requests"), cfg.get("prompt"), cfg.get("image"), mode)
-    decoding, sampling = options(cfg, mode)  # option mistakes fail before any model is built
+    checkpoint = None
+    if spec.uses_llm and not (seed_llama or seed_tokenizer) and cfg.get("ckpt_path"):
+        from src.utils.checkpoint import read_checkpoint
+
+        checkpoint = read_checkpoint(cfg.ckpt_path)  # its stage decides the prompt format (auto)
+    fmt = prompt_format(cfg, checkpoint)
+    decoding, sampling = options(cfg, mode, fmt)  # option mistakes fail before any model is built
     dtype = inference_dtype(cfg)
     if cfg.get("exported"):
         exported_paths(cfg)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, out)
+    if spec.uses_llm and not (seed_llama or seed_tokenizer):
+        requests = worded_requests(requests, mode, instruct=fmt == "instruct")
+        if cfg.get("dry_run"):
+            results = dry_run(cfg, mode, fmt, requests, out)
+            log.info("dry run: %d prompts in %s", len(results), out / "results.jsonl")
+            return results
     device = torch.device(cfg.device)
     torch.manual_seed(int(cfg.seed))
     if seed_llama or seed_tokenizer:
@@ -223,12 +280,14 @@ def generate(cfg: DictConfig) -> list[dict]:
 
     generator = builder = None
     if spec.uses_llm:
-        stage = build_mllm(OmegaConf.to_container(cfg.stage, resolve=True), cfg.get("ckpt_path")).to(device, dtype)
+        stage = build_mllm(OmegaConf.to_container(cfg.stage, resolve=True), cfg.get("ckpt_path"),
+                           checkpoint).to(device, dtype)
         generator = MLLMGenerator(stage.mllm, stage.vit, stage.tokenizer, stage.vit_chunk_size)
-        builder = sequence_builder(cfg, stage.tokenizer, mode)
+        builder = sequence_builder(cfg, stage.tokenizer, mode, fmt)
     decoder, recon_vit = image_decoder(cfg, spec.detokenizer, device, dtype)
     runner = ConversationRunner(mode, generator, builder, decoder, decoding, sampling, out, seed=int(cfg.seed),
-                                batch_size=int(cfg.batch_size), progress=bool(cfg.progress), recon_encoder=recon_vit)
+                                batch_size=int(cfg.batch_size), progress=bool(cfg.progress), recon_encoder=recon_vit,
+                                save_prompts=bool(cfg.get("save_prompts", False)))
     results = runner.run(requests)
     log.info("%d results in %s", len(results), out / "results.jsonl")
     return results

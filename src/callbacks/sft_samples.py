@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from src.callbacks.periodic import GeneratingCallback
-from src.pipelines.conversation import ConversationRunner, load_requests, mode_of
+from src.data.mllm_sequence import CHAT_FORMATS
+from src.pipelines.conversation import ConversationRunner, load_requests, mode_of, worded_requests
 from src.pipelines.detok import SamplingOptions
 from src.pipelines.mllm import DecodingOptions, MLLMGenerator
 from src.utils.weights import MissingWeightsError
@@ -68,9 +69,11 @@ class SFTSamplesCallback(GeneratingCallback):
         self.detokenizer = detokenizer or self.spec.detokenizer
         self.mode = mode
         self.dir = Path(output_dir) / "samples" / mode
-        self.requests = first_turn_requests(requests, mode, num_requests)
+        # an instruction-tuned model, asked as the task was trained (the official wording of the mode)
+        self.requests = worded_requests(first_turn_requests(requests, mode, num_requests), mode, instruct=True)
         self.detok_ckpt_path = detok_ckpt_path
-        self.decoding = DecodingOptions(max_new_tokens=max_new_tokens, image=self.spec.image)
+        self.decoding = DecodingOptions(max_new_tokens=max_new_tokens, image=self.spec.image,
+                                        stop_texts=(CHAT_FORMATS["llama2"].user_prefix.strip(),))
         self.sampling = SamplingOptions(steps=steps, guidance_scale=guidance_scale,
                                         image_guidance_scale=image_guidance_scale)
         self.seed = seed

@@ -2,11 +2,14 @@
 
 A request is a record of the data schema (DESIGN.md): `turns` of `user` / `assistant` content. Every user
 turn that no assistant turn answers gets a generated reply, in order, and the reply (text, boxes and the
-images it drew, saved as PNG and fed back as comprehension images) joins the context of the next turn:
-multi-turn chat, stories and slide decks keep the whole conversation. Requests run batched, turn by turn.
+images it drew) joins the context of the next turn: multi-turn chat, stories and slide decks keep the whole
+conversation. An image the model drew goes back as the model's own span (`<img>` + the 64 query tokens +
+`</img>`, `"generate": true`), exactly as such an image sits in training; its PNG is only for the reader
+and for a stage-2 condition. Requests run batched, turn by turn.
 
-What differs between modes is only the table below: where the reply's image goes (`DecodingOptions.image`),
-which de-tokenizer draws it and what its condition image is, and the pretrained model's prompt format.
+What differs between modes is only the table below: where the reply's image goes (`DecodingOptions.image`,
+per prompt format), which de-tokenizer draws it and what its condition image is, the grid input images get,
+and the prompt wording of each format.
 """
 
 from __future__ import annotations
@@ -30,25 +33,37 @@ from src.pipelines.mllm import DecodingOptions, Generated, MLLMGenerator
 
 @dataclass(frozen=True)
 class Mode:
-    image: str  # DecodingOptions.image policy of replies
+    image: str  # DecodingOptions.image policy of an instruction-tuned model's replies
     detokenizer: str  # "stage1" or "stage2": which de-tokenizer draws the reply's images
     pretrained_format: str  # chat format of the pre-trained model's prompt (official inference)
     condition: str | None = None  # stage 2: the input image it edits, "last" or "first" of the user turn
     needs_image: bool = False
     uses_llm: bool = True
+    grid: str | None = None  # grid of input images that name none (None: any-res); as the task was trained
+    pretrained_image: str | None = None  # the pre-trained model's image policy (None: `image`)
+    instruct_text: str = "{text}"  # how an instruction-tuned model is asked (official SEED-X-I t2i wording)
+    pretrained_box_first: bool = False  # the pre-trained model's answer starts with a forced `<box_start>`
 
 
 MODES: dict[str, Mode] = {
     "chat": Mode("free", "stage1", "qa"),
     # the image alone as the prompt: the pretrained model continues it with its caption (also SEED-LLaMA's mode)
     "caption": Mode("free", "stage1", "plain", needs_image=True),
-    "ground": Mode("free", "stage1", "qa", needs_image=True),
-    "t2i": Mode("first", "stage1", "plain"),
-    "edit": Mode("first", "stage2", "plain", condition="last", needs_image=True),
+    # pre-trained: official bbox_prompt `{image}{caption} [[ <box_start>`; SEED-X-I: `[INST] {image}{q} [/INST]`
+    "ground": Mode("free", "stage1", "ground", needs_image=True, pretrained_box_first=True),
+    # pre-trained: `{caption}<img>`; SEED-X-I: `[INST] Generate an image: {caption} [/INST]\n`, free decoding
+    # (it answers "Here is ..." then the image), `<img>` forced only if the reply would end without one
+    "t2i": Mode("required", "stage1", "plain", pretrained_image="first", instruct_text="Generate an image: {text}"),
+    # SEED-X-Edit / Try-on: inputs at a 1x1 grid (official resolution_grids ['1x1']), free decoding (a short reply,
+    # then the image), as the official edit script
+    "edit": Mode("required", "stage2", "plain", condition="last", needs_image=True, grid="1x1",
+                 pretrained_image="first"),
     "recon": Mode("free", "stage1", "plain", needs_image=True, uses_llm=False),
+    # a reply runs to its end (slides go on after a picture); `<img>` forced where it would end without one
     "story": Mode("required", "stage1", "plain"),
     "ppt": Mode("required", "stage1", "plain"),
-    "tryon": Mode("first", "stage2", "plain", condition="first", needs_image=True),
+    "tryon": Mode("required", "stage2", "plain", condition="first", needs_image=True, grid="1x1",
+                  pretrained_image="first"),
 }
 
 
@@ -92,7 +107,7 @@ def load_requests(path: str | None, prompt: str | None, images, mode: str) -> li
             validate_record(rec)
         except BadSample as e:
             raise ValueError(f"request {i} ({path or 'prompt='}): {e.reason}: {e.detail}") from None
-        rec["turns"] = [_absolute_images(t, base, rec["id"]) for t in rec["turns"]]
+        rec["turns"] = [_absolute_images(t, base, rec["id"], spec.grid) for t in rec["turns"]]
         has_image = any("image" in item for t in rec["turns"] for item in t["content"])
         if spec.needs_image and not has_image:
             raise ValueError(f"mode={mode} needs an input image: request {rec['id']!r} has none (image=PATH)")
@@ -104,7 +119,8 @@ def load_requests(path: str | None, prompt: str | None, images, mode: str) -> li
     return requests
 
 
-def _absolute_images(turn: dict, base: Path, rid: str) -> dict:
+def _absolute_images(turn: dict, base: Path, rid: str, grid: str | None = None) -> dict:
+    """Image paths made absolute; input images that name no grid get the mode's `grid`."""
     content = []
     for item in turn["content"]:
         if "image" in item:
@@ -112,8 +128,25 @@ def _absolute_images(turn: dict, base: Path, rid: str) -> dict:
             if not path.is_file():
                 raise FileNotFoundError(f"request {rid!r}: image {item['image']!r} does not exist ({path})")
             item = {**item, "image": str(path)}
+            if grid is not None and "grid" not in item and not item.get("generate", False):
+                item["grid"] = grid
         content.append(item)
     return {**turn, "content": content}
+
+
+def worded_requests(requests: list[dict], mode: str, instruct: bool) -> list[dict]:
+    """The requests' user text as the prompt format asks it: an instruction-tuned model gets the mode's
+    official wording (`Generate an image: {caption}` for t2i); the pre-trained format takes the text as is."""
+    template = mode_of(mode).instruct_text
+    if not instruct or template == "{text}":
+        return requests
+    out = []
+    for rec in requests:
+        turns = [{**t, "content": [{**it, "text": template.format(text=it["text"])} if "text" in it else it
+                                   for it in t["content"]]} if t.get("role") == "user" else t
+                 for t in rec["turns"]]
+        out.append({**rec, "turns": turns})
+    return out
 
 
 # ---- replies -------------------------------------------------------------------------------------------
@@ -204,7 +237,8 @@ class ConversationRunner:
 
     def __init__(self, mode: str, generator: MLLMGenerator | None, builder, decoder: Callable[[], ImageDecoder],
                  decoding: DecodingOptions, sampling: SamplingOptions, out_dir: str | Path, seed: int = 0,
-                 batch_size: int = 4, progress: bool = True, recon_encoder: Callable[[], torch.nn.Module] | None = None):
+                 batch_size: int = 4, progress: bool = True, recon_encoder: Callable[[], torch.nn.Module] | None = None,
+                 save_prompts: bool = False):
         self.mode_name, self.mode = mode, mode_of(mode)
         self.generator, self.builder = generator, builder
         self._decoder_factory, self._decoder = decoder, None
@@ -212,6 +246,7 @@ class ConversationRunner:
         self.out = Path(out_dir)
         self.seed, self.batch_size, self.progress = int(seed), int(batch_size), progress
         self.recon_encoder = recon_encoder
+        self.save_prompts = bool(save_prompts)
 
     @property
     def decoder(self) -> ImageDecoder:
@@ -260,8 +295,11 @@ class ConversationRunner:
         with self._bar(None, f"{self.mode_name}: tokens (turn {rnd + 1})") as bar:
             gens = self.generator.generate(samples, self.decoding, self._generator(0, rnd, k), bar.update)
         drawn = self._draw(chunk, gens, rnd, k)
-        for c, g, images in zip(chunk, gens, drawn):
+        for c, g, images, sample in zip(chunk, gens, drawn, samples):
             self._add_reply(c, g, images, rnd)
+            c.replies[-1]["dropped_turns"] = int(sample["dropped_turns"])
+            if self.save_prompts:
+                c.replies[-1]["prompt"] = rendered_prompt(sample, self.builder.tokenizer)
 
     def _draw(self, chunk: list[Conversation], gens: list[Generated], rnd: int, k: int) -> list[list[str]]:
         """Decode every generated image of the chunk in one de-tokenizer call; PNG paths per reply."""
@@ -304,7 +342,7 @@ class ConversationRunner:
                 content.append({"text": value})
                 texts.append(value)
             elif kind == "image" and value < len(images):
-                content.append({"image": images[value]})
+                content.append({"image": images[value], "generate": True})  # the model's own span, as trained
             elif kind == "box" and size is not None:
                 box = [round(v, 2) for v in dequantize_box(value, *size)]
                 boxes.append(box)
@@ -355,6 +393,13 @@ class ConversationRunner:
     def _result(self, c: Conversation) -> dict:
         return {"id": c.request["id"], "mode": self.mode_name, "replies": c.replies,
                 "turns": c.turns if self.mode.uses_llm else c.request["turns"]}
+
+
+def rendered_prompt(sample: dict, tokenizer) -> dict:
+    """What the model was fed: token strings, the image views in order (kind, role, grid) and how many of the
+    oldest turns were dropped to fit `data.max_length`."""
+    return {"tokens": tokenizer.convert_ids_to_tokens(sample["input_ids"].tolist()), "views": sample["views"],
+            "dropped_turns": int(sample.get("dropped_turns", 0))}
 
 
 def batches(items: list, size: int) -> Iterator[list]:

@@ -128,7 +128,9 @@ class ImageDecoder:
 
     @torch.no_grad()
     def condition_latents(self, images: list[Image.Image], resolution: int) -> torch.Tensor:
-        pixels = torch.stack([vae_view(im, resolution)[0] for im in images]).to(self.device)
+        # stretched to the square, not cropped: the official edit script's `image.resize((1024, 1024))` (and
+        # how seedx_detok_cond trains, data.image_fit: stretch)
+        pixels = torch.stack([vae_view(im, resolution, "stretch")[0] for im in images]).to(self.device)
         return encode_posterior(self.vae, pixels).mode()
 
     @torch.no_grad()

@@ -3,7 +3,9 @@
 Official inference (shared/reference/official-seedx.md "Inference"): once the model emits `<img>`, the
 next 64 tokens are forced to `<img_00000>...<img_00063>` and then `</img>` (the official
 `AutoImageTokenGenerationProcessor`); the last hidden states (after the final RMSNorm) at those 64
-positions go through the output resampler, giving (64, vit_dim) features for a de-tokenizer.
+positions go through the output resampler, giving (64, vit_dim) features for a de-tokenizer. Outside an
+image span those 64 tokens and `</img>` cannot be chosen (the official processor sets their logits to 0.0,
+which only suppresses them while some other logit is positive; we mask them out, as intended).
 
 Batched: prompts are left-padded (position ids count real tokens only), one KV-cached step per token
 for every row; each row has its own forcing queue. Sampling draws from one CPU torch.Generator, so a
@@ -27,15 +29,21 @@ IMAGE_POLICIES = ("free", "first", "required")
 
 @dataclass
 class DecodingOptions:
-    """`image`: `free` the model decides (chat); `first` the reply starts with `<img>` (text-to-image,
-    edit: the official `{caption}<img>` prompt); `required` text first, and `<img>` is forced where the
-    reply would end without an image (story, PPT). With `first`/`required` a reply stops after its image."""
+    """`image`: `free` the model decides (chat); `first` the reply starts with `<img>` and stops after it
+    (the pre-trained model's official `{caption}<img>` prompt); `required` the reply runs to its end (text,
+    boxes, any number of images) and `<img>` is forced where it would end without an image (SEED-X-I t2i,
+    edit, story, PPT). `box_first`: the reply starts with a forced `<box_start>` (the pre-trained model's
+    official grounding prompt). `stop_texts`: the reply ends where its text starts one of these (the next
+    turn of the chat template, e.g. `[INST]`: in training a reply that is not the conversation's last ends
+    with the template, not with `</s>`); the stop text is not part of the reply."""
 
-    max_new_tokens: int = 128
+    max_new_tokens: int = 512
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     image: Literal["free", "first", "required"] = "free"
+    box_first: bool = False
+    stop_texts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.image not in IMAGE_POLICIES:
@@ -82,6 +90,15 @@ class MLLMGenerator:
         self.forced_image = [*self.ids.img[:NUM_IMG_TOKENS_USED], self.ids.img_end]
         self.vit_chunk_size = vit_chunk_size
 
+    def _stopped_at(self, token_ids: list[int], start: int, stop_texts: tuple[str, ...]) -> int | None:
+        """Where a stop text begins in the reply's free text since `start` (an index into `token_ids`). Checked
+        after every token, so a stop text is found when its last token arrives: a few tokens back suffice."""
+        for k in range(len(token_ids) - 1, max(start, len(token_ids) - 8) - 1, -1):
+            text = self.tokenizer.decode(token_ids[k:], skip_special_tokens=False)
+            if any(stop in text for stop in stop_texts):
+                return k
+        return None
+
     @property
     def device(self) -> torch.device:
         return self.mllm.llm.get_input_embeddings().weight.device
@@ -108,8 +125,7 @@ class MLLMGenerator:
             "embeds_cmp_mask": torch.cat([s["embeds_cmp_mask"] for s in samples]),
             "patch_positions": torch.cat([s["patch_positions"] for s in samples]),
         }
-        if bool(torch.stack([s["ids_gen_mask"].any() for s in samples]).any()):
-            raise ValueError("a prompt holds an image to generate: prompt images are inputs")
+        # A generated image earlier in the context is its own span: the query tokens' plain embeddings.
         return {k: v.to(self.device) for k, v in batch.items()}
 
     @torch.no_grad()
@@ -124,7 +140,10 @@ class MLLMGenerator:
         out = self.mllm.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
                             output_hidden_states=True)
         results = [Generated() for _ in range(n)]
-        queues: list[list[int]] = [[self.ids.img_start] if options.image == "first" else [] for _ in range(n)]
+        start = [self.ids.box_start] if options.box_first else [self.ids.img_start] if options.image == "first" else []
+        queues: list[list[int]] = [list(start) for _ in range(n)]
+        outside_span = torch.tensor(self.forced_image, device=self.device)
+        text_from = [0] * n  # where each reply's text since its last image starts (stop texts are searched there)
         slot_hidden: list[list[torch.Tensor]] = [[] for _ in range(n)]
         fed_slot = [False] * n  # did the row feed a forced image slot in the last step
         free = [0] * n  # tokens the row chose itself (forced ones do not count against max_new_tokens)
@@ -140,7 +159,9 @@ class MLLMGenerator:
                         slot_hidden[i] = []
             if all(r.finished for r in results):
                 break
-            sampled = next_tokens(out.logits[:, -1], options, generator)
+            logits = out.logits[:, -1].clone()
+            logits[:, outside_span] = float("-inf")  # forced rows take their queue, not these logits
+            sampled = next_tokens(logits, options, generator)
             tokens = []
             for i, r in enumerate(results):
                 fed_slot[i] = False
@@ -161,7 +182,21 @@ class MLLMGenerator:
                     queues[i] = list(self.forced_image)
                 r.token_ids.append(tok)
                 tokens.append(tok)
-                image_done = forced and tok == self.ids.img_end and options.image != "free"
+                if forced and tok == self.ids.img_end:
+                    text_from[i] = len(r.token_ids)
+                image_done = forced and tok == self.ids.img_end and options.image == "first"
+                if not forced and options.stop_texts:
+                    cut = self._stopped_at(r.token_ids, text_from[i], options.stop_texts)
+                    if cut is not None:  # the model began the next turn: the reply ends before it
+                        del r.token_ids[cut:]
+                        if options.image == "required" and not r.images and not queues[i]:
+                            tok = self.ids.img_start  # ... but it must hold an image: open one instead
+                            r.token_ids.append(tok)
+                            queues[i] = list(self.forced_image)
+                        else:
+                            tok = self.eos  # fed once so the row's cache stays aligned; not part of the reply
+                            r.finished = True
+                        tokens[-1] = tok
                 if not queues[i] and (tok == self.eos or image_done or free[i] >= options.max_new_tokens):
                     r.finished = True
             if progress is not None:
