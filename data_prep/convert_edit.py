@@ -2,19 +2,25 @@
 
     python -m data_prep.convert_edit --format magicbrush --input MagicBrush/data/ --out data/sft --name magicbrush
     python -m data_prep.convert_edit --format ip2p --input instructpix2pix-clip-filtered/data/ --out data/sft
-    python -m data_prep.convert_edit --format seed_edit --input SEED-Data-Edit/part3/annotations.jsonl \\
-        --image-root SEED-Data-Edit/part3/images --out data/sft --name seed_edit_multiturn
+    python -m data_prep.convert_edit --format seed_edit --input SEED-Data-Edit/part3/split_0.jsonl \\
+        --image-root SEED-Data-Edit/part3/images --out data/sft --name seed_edit_multiturn [--multi-turn]
 
-A record is a chain of edits of one image::
+A record is one edit, as the official SEED-X-Edit recipe trains (single-turn pairs)::
 
-    user:      [{"image": source, "grid": "1x1"}, {"text": instruction 1}]
-    assistant: [{"image": target 1, "generate": true}]
-    user:      [{"text": instruction 2}]            # the next edit applies to target 1
-    assistant: [{"image": target 2, "generate": true}] ...
+    user:      [{"image": source, "grid": "1x1"}, {"text": instruction}]
+    assistant: [{"image": target, "generate": true}]
 
-The source is encoded at a 1x1 grid (one tile + the global view), as the official edit data; each target
-is a generation target (the model regresses its ViT features; only `<img>` and `</s>` carry CE). The
-official release trains single-turn pairs only; ``--single-turn`` writes one record per edit instead.
+The source is encoded at a 1x1 grid (one tile + the global view), as the official edit data; the target
+is a generation target (the model regresses its ViT features; `<img>` and `</s>` carry CE). A multi-step
+edit (MagicBrush sessions, SEED-Data-Edit Part 3) becomes one record per step, each from the previous
+step's result. ``--multi-turn`` writes the whole chain as one conversation instead (an extension of ours:
+the official release has no multi-turn editing), each further step a user turn ``[{"text": instruction k}]``
+answered by ``[{"image": target k, "generate": true}]``.
+
+When a SEED-Data-Edit row carries the GPT-4V rewrite (``instruction_new`` and ``response``) those are used,
+as the official loader does: the instruction becomes ``instruction_new`` and the answer is
+``[{"text": response}, {"image": target, "generate": true}]``. Otherwise the answer is the image alone and
+training adds the official short reply (``data.edit_responses``, conf/data/sft_edit.yaml).
 
 Layouts (``--input``: files, folders or globs):
 
@@ -25,8 +31,9 @@ Layouts (``--input``: files, folders or globs):
 * ``ip2p``: InstructPix2Pix's parquet files (``original_image``, ``edit_prompt``, ``edited_image``, plus the
   captions ``original_prompt`` / ``edited_prompt``, kept as metadata); single edits.
 * ``seed_edit``: SEED-Data-Edit annotation ``.jsonl`` / ``.json``: ``{"source_image", "target_image",
-  "instruction"}`` for pairs, or ``{"images": [source, target 1, ...], "instructions": [...]}`` for its
-  multi-turn part; paths relative to ``--image-root``.
+  "instruction"}`` (+ optional ``instruction_new`` / ``response``) for pairs (Parts 1 and 2), or Part 3's flat
+  multi-turn rows ``{"source_image", "edit_image_1", "instruction_1", "edit_image_2", "instruction_2", ...}``
+  (``inverse_instruction_k`` ignored); paths relative to ``--image-root``.
 
 Skips: ``missing_file``, ``corrupt_image``, ``bad_json``, ``bad_file``, ``missing_instruction``,
 ``bad_chain`` (multi-turn lists whose lengths disagree, or a MagicBrush turn out of order).
@@ -56,15 +63,16 @@ FORMATS = ("magicbrush", "ip2p", "seed_edit")
 SUFFIXES = {"magicbrush": (".parquet",), "ip2p": (".parquet",), "seed_edit": (".jsonl", ".json")}
 
 
-def edit_turns(source: ImageBlob, edits: list[tuple[str, ImageBlob]]) -> list[dict]:
-    """(source, [(instruction, target), ...]) -> the chain's turns (see the module docstring)."""
+def edit_turns(source: ImageBlob, edits: list[tuple]) -> list[dict]:
+    """(source, [(instruction, target[, response]), ...]) -> the chain's turns (see the module docstring)."""
     turns: list[dict] = []
-    for k, (instruction, target) in enumerate(edits):
+    for k, (instruction, target, *response) in enumerate(edits):
         if not isinstance(instruction, str) or not instruction.strip():
             raise BadSample("missing_instruction", f"edit {k} has no instruction")
         user = [{"image": source, "grid": "1x1"}] if k == 0 else []
         turns.append({"role": "user", "content": [*user, {"text": instruction.strip()}]})
-        turns.append({"role": "assistant", "content": [{"image": target, "generate": True}]})
+        reply = [{"text": response[0].strip()}] if response and isinstance(response[0], str) and response[0].strip() else []
+        turns.append({"role": "assistant", "content": [*reply, {"image": target, "generate": True}]})
     return turns
 
 
@@ -126,32 +134,39 @@ def _seed_edit(files: list[Path], writer: RecordWriter, index: ImageIndex, singl
             with writer.row(id=rid, where=where):
                 if isinstance(row, BadSample):
                     raise row
-                if "images" in row:
-                    paths, instructions = row.get("images"), row.get("instructions")
-                    if not (isinstance(paths, list) and isinstance(instructions, list)
-                            and len(paths) == len(instructions) + 1 and instructions):
-                        raise BadSample("bad_chain", f"{len(paths or [])} images for {len(instructions or [])} "
-                                                     f"instructions (want instructions + 1)")
+                if "edit_image_1" in row:  # Part 3: flat edit_image_k / instruction_k, k = 1, 2, ...
+                    paths, instructions, k = [row.get("source_image")], [], 1
+                    while f"edit_image_{k}" in row:
+                        paths.append(row[f"edit_image_{k}"])
+                        instructions.append(row.get(f"instruction_{k}"))
+                        k += 1
+                    edits_meta = [(ins,) for ins in instructions]
+                elif "instruction_new" in row and "response" in row:  # the GPT-4V rewrite, as officially preferred
+                    paths = [row.get("source_image"), row.get("target_image")]
+                    edits_meta = [(row.get("instruction_new"), row.get("response"))]
                 else:
                     paths = [row.get("source_image"), row.get("target_image")]
-                    instructions = [row.get("instruction")]
+                    edits_meta = [(row.get("instruction"),)]
+                if any(not isinstance(p, str) or not p for p in paths):
+                    raise BadSample("missing_file", f"image paths {paths!r} must be non-empty strings")
                 blobs = [index.get(name=str(p)) for p in paths]
-                _write_chain(writer, rid, blobs[0], list(zip(instructions, blobs[1:])), where, single)
+                edits = [(meta[0], target, *meta[1:]) for meta, target in zip(edits_meta, blobs[1:])]
+                _write_chain(writer, rid, blobs[0], edits, where, single)
 
 
 def _write_chain(writer: RecordWriter, rid: str, source: ImageBlob, edits: list, where: str, single: bool) -> None:
     if not single:
         writer.write({"id": rid, "source": writer.source, "turns": edit_turns(source, edits)}, where=where)
         return
-    for k, (instruction, target) in enumerate(edits):
-        writer.write({"id": f"{rid}-{k}", "source": writer.source, "turns": edit_turns(source, [(instruction, target)])},
+    for k, edit in enumerate(edits):
+        writer.write({"id": f"{rid}-{k}", "source": writer.source, "turns": edit_turns(source, [edit])},
                      where=where)
-        source = target
+        source = edit[1]
 
 
 def convert(inputs: str | Path | list, out: str | Path, *, format: str, image_root: str | Path | None = None,
             name: str | None = None, source: str | None = None, shards: bool = False, shard_maxcount: int = 10_000,
-            quiet: bool = False, single_turn: bool = False) -> dict:
+            quiet: bool = False, single_turn: bool = True) -> dict:
     if format not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {format!r}")
     if format == "seed_edit" and image_root is None:
@@ -174,10 +189,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = converter_parser(__doc__, None, "parquet (magicbrush, ip2p) or jsonl/json (seed_edit) files, folders, globs")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--image-root", default=None, help="seed_edit: folder its image paths are relative to")
-    parser.add_argument("--single-turn", action="store_true", help="one record per edit (the official layout)")
+    parser.add_argument("--multi-turn", action="store_true",
+                        help="a multi-step edit as one conversation (ours; the official recipe is single-turn)")
+    parser.add_argument("--single-turn", action="store_true", help="one record per edit (the default; kept for "
+                                                                   "old command lines)")
     args = parser.parse_args(argv)
+    if args.multi_turn and args.single_turn:
+        parser.error("--multi-turn and --single-turn are exclusive")
     return convert(args.input, args.out, format=args.format, image_root=args.image_root,
-                   single_turn=args.single_turn, **writer_from_args(args))
+                   single_turn=not args.multi_turn, **writer_from_args(args))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ They come either
 
 Boxes are scaled by the size of the stored image (img2dataset may have resized it; normalised coordinates
 do not care), clamped to it and rounded to 0.01 px. Content: ``[image, text, box, text, box, ..., text]``:
-each text piece runs up to the end of a grounded span and is followed by that span's box(es) (label = the
-span's text); joining the text pieces gives the caption back. Spans that overlap an earlier span, or score
+each text piece runs up to the end of a grounded span plus `` [[ ``, is followed by that span's box(es) (label =
+the span's text) and `` ]]`` (the official ``phrase [[ <box_start>...<box_end> ]]`` form); joining the text
+pieces with those markers removed gives the caption back. Spans that overlap an earlier span, or score
 below ``--min-score``, are dropped (counted in ``dropped_boxes``).
 
 Record id: ``<source>/<id>`` (GRIT's ``id``, else ``key``). Skips: ``missing_file``, ``corrupt_image``,
@@ -53,6 +54,7 @@ from data_prep.common import (
 from src.data.records import BadSample
 
 DEFAULT_NAME = "grit"
+BOX_OPEN, BOX_CLOSE = " [[ ", " ]]"  # around each grounded phrase's box(es), as the official SEED-X prompts
 
 
 def _spans(raw: Any, field: str) -> list[tuple[int, int, tuple[float, float, float, float], float | None]]:
@@ -116,16 +118,16 @@ def grounded_content(caption: str, spans: list, image: ImageBlob, *, field: str 
     if not groups:
         raise BadSample("no_boxes", f"no usable {field} (of {len(spans)})")
     content: list[dict] = [{"image": image}]
-    pos = 0
+    pos, close = 0, ""
     for start, end, boxes in groups:
-        content.append({"text": caption[pos:end]})
+        # the official grounding form `phrase [[ <box_start>...<box_end> ]]` (the pre-trained model's
+        # bbox_prompt is `{image}{caption} [[ <box_start>`; the closing ` ]]` is inferred)
+        content.append({"text": close + caption[pos:end] + BOX_OPEN})
         label = caption[start:end].strip()
         for box in boxes:
             content.append({"box": list(box), "label": label})
-        pos = end
-    tail = caption[pos:]
-    if tail.strip():
-        content.append({"text": tail})
+        pos, close = end, BOX_CLOSE
+    content.append({"text": BOX_CLOSE + caption[pos:]})
     return content
 
 

@@ -146,7 +146,10 @@ def mmc4_content(row: dict, images: _Images) -> list[dict]:
     for i, sentence in enumerate(sentences):
         content += before.get(i, [])
         if _text(sentence):
-            content.append({"text": sentence})
+            if content and "text" in content[-1]:  # sentences join with a space (OpenFlamingo's MMC4 loader)
+                content[-1] = {"text": f"{content[-1]['text']} {sentence}"}
+            else:
+                content.append({"text": sentence})
     return content
 
 

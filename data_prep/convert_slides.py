@@ -84,7 +84,8 @@ def slide_turns(deck: dict, root: Path) -> list[dict]:
             if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
                     and 0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
                 raise BadSample("bad_annotation", f"{at}.box={box!r} is not inside the {width}x{height} slide")
-            content += [{"text": kind}, {"box": [float(v) for v in box], "canvas": [width, height]}]
+            # each element label on its own line after the slide text ("...orbit.\npicture<box_start>...")
+            content += [{"text": f"\n{kind}"}, {"box": [float(v) for v in box], "canvas": [width, height]}]
             if kind == "picture":
                 picture = image_from_file(root / el["image"]) if el.get("image") else _crop(slide_path, box)
                 content.append({"image": picture, "generate": True})

@@ -48,7 +48,11 @@ def story_turns(steps: list[tuple[object, str]], context: int, prompt: str) -> l
     if len(steps) < context + 1:
         raise BadSample("too_short", f"{len(steps)} steps; --context {context} needs at least {context + 1}")
     first = [item for image, text in steps[:context] for item in ({"image": image}, {"text": text})]
-    turns = [{"role": "user", "content": [*first, {"text": prompt}]}]
+    if first:  # the prompt follows the last context sentence after a space ("... food . Continue the story.")
+        first[-1] = {"text": f"{first[-1]['text']} {prompt}"}
+    else:
+        first = [{"text": prompt}]
+    turns = [{"role": "user", "content": first}]
     for k, (image, text) in enumerate(steps[context:]):
         if k:
             turns.append({"role": "user", "content": [{"text": prompt}]})

@@ -358,8 +358,9 @@ def build_sft_samples(out: Path, photos: dict[str, Image.Image]) -> dict[str, in
     stories = []
     for sid, names, sentences in SFT_STORIES:
         steps = list(zip(names, sentences))
-        turns = [{"role": "user", "content": [{"image": _image_path(steps[0][0])}, _t(steps[0][1]),
-                                              _t("Continue the story.")]}]
+        # the prompt follows the context sentence after a space, as data_prep/convert_vist.py writes it
+        turns = [{"role": "user", "content": [{"image": _image_path(steps[0][0])},
+                                              _t(f"{steps[0][1]} Continue the story.")]}]
         for k, (name, sentence) in enumerate(steps[1:]):
             if k:
                 turns.append({"role": "user", "content": [_t("Continue the story.")]})
@@ -374,7 +375,7 @@ def build_sft_samples(out: Path, photos: dict[str, Image.Image]) -> dict[str, in
             _write_bytes(out / f"images/slides/{did}_{k}.png", _png_bytes(_render_slide(title, body, photos[name])))
             turns += [{"role": "user", "content": [_t(f'Make a slide titled "{title}" for a deck about {topic}.')]},
                       {"role": "assistant", "content": [
-                          _t(f"{title}\n{body}"), _t("picture"),
+                          _t(f"{title}\n{body}"), _t("\npicture"),  # labels on their own line (convert_slides)
                           {"box": list(map(float, SLIDE_PICTURE_BOX)), "canvas": list(SLIDE_SIZE)},
                           {"image": _image_path(name), "generate": True}]}]
         decks.append({"id": f"sample_sft_ppt/{did}", "source": "sample_sft_ppt", "slides": len(slides), "turns": turns})

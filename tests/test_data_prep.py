@@ -223,19 +223,22 @@ def _check_grit(recs: list[dict], fx: dict) -> None:
         assert layout(rec)[0] == name
         w, h = layouts.photo_size(name)  # the stored size, not the row's (original) width/height
         assert (row["width"], row["height"]) == (2 * w, 2 * h)
-        assert "".join(i["text"] for i in content if "text" in i) == caption
+        # the official grounding form: `phrase [[ <box_start>...<box_end> ]]`; without the markers, the caption
+        text = "".join(i["text"] for i in content if "text" in i)
+        assert text.replace(convert_grit.BOX_OPEN, "").replace(convert_grit.BOX_CLOSE, "") == caption
+        assert text.count(" [[ ") == text.count(" ]]") == len({tuple(c[:2]) for c in chunks})
         boxes = [i for i in content if "box" in i]
         assert len(boxes) == len(chunks)
         for item, (s, e, x0, y0, x1, y1, _) in zip(boxes, sorted(chunks, key=lambda c: c[:2])):
             assert item["label"] == caption[s:e]
             assert item["box"] == pytest.approx([x0 * w, y0 * h, x1 * w, y1 * h], abs=0.01)
-        # every box comes right after the text piece that ends with its span
+        # every box comes right after the text piece that ends with its span and ` [[ `
         for k, item in enumerate(content):
             if "box" in item:
                 prev = next(c for c in reversed(content[:k]) if "text" in c)
-                assert prev["text"].endswith(item["label"])
+                assert prev["text"].endswith(item["label"] + " [[ ")
     kinds = [next(k for k in ("image", "text", "box") if k in i) for i in by_id["grit/1001"]["turns"][0]["content"]]
-    assert kinds == ["image", "text", "box", "text", "box", "box"]  # "green eyes" has two boxes
+    assert kinds == ["image", "text", "box", "text", "box", "box", "text"]  # "green eyes" has two boxes
 
 
 def test_grit_parquet_with_img2dataset_download(tmp_path):
@@ -261,8 +264,9 @@ def test_grit_overlap_score_and_bad_boxes():
              (10, 16, (0.5, 0.5, 1.0004, 1.0), 0.2), (10, 16, (0.25, 0.5, 0.75, 1.0), 0.8)]
     content = convert_grit.grounded_content(caption, spans, image, min_score=0.5,
                                             note=lambda g, r: notes.update([r]))
-    assert content[1:] == [{"text": "a page"}, {"box": [0.0, 0.0, 320.0, 159.0], "label": "a page"},
-                           {"text": " of a book"}, {"box": [80.0, 79.5, 240.0, 159.0], "label": "a book"}]
+    assert content[1:] == [{"text": "a page [[ "}, {"box": [0.0, 0.0, 320.0, 159.0], "label": "a page"},
+                           {"text": " ]] of a book [[ "}, {"box": [80.0, 79.5, 240.0, 159.0], "label": "a book"},
+                           {"text": " ]]"}]
     assert notes == {"overlapping_span": 1, "low_score": 1}
     with pytest.raises(BadSample) as e:
         convert_grit.grounded_content(caption, [(0, 6, (0.6, 0.0, 0.5, 1.0), 0.9)], image)

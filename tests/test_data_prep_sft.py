@@ -75,7 +75,7 @@ def test_sharegpt4v_captions_become_caption_to_image_requests(tmp_path, builder)
 
 def test_magicbrush_sessions_become_multi_turn_edit_chains(tmp_path, builder):
     fx = layouts.build_magicbrush(tmp_path / "mb")
-    stats = convert_edit.convert(fx["input"], tmp_path / "out", format="magicbrush", quiet=True)
+    stats = convert_edit.convert(fx["input"], tmp_path / "out", format="magicbrush", single_turn=False, quiet=True)
     recs = {r["id"]: r for r in read_back(stats)}
     assert set(recs) == set(fx["chains"])
     assert shape(recs["magicbrush/100"]) == [
@@ -86,9 +86,11 @@ def test_magicbrush_sessions_become_multi_turn_edit_chains(tmp_path, builder):
     batch = batch_of(stats, builder)
     # sources: one tile + the global view each; every target one generation view
     assert int(batch["embeds_cmp_mask"].sum()) == 2 * 3 and int(batch["embeds_gen_mask"].sum()) == 2 + 1 + 1
-    single = convert_edit.convert(fx["input"], tmp_path / "single", format="magicbrush", single_turn=True, quiet=True)
-    assert sorted(r["id"] for r in read_jsonl(single["output"])) == [
-        "magicbrush/100-0", "magicbrush/100-1", "magicbrush/200-0", "magicbrush/300-0"]
+    # the default is the official single-turn recipe: one record per edit, each from the previous result
+    single = convert_edit.convert(fx["input"], tmp_path / "single", format="magicbrush", quiet=True)
+    singles = {r["id"]: r for r in read_jsonl(single["output"])}
+    assert sorted(singles) == ["magicbrush/100-0", "magicbrush/100-1", "magicbrush/200-0", "magicbrush/300-0"]
+    assert all(len(r["turns"]) == 2 for r in singles.values())
 
 
 def test_instructpix2pix_and_seed_data_edit_pairs(tmp_path, builder):
@@ -100,12 +102,21 @@ def test_instructpix2pix_and_seed_data_edit_pairs(tmp_path, builder):
     check_skips(stats, fx["skipped"])
     batch_of(stats, builder)
     fx = layouts.build_seed_edit(tmp_path / "seed")
-    stats = convert_edit.convert(fx["input"], tmp_path / "out2", format="seed_edit", image_root=fx["images"], quiet=True)
+    stats = convert_edit.convert(fx["input"], tmp_path / "out2", format="seed_edit", image_root=fx["images"],
+                                 single_turn=False, quiet=True)
     recs = {r["id"]: r for r in read_back(stats)}
+    # Part 3's flat rows (source_image, edit_image_k, instruction_k) as one chain with --multi-turn
     assert shape(recs["seed_edit/mt1"]) == [("user", ["rocket", "Show the night sky."]), ("assistant", [("hubble", "gen")]),
                                             ("user", ["Now a cat."]), ("assistant", [("chelsea", "gen")])]
+    # the GPT-4V rewrite wins where a row has it: instruction_new, and the response before the image
+    assert shape(recs["seed_edit/gpt4v"]) == [("user", ["chelsea", "Make the cat a cup of coffee."]),
+                                              ("assistant", ["Here is the cat as coffee.", ("coffee", "gen")])]
     check_skips(stats, fx["skipped"])
     batch_of(stats, builder)
+    # and by default one record per step, each from the previous result (the official single-turn recipe)
+    stats = convert_edit.convert(fx["input"], tmp_path / "out3", format="seed_edit", image_root=fx["images"], quiet=True)
+    recs = {r["id"]: r for r in read_back(stats)}
+    assert shape(recs["seed_edit/mt1-1"]) == [("user", ["hubble", "Now a cat."]), ("assistant", [("chelsea", "gen")])]
 
 
 def test_vist_stories_continue_with_text_then_a_generated_image(tmp_path, builder):
@@ -114,7 +125,8 @@ def test_vist_stories_continue_with_text_then_a_generated_image(tmp_path, builde
                                  original_text=True, quiet=True)
     recs = {r["id"]: r for r in read_back(stats)}
     assert shape(recs["vist/s1"]) == [
-        ("user", ["rocket", "The rocket was ready.", "Continue the story."]),
+        # the prompt follows the context sentence after a space (not "ready.Continue")
+        ("user", ["rocket", "The rocket was ready. Continue the story."]),
         ("assistant", ["The astronaut smiled.", ("astronaut", "gen")]),
         ("user", ["Continue the story."]),
         ("assistant", ["Later we saw galaxies.", ("hubble", "gen")])]
@@ -142,7 +154,8 @@ def test_slides_write_text_layout_boxes_and_pictures(tmp_path, builder):
     assert all(load_image(rec, i).size for t in rec["turns"] for i in t["content"] if "image" in i)
     assert rec["id"] == "slides/d1"
     first = rec["turns"][1]["content"]
-    assert [i.get("text") for i in first if "text" in i] == ["Launch\nRockets go up.", "title", "picture"]
+    # each element label on its own line (not "...up.title")
+    assert [i.get("text") for i in first if "text" in i] == ["Launch\nRockets go up.", "\ntitle", "\npicture"]
     boxes = [i for i in first if "box" in i]
     assert boxes[1] == {"box": [220.0, 80.0, 370.0, 180.0], "canvas": fx["canvas"]}
     assert image_bytes(rec, first[-1]) == layouts.photo("rocket") and first[-1]["generate"]
