@@ -169,10 +169,10 @@ def test_every_mode_writes_results_and_images(mode, tmp_path):
                 assert im.format == "PNG" and im.size == (32, 32)
         if MODES[mode].uses_llm:
             assert len(r["replies"]) == user_turns[r["id"]] >= 1
-    if mode == "story":  # the second turn saw the first reply and its image as context
+    if mode == "story":  # the second turn saw the first reply and its image (the model's own span) as context
         turns = lines[0]["turns"]
         assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"]
-        assert {"image": lines[0]["replies"][0]["images"][0]} in turns[1]["content"]
+        assert {"image": lines[0]["replies"][0]["images"][0], "generate": True} in turns[1]["content"]
 
 
 def test_fixed_seed_gives_identical_text_and_pixels(tmp_path):
