@@ -32,8 +32,11 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: s
              counts: Callable[[], Mapping[str, Any]] | None = None, file: IO[str] | None = None) -> Iterator[T]:
     """`iterable` with a bar; `counts()` (e.g. ``{"written": 10, "skipped": 2}``) is shown beside it, read after
     the consumer has handled each item."""
-    if total is None and hasattr(iterable, "__len__"):
-        total = len(iterable)  # type: ignore[arg-type]
+    if total is None:
+        try:
+            total = len(iterable)  # type: ignore[arg-type]
+        except TypeError:  # a generator; a DataLoader over an IterableDataset has __len__ but raises
+            total = None
     bar = progress_bar(desc, total, unit, file)
     try:
         for item in iterable:
