@@ -19,6 +19,7 @@
                       channels); beside it adapter/ (model.safetensors `resampler.*`, config.json, and
                       negative.safetensors: the unconditional branch's features and its embeddings)
 
+`official=true` also writes the official SEED-X layout under DIR/official/ (src/export_official.py).
 `dtype` (default bf16, the released SEED-X checkpoints' precision) is the stored precision of every weight but
 the VAE, which stays fp32 (SDXL's VAE overflows in fp16); merges happen in fp32 before the cast.
 
@@ -40,6 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from safetensors.torch import save_file
 
+from src import export_official
 from src.data.mllm_sequence import CHAT_FORMATS, ChatFormat
 from src.models.mllm import AGENT_KEY_PREFIXES
 from src.stages.inference import (
@@ -160,7 +162,8 @@ def _with_pad_token(model, tokenizer):
     return model
 
 
-def export_mllm(stage, out: Path, dtype: torch.dtype = torch.bfloat16, base: str | None = None) -> None:
+def export_mllm(stage, out: Path, dtype: torch.dtype = torch.bfloat16, base: str | None = None,
+                official: bool = False) -> None:
     from peft import PeftModel
 
     llm = stage.mllm.llm
@@ -181,10 +184,12 @@ def export_mllm(stage, out: Path, dtype: torch.dtype = torch.bfloat16, base: str
     save_file(_contiguous(agent, dtype), str(out / "agent" / "model.safetensors"))
     (out / "vit").mkdir(parents=True, exist_ok=True)
     save_file(_contiguous(stage.vit.state_dict(), dtype), str(out / "vit" / "model.safetensors"))
+    if official:
+        export_official.write_mllm(out, agent, stage.vit.state_dict(), dtype)
 
 
 @torch.no_grad()
-def export_detokenizer(module, out: Path, dtype: torch.dtype = torch.bfloat16) -> None:
+def export_detokenizer(module, out: Path, dtype: torch.dtype = torch.bfloat16, official_root: Path | None = None) -> None:
     """A diffusers pipeline folder + our adapter beside it (module docstring). Casts `module` in place (it is
     not used after the export): a copy of a full-size UNet would double the memory."""
     from dataclasses import asdict
@@ -205,6 +210,8 @@ def export_detokenizer(module, out: Path, dtype: torch.dtype = torch.bfloat16) -
                unet=module.unet if dtype == torch.float32 else module.unet.to(dtype), scheduler=EulerDiscreteScheduler.from_config(module.noise_scheduler.config),
                add_watermarker=False)
     pipe.save_pretrained(str(out), safe_serialization=True)
+    if official_root is not None:
+        export_official.write_detokenizer(official_root, module, dtype)
     (out / "adapter").mkdir(parents=True, exist_ok=True)
     adapter = {f"resampler.{k}": v for k, v in module.resampler.state_dict().items()}
     save_file(_contiguous(adapter, dtype), str(out / "adapter" / "model.safetensors"))
@@ -217,7 +224,7 @@ def export_detokenizer(module, out: Path, dtype: torch.dtype = torch.bfloat16) -
 
 
 def export(ckpt_path: str | None, out: str | Path, detok_ckpt_path: str | None = None, *, base: str | None = None,
-           dtype: str = "bf16") -> Path:
+           dtype: str = "bf16", official: bool = False) -> Path:
     if not ckpt_path and not detok_ckpt_path:
         raise ValueError("give ckpt_path= (an MLLM checkpoint) and/or detok_ckpt_path= (a de-tokenizer one)")
     if dtype not in DTYPES:
@@ -227,12 +234,12 @@ def export(ckpt_path: str | None, out: str | Path, detok_ckpt_path: str | None =
     if ckpt_path:
         checkpoint = read_checkpoint(ckpt_path)
         export_mllm(build_mllm(checkpoint_hparams(checkpoint, ckpt_path), ckpt_path, checkpoint), out, DTYPES[dtype],
-                    base)
+                    base, official)
     if detok_ckpt_path:
         checkpoint = read_checkpoint(detok_ckpt_path, "detok_ckpt_path")
         hp = checkpoint_hparams(checkpoint, detok_ckpt_path, "detok_ckpt_path")
         module = build_detokenizer(hp["model"], detok_stage_of(hp), detok_ckpt_path, checkpoint=checkpoint)
-        export_detokenizer(module, out / "detokenizer", DTYPES[dtype])
+        export_detokenizer(module, out / "detokenizer", DTYPES[dtype], out if official else None)
     log.info("exported to %s", out)
     return out
 
@@ -241,15 +248,18 @@ def main(argv: list[str]) -> None:
     args = {}
     for a in argv:
         key, eq, value = a.partition("=")
-        if not eq or key not in ("ckpt_path", "out", "detok_ckpt_path", "base", "dtype"):
+        if not eq or key not in ("ckpt_path", "out", "detok_ckpt_path", "base", "dtype", "official"):
             raise SystemExit(f"usage: python -m src.export ckpt_path=<.ckpt|dir> out=DIR [detok_ckpt_path=<.ckpt>] "
-                             f"[base=PATH] [dtype=bf16|fp16|fp32] (got {a!r})")
+                             f"[base=PATH] [dtype=bf16|fp16|fp32] [official=true] (got {a!r})")
         args[key] = value
     if "out" not in args:
         raise SystemExit("out=DIR is required")
     logging.basicConfig(level=logging.INFO)
+    official = args.get("official", "false").lower()
+    if official not in ("true", "false"):
+        raise SystemExit(f"official= must be true or false, got {args['official']!r}")
     export(args.get("ckpt_path"), args["out"], args.get("detok_ckpt_path"), base=args.get("base"),
-           dtype=args.get("dtype", "bf16"))
+           dtype=args.get("dtype", "bf16"), official=official == "true")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 
-import hydra
 import numpy as np
 import pytest
 import torch
@@ -21,26 +20,17 @@ from safetensors.torch import load_file
 from src.export import export
 from src.pipelines.detok import SamplingOptions
 from src.stages.inference import build_detokenizer, image_decoder_of
-from tests.helpers import lean_checkpoint, perturb_trainable, tiny_run_cfg, trained_tiny_mllm
+from tests.helpers import trained_tiny_detok_checkpoint, trained_tiny_mllm
 
 pytestmark = pytest.mark.smoke
 STEPS, SEED = 3, 0
-
-
-def detok_checkpoint(experiment: str, tmp) -> str:
-    cfg = tiny_run_cfg(experiment, tmp)
-    module = hydra.utils.instantiate(cfg.stage, _convert_="all")
-    module.build_models(load_weights=True)
-    perturb_trainable(module, 2)
-    lean_checkpoint(module, tmp / "detok.ckpt")
-    return str(tmp / "detok.ckpt")
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export_libraries")
     stage, ckpt = trained_tiny_mllm(tmp)
-    detok = {kind: detok_checkpoint(experiment, tmp_path_factory.mktemp(kind))
+    detok = {kind: trained_tiny_detok_checkpoint(experiment, tmp_path_factory.mktemp(kind))
              for kind, experiment in (("stage1", "seedx_detok_pretrain_tiny"), ("stage2", "seedx_detok_cond_tiny"))}
     out = export(str(ckpt), tmp / "export", detok_ckpt_path=detok["stage1"], dtype="fp32")
     export(None, tmp / "export_stage2", detok_ckpt_path=detok["stage2"], dtype="fp32")
