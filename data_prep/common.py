@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, Self
 
 from PIL import Image
-from tqdm import tqdm
 
 from src.data.bbox import oriented_size
 from src.data.records import (
@@ -52,6 +51,7 @@ from src.data.records import (
     load_image,
     validate_record,
 )
+from src.utils.progress import progress as _progress
 
 __all__ = [
     "ImageBlob",
@@ -436,8 +436,11 @@ def image_member(sample: dict) -> tuple[str, bytes] | None:
     return None
 
 
-def progress(iterable: Iterable, desc: str, total: int | None = None, unit: str = "row") -> tqdm:
-    return tqdm(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True, mininterval=0.5)
+def progress(iterable: Iterable, desc: str, total: int | None = None, unit: str = "row",
+             writer: RecordWriter | None = None) -> Iterator:
+    """A progress bar over the input (off when stderr is not a terminal) showing `writer`'s written / skipped
+    counts."""
+    return _progress(iterable, desc, total, unit, counts=writer.counts if writer is not None else None)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -620,6 +623,10 @@ class RecordWriter:
         return [f"{folder}/{stem}_{i}.{b.ext}" for i, b in enumerate(blobs)]
 
     # -- end
+    def counts(self) -> dict[str, int]:
+        """What the progress bar shows."""
+        return {"written": self.count, "skipped": self.skips.total}
+
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "name": self.name, "source": self.source,

@@ -88,7 +88,7 @@ def _parquet_image(value: Any, what: str) -> ImageBlob:
 def _magicbrush(files: list[Path], writer: RecordWriter, single: bool) -> None:
     sessions: dict[str, list[tuple[int, str, dict]]] = defaultdict(list)
     for path in files:
-        for where, row in progress(iter_rows(path), desc=f"magicbrush {path.name}"):
+        for where, row in progress(iter_rows(path), desc=f"magicbrush {path.name}", writer=writer):
             if isinstance(row, BadSample):
                 writer.skip(row.reason, where=where, detail=row.detail)
                 continue
@@ -112,7 +112,7 @@ def _magicbrush(files: list[Path], writer: RecordWriter, single: bool) -> None:
 
 def _ip2p(files: list[Path], writer: RecordWriter) -> None:
     for path in files:
-        for i, (where, row) in enumerate(progress(iter_rows(path), desc=f"ip2p {path.name}")):
+        for i, (where, row) in enumerate(progress(iter_rows(path), desc=f"ip2p {path.name}", writer=writer)):
             rid = f"{writer.source}/{safe_key(path.stem)}-{i}"
             with writer.row(id=rid, where=where):
                 if isinstance(row, BadSample):
@@ -128,7 +128,7 @@ def _ip2p(files: list[Path], writer: RecordWriter) -> None:
 
 def _seed_edit(files: list[Path], writer: RecordWriter, index: ImageIndex, single: bool) -> None:
     for path in files:
-        for i, (where, row) in enumerate(progress(iter_rows(path), desc=f"seed_edit {path.name}")):
+        for i, (where, row) in enumerate(progress(iter_rows(path), desc=f"seed_edit {path.name}", writer=writer)):
             base = str(row.get("id")) if isinstance(row, dict) and row.get("id") not in (None, "") else f"{path.stem}-{i}"
             rid = f"{writer.source}/{safe_key(base)}"
             with writer.row(id=rid, where=where):

@@ -177,7 +177,7 @@ def convert(inputs: str | Path | list, out: str | Path, *, images: str | Path | 
         opts = {"field": spans, "min_score": min_score, "note": writer.note}
         if tars:
             for sample in progress(iter_shard_samples(tars, writer.add_skipped, src), desc=f"{name} shards",
-                                   unit="sample"):
+                                   unit="sample", writer=writer):
                 key = sample.get("__key__")
                 where = f"{sample.get('__url__')}:{key}"
                 with writer.row(id=f"{src}/{key}", where=where) as ctx:

@@ -97,7 +97,7 @@ def convert(inputs: str | Path | list, out: str | Path, *, name: str = DEFAULT_N
     with RecordWriter(out, name, source=source, shards=shards, shard_maxcount=shard_maxcount,
                       quiet=quiet) as writer:
         samples = iter_shard_samples(urls, writer.add_skipped, writer.source)
-        for sample in progress(samples, desc=f"{name}", unit="sample"):
+        for sample in progress(samples, desc=f"{name}", unit="sample", writer=writer):
             key = sample.get("__key__")
             where = f"{sample.get('__url__')}:{key}"
             rid = f"{writer.source}/{key}"

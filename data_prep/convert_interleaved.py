@@ -170,7 +170,8 @@ def convert(inputs: str | Path | list, out: str | Path, *, image_root: str | Pat
         images = _Images(index, on_bad_image, writer.note)
         for path in files:
             stem = file_stem(path)
-            rows = progress(iter_rows(path), desc=f"{name} {path.name}", total=count_rows(path), unit="doc")
+            rows = progress(iter_rows(path), desc=f"{name} {path.name}", total=count_rows(path), unit="doc",
+                            writer=writer)
             for i, (where, row) in enumerate(rows):
                 rid = f"{writer.source}/{stem}-{i:07d}"
                 with writer.row(id=rid, where=where):

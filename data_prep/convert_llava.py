@@ -130,7 +130,7 @@ def convert(inputs: str | Path | list, out: str | Path, *, image_root: str | Pat
                       quiet=quiet) as writer:
         for path in files:
             for i, (where, row) in enumerate(progress(iter_rows(path), desc=f"{name} {path.name}",
-                                                       unit="entry")):
+                                                       unit="entry", writer=writer)):
                 entry_id = row.get("id") if isinstance(row, dict) and row.get("id") not in (None, "") else None
                 base = str(entry_id) if entry_id is not None else f"{path.name.split('.', 1)[0]}-{i}"
                 n = seen.get(base, 0)

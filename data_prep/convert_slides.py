@@ -98,7 +98,7 @@ def convert(inputs: str | Path | list, out: str | Path, *, name: str = DEFAULT_N
             shards: bool = False, shard_maxcount: int = 10_000, quiet: bool = False) -> dict:
     files = expand_inputs(inputs, (".json",))
     with RecordWriter(out, name, source=source, shards=shards, shard_maxcount=shard_maxcount, quiet=quiet) as writer:
-        for path in progress(files, desc=name, unit="deck"):
+        for path in progress(files, desc=name, unit="deck", writer=writer):
             rid = f"{writer.source}/{path.stem}"
             with writer.row(id=rid, where=str(path)) as ctx:
                 try:

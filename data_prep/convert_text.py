@@ -71,7 +71,8 @@ def convert(inputs: str | Path | list, out: str | Path, *, name: str = DEFAULT_N
                 docs: Iterator = txt_documents(path)
             else:
                 docs = iter_rows(path, fmt="jsonl")  # C4 names its jsonl files .json.gz
-            for n, (where, doc) in enumerate(progress(docs, desc=f"{name} {path.name}", unit="doc")):
+            for n, (where, doc) in enumerate(progress(docs, desc=f"{name} {path.name}", unit="doc",
+                                                    writer=writer)):
                 rid = f"{writer.source}/{stem}-{n}"
                 with writer.row(id=rid, where=where):
                     if isinstance(doc, BadSample):

@@ -83,7 +83,8 @@ def convert(inputs: str | Path | list, out: str | Path, *, image_root: str | Pat
                         stories[str(step["story_id"])].append((i, f"{path}:annotations[{i}]", step))
                     else:
                         writer.skip("bad_json", where=f"{path}:annotations[{i}]", detail="step is not an object with story_id")
-            for story_id, steps in progress(stories.items(), desc=f"{name} {path.name}", unit="story"):
+            for story_id, steps in progress(stories.items(), desc=f"{name} {path.name}", unit="story",
+                                              writer=writer):
                 rid = f"{writer.source}/{story_id}"
                 with writer.row(id=rid, where=steps[0][1]):
                     orders = [s.get("worker_arranged_photo_order") for _, _, s in steps]

@@ -54,7 +54,8 @@ def convert(inputs: str | Path | list, out: str | Path, *, person: str = "agnost
         for path in files:
             split = path.parent / path.name.split("_", 1)[0]  # train_pairs.txt -> train/
             lines = path.read_text("utf-8").splitlines()
-            for lineno, line in progress(list(enumerate(lines, 1)), desc=f"{name} {path.name}", unit="pair"):
+            for lineno, line in progress(list(enumerate(lines, 1)), desc=f"{name} {path.name}", unit="pair",
+                                         writer=writer):
                 if not line.strip():
                     continue
                 where = f"{path}:{lineno}"

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -47,7 +46,6 @@ from typing import Any
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-from tqdm import tqdm
 
 from src.data.features import FORMAT, MANIFEST, record_key, record_path, write_record
 from src.data.records import (
@@ -59,6 +57,7 @@ from src.data.records import (
     record_images,
 )
 from src.data.sources import SourceConfig, read_source
+from src.utils.progress import progress
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -322,7 +321,11 @@ def main(argv: list[str] | None = None) -> dict:
                 counts["written"] += 1
         pending.clear()
 
-    for item in tqdm(loader, desc=f"precompute {job.kind} features", unit="rec", file=sys.stderr):
+    def shown() -> dict[str, int]:
+        return {"written": counts["written"], "skipped": sum(n for k, n in counts.items() if k.startswith("skipped/")),
+                "existing": counts["existing"]}
+
+    for item in progress(loader, desc=f"precompute {job.kind} features", unit="rec", counts=shown):
         if "count" in item:
             counts[item["count"]] += 1
             continue

@@ -50,7 +50,7 @@ def tokenize_source(stage, source, writer: RecordWriter, batch_size: int, device
             writer.write(record, where=record.get("_where", "?"))
         pending.clear()
 
-    for record in progress(iter_records(source), f"tokenise {source.path}", unit="record"):
+    for record in progress(iter_records(source), f"tokenise {source.path}", unit="record", writer=writer):
         if isinstance(record, SkippedSample):
             writer.add_skipped(record)
             continue

@@ -102,7 +102,7 @@ def write_stream(sources: list[SourceConfig], out: str | Path, *, caption_field:
         require_exists(src)
         with RecordWriter(out, name, stream=True, shard_maxsize=shard_size, quiet=quiet) as writer:
             for record in progress(iter_source(src, writer, caption_field), desc=f"write_stream {name}",
-                                   unit="rec"):
+                                   unit="rec", writer=writer):
                 where = record.get("_where", "?")
                 with writer.row(id=record.get("id"), where=where):
                     writer.write(with_image_blobs(record), where=where)

@@ -182,7 +182,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if task in BENCHMARKS:
         generator = MLLMGenerator(stage.mllm, stage.vit, stage.tokenizer, stage.vit_chunk_size)
         predictions = answer_questions(generator, builder, task, rows, int(cfg.batch_size),
-                                       int(cfg.generate.max_new_tokens))
+                                       int(cfg.generate.max_new_tokens), show_progress=True)
         scores = BENCHMARKS[task].score(rows, predictions)
         result["predictions"] = str(write_predictions(rows, predictions,
                                                       out / "predictions" / f"{cfg.task_name}_{task}.tsv"))

@@ -1,4 +1,5 @@
-"""SEED-X as an lmms-eval model: `lmms-eval --model seedx --model_args experiment=seedx_sft_i,ckpt_path=... --tasks mme`.
+"""SEED-X as an lmms-eval model:
+`lmms-eval --model seedx --model_args experiment=seedx_sft_i,ckpt_path=... --device cuda --batch_size 8 --tasks mme`.
 
 Registered through lmms-eval's plugin entry points (`[project.entry-points."lmms_eval.models"]` in pyproject:
 `seedx = "src.lmms:manifest"`), installed with the optional extra: `pip install -c constraints/eval.txt -e '.[eval]'`
@@ -6,12 +7,15 @@ Registered through lmms-eval's plugin entry points (`[project.entry-points."lmms
 
 Model args (`--model_args k=v,...`): `experiment` (a conf/experiment name; its model.* paths, data layout and
 prompt format), `ckpt_path` (our .ckpt or sharded dir), `exported` (a `src.export` folder), `overrides`
-(Hydra overrides separated by `;`), `device`, `dtype` (float32 | bfloat16), `batch_size`, `max_new_tokens`,
-`prompt_format` (auto | pretrained | instruct). Images are laid out at dynamic resolution exactly as in
-training (the experiment's any-res grids), in the order lmms-eval hands them, before the question text.
+(Hydra overrides separated by `;`), `dtype` (float32 | bfloat16), `max_new_tokens`, `prompt_format` (auto |
+pretrained | instruct). `device` and `batch_size` are lmms-eval's own `--device` (default: cuda when there is
+one) and `--batch_size`: lmms-eval hands them to every model, so they are refused in `--model_args` (where
+they would collide). Images are laid out at dynamic resolution exactly as in training (the experiment's
+any-res grids), in the order lmms-eval hands them, before the question text.
 
 * `generate_until`: greedy (or the task's `do_sample`/`temperature`/`top_p`) batched KV-cached decoding
-  (src/pipelines/mllm.py), cut at the task's `until` strings and `max_new_tokens`.
+  (src/pipelines/mllm.py), cut at the task's `until` strings and `max_new_tokens`. The answer is the reply's
+  text: an image the model starts to draw (`<img>` + image tokens + `</img>`) is left out, box spans stay.
 * `loglikelihood`: log P(continuation | context) from one forward pass of the prompt + continuation, and
   whether greedy decoding would have produced the continuation.
 """
@@ -29,8 +33,29 @@ from lmms_eval.models.registry_v2 import ModelManifest
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
+# lmms-eval passes these to every model from its own command line (`--batch_size`, `--device`)
+LMMS_EVAL_ARGS = ("batch_size", "device")
+
+
 def manifest() -> ModelManifest:
     return ModelManifest(model_id="seedx", simple_class_path="src.lmms.SeedX")
+
+
+def answer_text(token_ids: list[int], tokenizer, ids) -> str:
+    """A reply's text for a text benchmark: image spans (`<img>` ... `</img>`, or to the end when cut), stray
+    image tokens and the end of sequence dropped, the rest decoded at once (words around an image keep their
+    spaces); box spans stay as the model wrote them (grounding tasks read them)."""
+    kept: list[int] = []
+    dropped = {tokenizer.eos_token_id, ids.img_end, *ids.img}  # and stray image tokens outside a span
+    in_image = False
+    for tok in token_ids:
+        if tok == ids.img_start:
+            in_image = True
+        elif in_image:
+            in_image = tok != ids.img_end
+        elif tok not in dropped:
+            kept.append(tok)
+    return tokenizer.decode(kept, skip_special_tokens=True)
 
 
 def _png(image) -> bytes:
@@ -40,10 +65,32 @@ def _png(image) -> bytes:
 
 
 class SeedX(lmms):
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> SeedX:
+        from lmms_eval import utils
+
+        clash = sorted(set(utils.simple_parse_args_string(arg_string)) & set(LMMS_EVAL_ARGS))
+        if clash:
+            raise ValueError(f"seedx: {clash} are lmms-eval's own arguments: pass "
+                             f"{' '.join(f'--{k} ...' for k in clash)} instead of putting them in --model_args")
+        return super().create_from_arg_string(arg_string, additional_config)
+
     def __init__(self, experiment: str = "seedx_sft_i", ckpt_path: str | None = None, exported: str | None = None,
-                 overrides: str = "", device: str = "cpu", dtype: str = "float32", batch_size: int | str = 1,
-                 max_new_tokens: int | str = 128, prompt_format: str = "auto", **unused) -> None:
+                 overrides: str = "", device: str | None = None, dtype: str = "float32", batch_size: int | str = 1,
+                 max_new_tokens: int | str = 128, prompt_format: str = "auto", max_batch_size=None,
+                 **unknown) -> None:
         super().__init__()
+        if unknown:  # a misspelt model arg would otherwise be ignored silently
+            raise ValueError(f"seedx: unknown --model_args {sorted(unknown)}; known: experiment, ckpt_path, exported, "
+                             f"overrides, dtype, max_new_tokens, prompt_format")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            batch_size = int(batch_size)
+        except ValueError:
+            raise ValueError(f"seedx: --batch_size must be a number of requests, got {batch_size!r} "
+                             f"(no automatic batch size)") from None
+        if batch_size < 1:
+            raise ValueError(f"seedx: --batch_size must be >= 1, got {batch_size}")
         from hydra import compose, initialize_config_dir
         from omegaconf import OmegaConf, open_dict
 
@@ -72,7 +119,7 @@ class SeedX(lmms):
         self.generator = MLLMGenerator(stage.mllm, stage.vit, stage.tokenizer, stage.vit_chunk_size)
         self.builder = sequence_builder(cfg, stage.tokenizer, "chat", prompt_format(cfg, checkpoint))
         self.tokenizer = stage.tokenizer
-        self.batch_size_per_gpu = int(batch_size)
+        self.batch_size_per_gpu = batch_size
         self.max_new_tokens = int(max_new_tokens)
         self.device = torch.device(device)
 
@@ -115,7 +162,7 @@ class SeedX(lmms):
                     record = self._record(ctx, self._visuals(dtv, doc_id, task, split), f"{task}/{doc_id}")
                     samples.append(self.builder.prompt(record))
                 for i, g in zip(chunk, self.generator.generate(samples, options)):
-                    text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+                    text = answer_text(g.token_ids, self.tokenizer, self.generator.ids)
                     for stop in until:
                         if stop and stop in text:
                             text = text.split(stop, 1)[0]

@@ -70,6 +70,18 @@ def perturb_trainable(module, seed: int) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+def trained_tiny_detok_checkpoint(experiment: str, tmp) -> str:
+    """A perturbed (so: unlike a fresh init) tiny de-tokenizer stage saved as src.train would: its path."""
+    import hydra
+
+    cfg = tiny_run_cfg(experiment, tmp)
+    module = hydra.utils.instantiate(cfg.stage, _convert_="all")
+    module.build_models(load_weights=True)
+    perturb_trainable(module, 2)
+    lean_checkpoint(module, tmp / "detok.ckpt")
+    return str(tmp / "detok.ckpt")
+
+
 def lean_checkpoint(module, path) -> None:
     """What src.train writes (trainable tensors + hyper-parameters), without a Trainer."""
     import copy

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.smoke
 def trained_mllm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mllm")
     stage, ckpt = trained_tiny_mllm(tmp)
-    out = export(str(ckpt), tmp / "export")
+    out = export(str(ckpt), tmp / "export", dtype="fp32")
     return stage, ckpt, out
 
 
@@ -98,7 +98,7 @@ def test_detokenizer_export_reloads_to_identical_outputs(experiment, kind, tmp_p
     perturb_trainable(module, 2)
     ckpt = tmp_path / "detok.ckpt"
     lean_checkpoint(module, ckpt)
-    export(None, tmp_path / "export", detok_ckpt_path=str(ckpt))
+    export(None, tmp_path / "export", detok_ckpt_path=str(ckpt), dtype="fp32")
 
     folder = tmp_path / "export" / "detokenizer"
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)

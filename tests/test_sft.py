@@ -272,21 +272,26 @@ def test_an_sft_checkpoint_exports_a_merged_llm_that_equals_it(pretrained, mode,
     perturb_trainable(sft, 2)
     path = tmp_path / "sft.ckpt"
     lean_checkpoint(sft, path)
-    out = export(str(path), tmp_path / "export")
+    out = export(str(path), tmp_path / "export", dtype="fp32")
     merged = AutoModelForCausalLM.from_pretrained(out / "llm", local_files_only=True, dtype=torch.float32).eval()
     ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, _logits(sft, ids), rtol=1e-4, atol=1e-4)
     assert (out / "lora").is_dir() == (mode == "merge")
-    if mode == "merge":
-        assert str(ckpt) in (out / "lora" / "BASE.md").read_text()
+    if mode == "merge":  # the adapter's base (pre-trained SEED-X, its LoRA merged) is written and recorded
+        from peft import AutoPeftModelForCausalLM
+
+        adapted = AutoPeftModelForCausalLM.from_pretrained(out / "lora", dtype=torch.float32).eval()
+        assert adapted.peft_config["default"].base_model_name_or_path == str((out / "base").resolve())
+        with torch.no_grad():
+            torch.testing.assert_close(adapted(input_ids=ids).logits, _logits(sft, ids), rtol=1e-4, atol=1e-4)
 
 
 def test_init_from_an_exported_folder_starts_from_the_exported_model(pretrained, tmp_path):
     from src.export import export
 
     pre, ckpt = pretrained
-    out = export(str(ckpt), tmp_path / "export")
+    out = export(str(ckpt), tmp_path / "export", dtype="fp32")
     sft = _sft(tmp_path, out)
     assert sft.init_from_export and sft.llm_cfg.weights == str(out / "llm")
     ids = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(5))

@@ -9,6 +9,7 @@ import base64
 
 from src.evaluation.vlmeval_tsv import options_of
 from src.pipelines.mllm import DecodingOptions, MLLMGenerator
+from src.utils.progress import progress_bar
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 # tasks whose `question` is the whole prompt (no lettered options)
@@ -43,13 +44,20 @@ def request_of(task: str, row: dict) -> dict:
 
 
 def answer_questions(generator: MLLMGenerator, builder, task: str, rows: list[dict], batch_size: int,
-                     max_new_tokens: int) -> dict[str, str]:
-    """{row index: the model's answer text}, greedy, `batch_size` questions at a time."""
+                     max_new_tokens: int, show_progress: bool = False) -> dict[str, str]:
+    """{row index: the model's answer text}, greedy, `batch_size` questions at a time. `show_progress`: a bar of
+    questions answered (src.eval; off for the training-time callback, under Lightning's own bar)."""
     options = DecodingOptions(max_new_tokens=max_new_tokens, image="free")
     out: dict[str, str] = {}
+    bar = progress_bar(f"{task}: answering", total=len(rows), unit="question") if show_progress else None
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         samples = [builder.prompt(request_of(task, r)) for r in chunk]
         for r, g in zip(chunk, generator.generate(samples, options)):
             out[r["index"]] = generator.tokenizer.decode(g.token_ids, skip_special_tokens=True).strip()
+        if bar is not None:
+            bar.update(len(chunk))
+            bar.set_postfix({"answered": len(out), "empty": sum(not a for a in out.values())}, refresh=False)
+    if bar is not None:
+        bar.close()
     return out

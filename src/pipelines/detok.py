@@ -127,6 +127,18 @@ class ImageDecoder:
         return next(self.unet.parameters()).device
 
     @torch.no_grad()
+    def prompt_embeds(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The adapter's SDXL conditioning of `features` and of the negative, named as diffusers' SDXL pipelines
+        take them (`pipe(**decoder.prompt_embeds(f), ...)` with an exported detokenizer/ draws what `decode` draws).
+        """
+        dtype = next(self.resampler.parameters()).dtype
+        prompt, pooled = self.resampler(features.to(self.device, dtype))
+        neg, neg_pooled = self.resampler(self.negative.to(self.device, dtype))
+        n = features.shape[0]
+        return {"prompt_embeds": prompt, "pooled_prompt_embeds": pooled,
+                "negative_prompt_embeds": neg.expand(n, -1, -1), "negative_pooled_prompt_embeds": neg_pooled.expand(n, -1)}
+
+    @torch.no_grad()
     def condition_latents(self, images: list[Image.Image], resolution: int) -> torch.Tensor:
         # stretched to the square, not cropped: the official edit script's `image.resize((1024, 1024))` (and
         # how seedx_detok_cond trains, data.image_fit: stretch)
