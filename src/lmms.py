@@ -94,7 +94,8 @@ class SeedX(lmms):
         from hydra import compose, initialize_config_dir
         from omegaconf import OmegaConf, open_dict
 
-        from src.generate import exported_paths, inference_dtype, prompt_format, sequence_builder
+        from src.generate import exported_paths, inference_dtype, sequence_builder
+        from src.generate import prompt_format as format_of  # not to shadow the `prompt_format` argument
         from src.pipelines.mllm import MLLMGenerator
         from src.stages.inference import build_mllm
 
@@ -117,7 +118,7 @@ class SeedX(lmms):
         stage = build_mllm(OmegaConf.to_container(cfg.stage, resolve=True), ckpt_path, checkpoint)
         self.stage = stage.to(torch.device(device), inference_dtype(cfg))
         self.generator = MLLMGenerator(stage.mllm, stage.vit, stage.tokenizer, stage.vit_chunk_size)
-        self.builder = sequence_builder(cfg, stage.tokenizer, "chat", prompt_format(cfg, checkpoint))
+        self.builder = sequence_builder(cfg, stage.tokenizer, "chat", format_of(cfg, checkpoint))
         self.tokenizer = stage.tokenizer
         self.batch_size_per_gpu = batch_size
         self.max_new_tokens = int(max_new_tokens)

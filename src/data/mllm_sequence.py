@@ -28,8 +28,17 @@ Text is tokenised with ``add_special_tokens=False``; adjacent text pieces that s
 into one string first (so ``[INST] `` + question + `` [/INST]\\n`` is one piece), and image / box spans
 are built from token ids, so nothing merges across a span boundary.
 
+* Official SFT wrappers (off in pre-training): ``gen_prompts`` asks a caption -> image exchange with one of
+  the 28 official generation prompts and leads the answer with the matching response, unsupervised
+  (``[INST] {prompt} {caption} [/INST]\\n {response}``, then ``<img>``); ``edit_responses`` puts one of the
+  official short replies, supervised, before an edit answer that is the image alone. Picks, like the
+  direction of a caption pair, are drawn per use of a record from (seed, record id, ``draw``).
+* Every sample lists its image views in order (``views``: ``kind`` tile|global, ``role`` input|generate,
+  ``grid``), what ``python -m src.inspect_data`` and ``src.generate save_prompts=true`` print.
+
 Bad input never raises: the builder returns ``{"skipped": SkippedSample}`` (reasons of ``load_image`` and
-``validate_record``, plus ``special_token_in_text``, ``box_without_image``, ``too_long``).
+``validate_record``, plus ``special_token_in_text``, ``box_without_image``, ``too_long``,
+``no_supervised_token``: a cut to ``max_length`` left no position with a loss).
 
 Precomputed features (``features=FeatureStore``, see ``src/data/features.py``): no image is decoded; the
 grid comes from the stored image size and the sample carries ``vit_features`` (n, T, D), the frozen ViT's
