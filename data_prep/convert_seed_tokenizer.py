@@ -40,7 +40,7 @@ REPORT_NAME = "conversion_report.json"
 
 
 def _bert_rules(official: str, ours: str) -> list[tuple[str, str]]:
-    o, u = re.escape(official), re.escape(ours)
+    o, u = re.escape(official), ours
     return [
         (rf"^{o}\.bert\.embeddings\.LayerNorm\.(weight|bias)$", rf"{u}.layernorm.\1"),
         (rf"^{o}\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.(.+)$",
@@ -193,7 +193,9 @@ def convert(quantizer: str, eva: str | None, experiment: str = "seed_tokenizer_v
             state[ours] = tensor
             continue
         reason = next((why for pattern, why in UNUSED if re.search(pattern, key)), None)
-        if reason is None and ours is not None and ours.startswith("codec."):
+        other_head = ("codec.reverse_tokens", "codec.reverse_qformer.") if module.codec_cfg.head == "image_down" \
+            else ("codec.image_down.",)
+        if reason is None and ours is not None and ours.startswith(other_head):
             reason = f"decoder tensor of the other head (this checkpoint: head={module.codec_cfg.head})"
         if reason is None:
             unknown.append(key)
