@@ -39,14 +39,16 @@ CKPT_NAME = "seed_tokenizer.ckpt"
 REPORT_NAME = "conversion_report.json"
 
 
+KEPT = r"attention\.output|crossattention\.output|intermediate_query|output_query"  # same name both sides
+
+
 def _bert_rules(official: str, ours: str) -> list[tuple[str, str]]:
     o, u = re.escape(official), ours
     return [
         (rf"^{o}\.bert\.embeddings\.LayerNorm\.(weight|bias)$", rf"{u}.layernorm.\1"),
         (rf"^{o}\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.(.+)$",
          rf"{u}.encoder.layer.\1.\2.attention.\3"),
-        (rf"^{o}\.bert\.encoder\.layer\.(\d+)\.(attention\.output|crossattention\.output|intermediate_query|"
-         rf"output_query)\.(.+)$", rf"{u}.encoder.layer.\1.\2.\3"),
+        (rf"^{o}\.bert\.encoder\.layer\.(\d+)\.({KEPT})\.(.+)$", rf"{u}.encoder.layer.\1.\2.\3"),
     ]
 
 
@@ -57,8 +59,8 @@ RULES: list[tuple[str, str]] = [
     (r"^query_tokens$", r"qformer.query_tokens"),
     *_bert_rules("Qformer", "qformer.qformer"),
     *_bert_rules("Reverse_Qformer", "codec.reverse_qformer"),
-    (r"^(quantize\.embedding\.weight|encode_task_layer\..+|decode_task_layer\..+|pos_embed|blocks\..+|"
-     r"pos_embed_image|blocks_image\..+|image_down\..+|distill_image_proj\..+|reverse_tokens)$", r"codec.\1"),
+    ((r"^(quantize\.embedding\.weight|encode_task_layer\..+|decode_task_layer\..+|pos_embed|blocks\..+|"
+      r"pos_embed_image|blocks_image\..+|image_down\..+|distill_image_proj\..+|reverse_tokens)$"), r"codec.\1"),
 ]
 
 # released tensors the tokenizer does not use, and why
@@ -132,11 +134,11 @@ def derived_overrides(state: dict[str, torch.Tensor]) -> list[str]:
     _, queries, width = need("query_tokens").shape
     layers = _count(state, r"^Qformer\.bert\.encoder\.layer\.(\d+)\.")
     blocks = _count(state, r"^blocks\.(\d+)\.")
+    inter = need("Qformer.bert.encoder.layer.0.intermediate_query.dense.weight").shape[0]
     out += [f"model.seed_codec.vq.num_codes={codes}", f"model.seed_codec.vq.dim={dim}",
             f"model.qformer.qformer.num_queries={queries}", f"model.qformer.qformer.hidden_size={width}",
             f"model.qformer.qformer.num_hidden_layers={layers}",
-            f"model.qformer.qformer.intermediate_size="
-            f"{need('Qformer.bert.encoder.layer.0.intermediate_query.dense.weight').shape[0]}",
+            f"model.qformer.qformer.intermediate_size={inter}",
             f"model.eva_vit.width={need('ln_vision.weight').shape[0]}",
             f"model.seed_codec.decode_depth={blocks}"]
     if "image_down.0.weight" in state:
@@ -154,7 +156,7 @@ def eva_overrides(eva: dict[str, torch.Tensor]) -> list[str]:
     if proj is None or pos is None:
         raise ValueError("--eva: no patch_embed.proj.weight / pos_embed: not an EVA ViT state dict")
     patch = proj.shape[-1]
-    side = int(round((pos.shape[1] - 1) ** 0.5))
+    side = round((pos.shape[1] - 1) ** 0.5)
     return [f"model.eva_vit.patch_size={patch}", f"model.eva_vit.image_size={side * patch}"]
 
 
