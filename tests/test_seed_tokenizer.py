@@ -29,11 +29,14 @@ def _pixels(n: int, size: int = 56, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def _tiny_pretrainer() -> QFormerPretrainer:
+BLIP2_OPTION = {"itc_query": "max", "clamp_temp": True, "itm_weight": 1.0, "itg_weight": 1.0}  # ours, not SEED's
+
+
+def _tiny_pretrainer(**options) -> QFormerPretrainer:
     torch.manual_seed(0)
     qformer = {"num_queries": 4, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
                "intermediate_size": 64, "encoder_hidden_size": 24, "vocab_size": 50, "max_position_embeddings": 16}
-    cfg = QFormerPretrainConfig(qformer=qformer, embed_dim=16, max_text_len=8)
+    cfg = QFormerPretrainConfig(qformer=qformer, embed_dim=16, max_text_len=8, **options)
     return QFormerPretrainer(cfg, dec_token_id=49).eval()
 
 
@@ -73,7 +76,7 @@ def test_captioning_pass_keeps_queries_blind_to_the_text_and_the_text_causal():
 
 @pytest.mark.unit
 def test_stage1_losses_fall_on_a_repeated_batch():
-    m = _tiny_pretrainer().train()
+    m = _tiny_pretrainer(**BLIP2_OPTION).train()
     image = torch.randn(4, 5, 24, generator=torch.Generator().manual_seed(0))
     ids = torch.randint(2, 40, (4, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
@@ -89,6 +92,31 @@ def test_stage1_losses_fall_on_a_repeated_batch():
         opt.step()
     assert float(out["loss_itg"]) < first["loss_itg"] and float(out["loss_itc"]) < first["loss_itc"]
     assert float(out["loss"]) < 0.7 * first["loss"]
+
+
+@pytest.mark.unit
+def test_released_stage1_is_itc_on_the_last_causal_query_with_an_unclamped_temperature():
+    F = torch.nn.functional
+    m = _tiny_pretrainer().eval()  # eval: no dropout, so the reference below sees the same outputs
+    assert not hasattr(m, "itm_head") and not hasattr(m, "lm_head")  # ITC only: no unused heads
+    image = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(2, 40, (3, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        m.temp.fill_(0.9)  # outside BLIP-2's clamp range: the released code never clamps
+        out = m(image, ids, mask)
+        assert set(out) == {"loss", "loss_itc"} and float(m.temp) == pytest.approx(0.9)
+        # the reference: normalize(vision_proj(query_out))[:, -1] vs normalize(text_proj(CLS)), smoothing 0.1
+        q = m.qformer(image)
+        text = m.qformer.encode_text(m.text_embeddings(input_ids=ids), mask)
+        sim = F.normalize(m.vision_proj(q), dim=-1)[:, -1] @ F.normalize(m.text_proj(text[:, 0]), dim=-1).t() / 0.9
+        labels = torch.arange(3)
+        want = (F.cross_entropy(sim, labels, label_smoothing=0.1) + F.cross_entropy(sim.t(), labels, label_smoothing=0.1)) / 2
+        torch.testing.assert_close(out["loss_itc"], want)
+        # only the last query counts
+        moved = q.clone()
+        moved[:, :-1] += 5.0
+        torch.testing.assert_close(m.itc(moved, text)[0], want)
 
 
 # ---- stage 2: straight-through gradients, usage, stage-1 start ------------------------------------------------
@@ -185,7 +213,7 @@ def test_tiny_tokenizer_experiments_train_three_steps(experiment, tmp_path):
     window = [] if "qformer" in experiment else ["stage.usage_window=3"]
     train(tiny_run_cfg(experiment, tmp_path, ["trainer.max_steps=3", *window]))
     m = json.loads((tmp_path / "metrics.json").read_text())
-    parts = ["loss_itc", "loss_itm", "loss_itg"] if "qformer" in experiment else ["loss_vq", "loss_recon", "loss_gen"]
+    parts = ["loss_itc"] if "qformer" in experiment else ["loss_vq", "loss_recon", "loss_gen"]  # stage 1: ITC only
     for k in ["loss", *parts]:
         assert torch.isfinite(torch.tensor(m[f"train/{k}"])), k
     assert m["train/loss"] > 0

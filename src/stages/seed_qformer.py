@@ -1,5 +1,5 @@
-"""SEED tokenizer stage 1: a causal Q-Former over frozen EVA-CLIP ViT-g features, trained BLIP-2 style
-(image-text contrastive + matching + captioning, `src/models/qformer_pretrain.py`) on image-caption pairs.
+"""SEED tokenizer stage 1: a causal Q-Former over frozen EVA-CLIP ViT-g features, trained on image-caption pairs
+as released (ITC on the last causal query; BLIP-2's ITC + ITM + ITG as an option, `src/models/qformer_pretrain.py`).
 
 Trains the Q-Former, its query tokens, `ln_vision` and the BLIP-2 heads; the ViT is frozen. The text side
 uses `model.qformer.tokenizer` (bert-base-uncased at full size) with BLIP-2's `[DEC]` added. Its checkpoint
@@ -74,4 +74,5 @@ class SeedQFormerModule(StageModule):
     def report_modules(self) -> dict:
         b = self.blip2
         return {"vit": self.vit, "blip2.qformer": b.qformer, "blip2.text_embeddings": b.text_embeddings,
-                "blip2.heads": torch.nn.ModuleList([b.vision_proj, b.text_proj, b.itm_head, b.lm_head.predictions.transform])}
+                "blip2.heads": torch.nn.ModuleList([b.vision_proj, b.text_proj, *([b.itm_head] if hasattr(b, "itm_head") else []),
+                                                    *([b.lm_head.predictions.transform] if hasattr(b, "lm_head") else [])])}
