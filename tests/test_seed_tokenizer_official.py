@@ -392,3 +392,30 @@ def test_stage2_training_starts_from_a_converted_release(release, tmp_path):
     assert torch.equal(stage.codec.blocks[1].mlp.fc2.weight, release["quant"]["blocks.1.mlp.fc2.weight"])
     assert torch.equal(stage.qformer.query_tokens, release["quant"]["query_tokens"])
     assert all(p.requires_grad for p in stage.codec.parameters())
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+@pytest.mark.unit
+def test_training_views_are_the_released_random_crop_and_flip_and_validation_the_plain_resize(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from src.data.images import vit_view
+    from src.data.seed_tokenizer import CaptionedImageBuilder, train_view
+
+    ramp = np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (48, 1, 3))  # dark left, bright right
+    img = Image.fromarray(ramp)
+    views = [train_view(img, 32, seed) for seed in range(16)]
+    assert all(v.shape == (3, 32, 32) for v in views)
+    assert torch.equal(train_view(img, 32, 3), views[3])  # seeded: a resume draws the same
+    flipped = [bool(v[0, :, :16].mean() > v[0, :, 16:].mean()) for v in views]
+    assert 0 < sum(flipped) < 16  # horizontal flips, some of the time
+    assert len({tuple(v[0, 0, :4].tolist()) for v in views}) > 4  # different crops
+    img.save(tmp_path / "ramp.png")
+    record = {"id": "r1", "source": "s", "_base_dir": str(tmp_path),
+              "turns": [{"role": None, "content": [{"image": "ramp.png"}, {"text": "a ramp"}]}]}
+    plain = CaptionedImageBuilder(32, True)(record)["pixels"]
+    assert torch.equal(plain, vit_view(img, 32))
+    augmented = CaptionedImageBuilder(32, True, augment_seed=7)
+    a, b = augmented(record)["pixels"], augmented(record)["pixels"]
+    assert torch.equal(a, b) and not torch.equal(a, plain)
