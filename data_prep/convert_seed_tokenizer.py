@@ -35,21 +35,10 @@ from pathlib import Path
 
 import torch
 
+from src.models.seed_qformer_weights import bert_rules, rename
+
 CKPT_NAME = "seed_tokenizer.ckpt"
 REPORT_NAME = "conversion_report.json"
-
-
-KEPT = r"attention\.output|crossattention\.output|intermediate_query|output_query"  # same name both sides
-
-
-def _bert_rules(official: str, ours: str) -> list[tuple[str, str]]:
-    o, u = re.escape(official), ours
-    return [
-        (rf"^{o}\.bert\.embeddings\.LayerNorm\.(weight|bias)$", rf"{u}.layernorm.\1"),
-        (rf"^{o}\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.(.+)$",
-         rf"{u}.encoder.layer.\1.\2.attention.\3"),
-        (rf"^{o}\.bert\.encoder\.layer\.(\d+)\.({KEPT})\.(.+)$", rf"{u}.encoder.layer.\1.\2.\3"),
-    ]
 
 
 # released name -> this repo's name (first match wins)
@@ -57,8 +46,8 @@ RULES: list[tuple[str, str]] = [
     (r"^visual_encoder\.(.+)$", r"vit.\1"),
     (r"^ln_vision\.(weight|bias)$", r"qformer.ln_vision.\1"),
     (r"^query_tokens$", r"qformer.query_tokens"),
-    *_bert_rules("Qformer", "qformer.qformer"),
-    *_bert_rules("Reverse_Qformer", "codec.reverse_qformer"),
+    *bert_rules("Qformer.bert", "qformer.qformer"),
+    *bert_rules("Reverse_Qformer.bert", "codec.reverse_qformer"),
     ((r"^(quantize\.embedding\.weight|encode_task_layer\..+|decode_task_layer\..+|pos_embed|blocks\..+|"
       r"pos_embed_image|blocks_image\..+|image_down\..+|distill_image_proj\..+|reverse_tokens)$"), r"codec.\1"),
 ]
@@ -75,10 +64,7 @@ UNUSED: list[tuple[str, str]] = [
 
 
 def official_to_ours(key: str) -> str | None:
-    for pattern, template in RULES:
-        if re.match(pattern, key):
-            return re.sub(pattern, template, key)
-    return None
+    return rename(key, RULES)
 
 
 # this repo's name -> the released one (error messages name what the file should hold)

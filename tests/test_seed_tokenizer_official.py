@@ -419,3 +419,56 @@ def test_training_views_are_the_released_random_crop_and_flip_and_validation_the
     augmented = CaptionedImageBuilder(32, True, augment_seed=7)
     a, b = augmented(record)["pixels"], augmented(record)["pixels"]
     assert torch.equal(a, b) and not torch.equal(a, plain)
+
+
+# ---- stage 1's start: BLIP-2 / BERT weights ---------------------------------------------------------------------
+def _to_lavis(key: str) -> str:
+    """This repo's stage-1 names -> LAVIS Blip2Qformer's (BERT names), written out here independently."""
+    for ours, lavis in (("qformer.qformer.layernorm.", "Qformer.bert.embeddings.LayerNorm."),
+                        ("text_embeddings.", "Qformer.bert.embeddings."), ("lm_head.", "Qformer.cls."),
+                        ("qformer.qformer.", "Qformer.bert."), ("qformer.", "")):
+        if key.startswith(ours):
+            key = lavis + key[len(ours):]
+            break
+    return key.replace(".attention.attention.", ".attention.self.").replace(".crossattention.attention.",
+                                                                            ".crossattention.self.")
+
+
+@pytest.mark.unit
+def test_stage1_starts_from_lavis_blip2_weights_or_bert_and_names_what_is_missing(tmp_path):
+    from src.models.qformer_pretrain import QFormerPretrainConfig, QFormerPretrainer
+    from src.models.seed_qformer_weights import load_qformer_weights
+
+    qformer = {"num_queries": 4, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "intermediate_size": 64, "encoder_hidden_size": 24, "vocab_size": 50, "max_position_embeddings": 16}
+    cfg = QFormerPretrainConfig(qformer=qformer, embed_dim=16, max_text_len=8, itm_weight=1.0, itg_weight=1.0)
+    torch.manual_seed(1)
+    source = QFormerPretrainer(cfg, 49)
+    lavis = {_to_lavis(k): v.clone() for k, v in source.state_dict().items()}
+    lavis["Qformer.bert.embeddings.position_ids"] = torch.arange(16)[None]
+    lavis["visual_encoder.cls_token"] = torch.zeros(1, 1, 24)  # the ViT: skipped
+    torch.save({"model": lavis}, tmp_path / "blip2_pretrained.pth")
+    torch.manual_seed(2)
+    target = QFormerPretrainer(cfg, 49)
+    load_qformer_weights(target, str(tmp_path / "blip2_pretrained.pth"))
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in target.state_dict().items())
+    # the released recipe builds no ITM / LM head: their tensors in the file are not an error
+    load_qformer_weights(QFormerPretrainer(QFormerPretrainConfig(qformer=qformer, embed_dim=16, max_text_len=8), 49),
+                         str(tmp_path / "blip2_pretrained.pth"))
+    del lavis["query_tokens"]
+    lavis["Qformer.bert.encoder.layer.0.attention.self.qeury.weight"] = lavis.pop(
+        "Qformer.bert.encoder.layer.0.attention.self.query.weight")
+    torch.save(lavis, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"(?s)missing \(2\): qformer.qformer.encoder.layer.0.attention.attention.query"
+                                         r".weight, qformer.query_tokens.*unexpected \(1\): .*self.qeury.weight"):
+        load_qformer_weights(target, str(tmp_path / "bad.pth"))
+    # a bare BERT: the query FFN starts as the text FFN; cross-attention, queries and heads keep their init
+    bert = {k.removeprefix("Qformer."): v for k, v in lavis.items() if k.startswith("Qformer.bert.")
+            and "crossattention" not in k and "_query" not in k and "qeury" not in k}
+    bert["bert.encoder.layer.0.attention.self.query.weight"] = torch.randn(32, 32)
+    torch.save(bert, tmp_path / "bert.pth")
+    fresh = QFormerPretrainer(QFormerPretrainConfig(qformer=qformer, embed_dim=16, max_text_len=8), 49)
+    load_qformer_weights(fresh, str(tmp_path / "bert.pth"))
+    layer = fresh.qformer.qformer.encoder.layer[1]
+    assert torch.equal(layer.intermediate_query.dense.weight, bert["bert.encoder.layer.1.intermediate.dense.weight"])
+    assert torch.equal(layer.output_query.LayerNorm.bias, bert["bert.encoder.layer.1.output.LayerNorm.bias"])

@@ -42,6 +42,8 @@ IGNORE_INDEX = -100
 class QFormerPretrainConfig:
     qformer: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None  # a local text tokenizer folder (bert-base-uncased at full size)
+    # stage 1's start: LAVIS blip2_pretrained.pth (as released) or a bert-base-uncased state dict; null: random
+    weights: str | None = None
     # stage 2 without a stage-1 checkpoint (tiny twins): a seeded random Q-Former
     allow_random_init: bool = False
     embed_dim: PositiveInt = 256  # ITC projection

@@ -15,6 +15,7 @@ from src.data.mllm import load_tokenizer
 from src.data.seed_tokenizer import DEC_TOKEN, add_dec_token
 from src.models.eva_vit import EvaViTConfig, build_eva_vit, encode
 from src.models.qformer_pretrain import QFormerPretrainConfig, QFormerPretrainer
+from src.models.seed_qformer_weights import load_qformer_weights
 from src.stages.base import StageModule
 from src.utils.materialize import seeded
 from src.utils.weights import RequiredPath
@@ -44,7 +45,9 @@ class SeedQFormerModule(StageModule):
     def required_paths(self) -> list[RequiredPath]:
         return [*self.vit_cfg.required_paths(),
                 RequiredPath("model.qformer.tokenizer", "a local text tokenizer folder (bert-base-uncased)",
-                             self.tokenizer_path, "dir")]
+                             self.tokenizer_path, "dir"),
+                RequiredPath("model.qformer.weights", "the Q-Former's start (LAVIS blip2_pretrained.pth or a "
+                             "bert-base-uncased state dict)", self.qf_cfg.weights, required=False)]
 
     def build_models(self, load_weights: bool = True) -> None:
         dec_id = 0
@@ -58,6 +61,8 @@ class SeedQFormerModule(StageModule):
         self.vit = build_eva_vit(self.vit_cfg, load_weights, self.init_seed)
         with seeded(self.init_seed, "qformer"):
             self.blip2 = QFormerPretrainer(self.qf_cfg, dec_id)
+        if load_weights and self.qf_cfg.weights:
+            load_qformer_weights(self.blip2, self.qf_cfg.weights)
         self.freeze_towers()
 
     def tokenize(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
