@@ -48,12 +48,23 @@ def count_parameters(module: torch.nn.Module) -> dict:
                 "trainable": sum(p.numel() for p in params if p.requires_grad),
             }
     named = list(module.named_parameters())
-    return {
+    counts = {
         "total": sum(p.numel() for _, p in named),
         "trainable": sum(p.numel() for _, p in named if p.requires_grad),
         "lora_trainable": sum(p.numel() for n, p in named if "lora_" in n and p.requires_grad),
         "modules": per_module,
     }
+    # A stage may name modules only training needs (the SEED tokenizer's frozen target encoder): the model
+    # itself is reported without them too.
+    only = module.training_only_modules() if hasattr(module, "training_only_modules") else {}
+    if only:
+        skip = {id(p) for m in only.values() for p in m.parameters()}
+        counts["without_training_only"] = {
+            "excluded": sorted(only),
+            "total": sum(p.numel() for _, p in named if id(p) not in skip),
+            "trainable": sum(p.numel() for _, p in named if p.requires_grad and id(p) not in skip),
+        }
+    return counts
 
 
 def is_sharded(cfg: DictConfig) -> bool:
@@ -81,6 +92,10 @@ def format_table(counts: dict) -> str:
     for name, c in counts["modules"].items():
         rows.append(f"{name:<28}{c['total']:>18,}{c['trainable']:>18,}")
     rows.append(f"{'TOTAL':<28}{counts['total']:>18,}{counts['trainable']:>18,}")
+    if "without_training_only" in counts:
+        w = counts["without_training_only"]
+        name = f"TOTAL w/o {'+'.join(w['excluded'])}"
+        rows.append(f"{name:<28}{w['total']:>18,}{w['trainable']:>18,}")
     if counts["lora_trainable"]:
         rows.append(f"{'(of which LoRA)':<28}{'':>18}{counts['lora_trainable']:>18,}")
     return "\n".join(rows)

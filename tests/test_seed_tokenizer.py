@@ -18,6 +18,9 @@ from tests.helpers import built_stage, compose_cfg, lean_checkpoint, tiny_run_cf
 
 EVA_G_PARAMS = 985_894_528  # timm eva_giant_patch14 at depth 39, no final norm
 QFORMER_PARAMS = 161_852_672  # BLIP-2 Q-Former (BERT-base, cross-attention every 2nd layer) + 32 queries + ln_vision
+# stage 2's Q-Former without the text FFN, as released: 105,137,664 + ln_vision 2,816 + queries 24,576
+STAGE2_QFORMER_PARAMS = 105_165_056
+SEED_CODEC_PARAMS = 58_938_944  # released seed_quantizer.pt: the tokenizer's non-ViT, non-Q-Former parameters
 CLIP_H_VISION_PARAMS = 632_076_800
 CLIP_L_TEXT_PARAMS = 123_060_480
 
@@ -26,11 +29,14 @@ def _pixels(n: int, size: int = 56, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def _tiny_pretrainer() -> QFormerPretrainer:
+BLIP2_OPTION = {"itc_query": "max", "clamp_temp": True, "itm_weight": 1.0, "itg_weight": 1.0}  # ours, not SEED's
+
+
+def _tiny_pretrainer(**options) -> QFormerPretrainer:
     torch.manual_seed(0)
     qformer = {"num_queries": 4, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
                "intermediate_size": 64, "encoder_hidden_size": 24, "vocab_size": 50, "max_position_embeddings": 16}
-    cfg = QFormerPretrainConfig(qformer=qformer, embed_dim=16, max_text_len=8)
+    cfg = QFormerPretrainConfig(qformer=qformer, embed_dim=16, max_text_len=8, **options)
     return QFormerPretrainer(cfg, dec_token_id=49).eval()
 
 
@@ -70,7 +76,7 @@ def test_captioning_pass_keeps_queries_blind_to_the_text_and_the_text_causal():
 
 @pytest.mark.unit
 def test_stage1_losses_fall_on_a_repeated_batch():
-    m = _tiny_pretrainer().train()
+    m = _tiny_pretrainer(**BLIP2_OPTION).train()
     image = torch.randn(4, 5, 24, generator=torch.Generator().manual_seed(0))
     ids = torch.randint(2, 40, (4, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
@@ -88,19 +94,44 @@ def test_stage1_losses_fall_on_a_repeated_batch():
     assert float(out["loss"]) < 0.7 * first["loss"]
 
 
+@pytest.mark.unit
+def test_released_stage1_is_itc_on_the_last_causal_query_with_an_unclamped_temperature():
+    F = torch.nn.functional
+    m = _tiny_pretrainer().eval()  # eval: no dropout, so the reference below sees the same outputs
+    assert not hasattr(m, "itm_head") and not hasattr(m, "lm_head")  # ITC only: no unused heads
+    image = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(2, 40, (3, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        m.temp.fill_(0.9)  # outside BLIP-2's clamp range: the released code never clamps
+        out = m(image, ids, mask)
+        assert set(out) == {"loss", "loss_itc"} and float(m.temp) == pytest.approx(0.9)
+        # the reference: normalize(vision_proj(query_out))[:, -1] vs normalize(text_proj(CLS)), smoothing 0.1
+        q = m.qformer(image)
+        text = m.qformer.encode_text(m.text_embeddings(input_ids=ids), mask)
+        sim = F.normalize(m.vision_proj(q), dim=-1)[:, -1] @ F.normalize(m.text_proj(text[:, 0]), dim=-1).t() / 0.9
+        labels = torch.arange(3)
+        want = (F.cross_entropy(sim, labels, label_smoothing=0.1) + F.cross_entropy(sim.t(), labels, label_smoothing=0.1)) / 2
+        torch.testing.assert_close(out["loss_itc"], want)
+        # only the last query counts
+        moved = q.clone()
+        moved[:, :-1] += 5.0
+        torch.testing.assert_close(m.itc(moved, text)[0], want)
+
+
 # ---- stage 2: straight-through gradients, usage, stage-1 start ------------------------------------------------
 @pytest.mark.unit
 def test_straight_through_gradients_reach_the_encoder_from_the_decoder_loss():
     torch.manual_seed(0)
-    codec = SeedCodec(SeedCodecConfig(vq={"num_codes": 64, "dim": 8}, decoder_layers=1, decoder_heads=2,
-                                      decoder_intermediate_size=32), width=16, gen_tokens=1, gen_dim=12)
+    codec = SeedCodec(SeedCodecConfig(vq={"num_codes": 64, "dim": 8}, decode_depth=1, decode_heads=2,
+                                      image_down_dims=[8, 4]), width=16, num_queries=4, gen_tokens=1, gen_dim=12)
     causal = torch.randn(3, 4, 16, requires_grad=True)
     out = codec(causal, torch.randn(3, 1, 12))
     out["loss_gen"].backward()  # the decoder's loss alone: no VQ term, so only the straight-through path
     enc = codec.encode_task_layer[0].weight.grad
     assert enc is not None and enc.abs().sum() > 0
     assert causal.grad is not None and causal.grad.abs().sum() > 0  # and on into what encoded (the Q-Former)
-    assert codec.quantizer.embedding.weight.grad is None or codec.quantizer.embedding.weight.grad.abs().sum() == 0
+    assert codec.quantize.embedding.weight.grad is None or codec.quantize.embedding.weight.grad.abs().sum() == 0
 
 
 @pytest.mark.smoke
@@ -115,17 +146,17 @@ def test_stage2_counts_codes_exactly_and_resets_dead_codes(tmp_path):
     stage.compute_losses({"pixels": pixels, "caption": ["a"] * 3}, "val")  # validation is not counted
     stage.train()
     expected = 2 * torch.bincount(codes.flatten(), minlength=8192)
-    assert torch.equal(stage.codec.quantizer.usage, expected)
-    stats = usage_stats(stage.codec.quantizer.usage)
+    assert torch.equal(stage.codec.quantize.usage, expected)
+    stats = usage_stats(stage.codec.quantize.usage)
     assert stats["used_codes"] == len(set(codes.flatten().tolist()))
     assert stats["dead_codes"] == 8192 - stats["used_codes"]
-    moved = stage.reset_dead_codes(stage.codec.quantizer.usage)
+    moved = stage.reset_dead_codes(stage.codec.quantize.usage)
     assert moved == stats["dead_codes"]
-    # every moved code now sits on an encoder output of the last batch (cosine: the normalised vector)
-    last = stage.codec.quantizer._last_inputs
-    dead = (stage.codec.quantizer.usage == 0).nonzero().flatten()[:5]
+    # every moved code now sits on an encoder output of the last batch
+    last = stage.codec.quantize._last_inputs
+    dead = (stage.codec.quantize.usage == 0).nonzero().flatten()[:5]
     for c in dead:
-        row = stage.codec.quantizer.embedding.weight[c]
+        row = stage.codec.quantize.embedding.weight[c]
         assert any(torch.allclose(row, r) for r in last)
 
 
@@ -134,15 +165,19 @@ def test_stage2_starts_from_the_stage1_checkpoint(tmp_path):
     stage1, ckpt = trained_tiny_stage("seed_tokenizer_qformer_tiny", tmp_path)
     stage2 = built_stage("seed_tokenizer_v2_tiny", tmp_path / "s2", f"stage.init_from={ckpt}",
                     "model.qformer.allow_random_init=false")
-    want = {k.removeprefix("blip2.qformer."): v for k, v in stage1.state_dict().items() if k.startswith("blip2.qformer.")}
+    from src.stages.seed_tokenizer import TEXT_FFN
+
+    want = {k.removeprefix("blip2.qformer."): v for k, v in stage1.state_dict().items()
+            if k.startswith("blip2.qformer.") and not TEXT_FFN.search(k)}  # stage 2 has no text FFN, as released
     got = stage2.qformer.state_dict()
     assert want.keys() == got.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert not any(p.requires_grad for p in stage2.qformer.parameters())
-    # a checkpoint of something else is named, key by key
+    # a checkpoint without the Q-Former (a lean stage-2 one: its frozen tensors dropped) is named, key by key
     other = tmp_path / "stage2.ckpt"
     lean_checkpoint(stage2, other)
-    with pytest.raises(ValueError, match="(?s)not a seed_tokenizer_qformer checkpoint.*missing \\(59\\): ln_vision"):
+    with pytest.raises(ValueError, match="(?s)not a seed_tokenizer \\(or converted\\) checkpoint of this "
+                                         "model.qformer.*missing \\(47\\): ln_vision"):
         built_stage("seed_tokenizer_v2_tiny", tmp_path / "s3", f"stage.init_from={other}")
 
 
@@ -178,7 +213,7 @@ def test_tiny_tokenizer_experiments_train_three_steps(experiment, tmp_path):
     window = [] if "qformer" in experiment else ["stage.usage_window=3"]
     train(tiny_run_cfg(experiment, tmp_path, ["trainer.max_steps=3", *window]))
     m = json.loads((tmp_path / "metrics.json").read_text())
-    parts = ["loss_itc", "loss_itm", "loss_itg"] if "qformer" in experiment else ["loss_vq", "loss_recon", "loss_gen"]
+    parts = ["loss_itc"] if "qformer" in experiment else ["loss_vq", "loss_recon", "loss_gen"]  # stage 1: ITC only
     for k in ["loss", *parts]:
         assert torch.isfinite(torch.tensor(m[f"train/{k}"])), k
     assert m["train/loss"] > 0
@@ -197,11 +232,17 @@ def test_stage2_full_size_on_meta(experiment, target):
     counts = count_parameters(build_on_meta(compose_cfg(experiment)))
     m = counts["modules"]
     assert m["vit"] == {"total": EVA_G_PARAMS, "trainable": 0}
-    assert m["qformer"] == {"total": QFORMER_PARAMS, "trainable": 0}
+    assert m["qformer"] == {"total": STAGE2_QFORMER_PARAMS, "trainable": 0}
     assert m["target"] == {"total": target, "trainable": 0}
     assert m["codec"]["total"] == m["codec"]["trainable"] == counts["trainable"]
     # the codebook: 8192 x 32
-    assert 8192 * 32 < counts["trainable"] < 50_000_000
+    assert 8192 * 32 < counts["trainable"] < 100_000_000
+    if experiment == "seed_tokenizer_v2":  # the released seed_quantizer.pt's layout, parameter for parameter
+        assert m["codec"]["total"] == SEED_CODEC_PARAMS
+        # the tokenizer itself (the frozen CLIP-H target only trains): the released model's total
+        assert counts["without_training_only"] == {"excluded": ["target"], "total": 1_149_998_528,
+                                                  "trainable": SEED_CODEC_PARAMS}
+        assert counts["total"] - target == EVA_G_PARAMS + STAGE2_QFORMER_PARAMS + SEED_CODEC_PARAMS == 1_149_998_528
 
 
 @pytest.mark.config

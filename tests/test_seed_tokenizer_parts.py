@@ -30,7 +30,7 @@ def test_straight_through_gradients_reach_the_encoder():
     torch.testing.assert_close(q.detach(), vq.lookup(vq.codes_of(z)).detach())  # the forward value: the code
 
 
-def test_vq_loss_is_codebook_plus_beta_commitment():
+def test_vq_loss_value_is_commitment_plus_beta_codebook():  # which term beta weighs: test_seed_tokenizer_official
     vq = VectorQuantizer(VQConfig(num_codes=4, dim=2, beta=0.25, l2_norm=False))
     with torch.no_grad():
         vq.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]))

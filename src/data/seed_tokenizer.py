@@ -3,7 +3,12 @@
 The record's image is the one the de-tokenizer would target (its generated image, else its first image,
 `split_target_condition`); the caption is all of its text. Stage 1 (BLIP-2 losses) and v1 (SD text targets)
 need a caption: a record without one is skipped as ``no_caption`` (`require_caption`); v2 trains on images
-alone. The view is CLIP-normalised (`vit_view`), what EVA-CLIP and the CLIP-H target encoder both take.
+alone. The view is CLIP-normalised, what EVA-CLIP and the CLIP-H target encoder both take: for training
+(`augment`, the released `blip2_image_train`) RandomResizedCrop(size, scale 0.5-1, ratio 3/4-4/3, bicubic)
+and a horizontal flip with probability 0.5; validation and tokenisation use the bilinear Resize(size) of
+`vit_view` (what the released scripts' `clip_transform` does). The crop and flip are drawn from a seed of
+(data seed, source, record id), so a resumed run and every rank draw the same (unlike the released
+loader, a record gets the same crop in every epoch).
 
 Everything else (sources, shards, streams, exact resume, bad-sample accounting, the sampler) is the
 de-tokenizer datamodule's.
@@ -11,10 +16,17 @@ de-tokenizer datamodule's.
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
 from src.data.detok import DetokDataModule, split_target_condition
-from src.data.images import vit_view
+from src.data.images import CLIP_MEAN, CLIP_STD, vit_view
 from src.data.records import BadSample, SkippedSample, load_image, record_text
 from src.utils.constraints import PositiveInt
 
@@ -30,9 +42,27 @@ def add_dec_token(tokenizer) -> int:
     return tokenizer.add_special_tokens({"additional_special_tokens": [DEC_TOKEN]})
 
 
+CROP_SCALE = (0.5, 1.0)  # released blip2_image_train
+CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's default, which LAVIS keeps
+
+
+def train_view(img: Image.Image, size: int, seed: int) -> torch.Tensor:
+    """The released tokenizer-training view: RandomResizedCrop(size, scale 0.5-1, bicubic) + horizontal flip,
+    CLIP mean/std, drawn from `seed` (the global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        top, left, h, w = T.RandomResizedCrop.get_params(img, scale=list(CROP_SCALE), ratio=list(CROP_RATIO))
+        flip = bool(torch.rand(()) < 0.5)
+    img = TF.resized_crop(img, top, left, h, w, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    if flip:
+        img = TF.hflip(img)
+    return TF.normalize(TF.to_tensor(img), CLIP_MEAN, CLIP_STD)
+
+
 class CaptionedImageBuilder:
     def __init__(self, image_size: int, require_caption: bool, min_size: int = 8,
-                 max_aspect_ratio: float = 8.0) -> None:
+                 max_aspect_ratio: float = 8.0, augment_seed: int | None = None) -> None:
+        self.augment_seed = augment_seed  # None: the deterministic vit_view (validation)
         self.image_size = image_size
         self.require_caption = require_caption
         self.min_size = min_size
@@ -49,8 +79,12 @@ class CaptionedImageBuilder:
             img = load_image(record, item, min_size=self.min_size, max_aspect_ratio=self.max_aspect_ratio)
         except BadSample as e:
             return {"skipped": e.to_skipped(record.get("source", "?"), record.get("id", "?"), record.get("_where", "?"))}
-        return {"id": record["id"], "source": record["source"], "pixels": vit_view(img, self.image_size),
-                "caption": caption}
+        if self.augment_seed is None:
+            pixels = vit_view(img, self.image_size)
+        else:
+            seed = zlib.crc32(f"{self.augment_seed}:{record['source']}:{record['id']}".encode())
+            pixels = train_view(img, self.image_size, seed)
+        return {"id": record["id"], "source": record["source"], "pixels": pixels, "caption": caption}
 
 
 class SeedTokenizerDataModule(DetokDataModule):
@@ -58,8 +92,16 @@ class SeedTokenizerDataModule(DetokDataModule):
     image-caption samples instead of de-tokenizer views."""
 
     def __init__(self, train_sources: list[dict], val_sources: list[dict] | None = None,
-                 image_size: PositiveInt = 224, require_caption: bool = True, **kwargs) -> None:
+                 image_size: PositiveInt = 224, require_caption: bool = True, augment: bool = True, **kwargs) -> None:
         if kwargs.get("features_dir"):
             raise ValueError("data.features_dir: the SEED tokenizer stages read pixels; set it to null")
         super().__init__(train_sources, val_sources, vit_image_size=image_size, resolution=image_size, **kwargs)
-        self.build = CaptionedImageBuilder(image_size, require_caption, self.build.min_size, self.build.max_aspect_ratio)
+        self.val_build = CaptionedImageBuilder(image_size, require_caption, self.build.min_size,
+                                               self.build.max_aspect_ratio)
+        self.build = CaptionedImageBuilder(image_size, require_caption, self.build.min_size,
+                                           self.build.max_aspect_ratio, int(self.seed) if augment else None)
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.val_set is not None:
+            self.val_set.build = self.val_build  # validation: the deterministic view

@@ -35,6 +35,9 @@ class CausalQFormerConfig:
     # the text side (stage 1): BERT-base-uncased + BLIP-2's [DEC] token, 512 positions
     vocab_size: PositiveInt = 30523
     max_position_embeddings: PositiveInt = 512
+    # the text feed-forward branch (stage 1's text passes); the stage-2 tokenizer drops it, as the released
+    # one does (its Q-Former keeps only the query FFN)
+    text_input: bool = True
 
     def hf_config(self):
         from transformers import Blip2QFormerConfig
@@ -45,7 +48,7 @@ class CausalQFormerConfig:
                                   encoder_hidden_size=self.encoder_hidden_size,
                                   cross_attention_frequency=self.cross_attention_frequency,
                                   vocab_size=self.vocab_size, max_position_embeddings=self.max_position_embeddings,
-                                  use_qformer_text_input=True)
+                                  use_qformer_text_input=self.text_input)
 
 
 def joint_mask(num_queries: int, text_mask: torch.Tensor, causal_queries: bool, text_causal: bool) -> torch.Tensor:

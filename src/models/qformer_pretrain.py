@@ -1,10 +1,16 @@
-"""SEED tokenizer stage 1: the causal Q-Former trained BLIP-2 style (LAVIS `Blip2Qformer.forward`).
+"""SEED tokenizer stage 1: the causal Q-Former trained on image-caption pairs.
 
-Three losses on image-caption pairs, all through the one Q-Former (`CausalQFormer`):
+Default, as released (SEED_Tokenizer `Blip2QformerCasual`: `contrastive=True`, `matching=False`,
+`caption=False`): ITC alone, on the **last** causal query (`itc_query: last`; the causal mask makes it the
+one that has read every other query), against the text's [CLS], over a learned temperature that is never
+clamped, label smoothing 0.1 both ways, halved. Option (ours, the BLIP-2 recipe: `itc_query: max`,
+`clamp_temp: true`, `itm_weight` / `itg_weight` > 0): the three BLIP-2 losses through the one Q-Former
+(`CausalQFormer`):
 
 * ITC, image-text contrastive: each query's output projected to `embed_dim` and normalised, the text's first
-  token ([CLS]) likewise; the image-text similarity is the max over queries, / a learned temperature
-  (clamped to [0.001, 0.5]); symmetric cross-entropy over the batch, all ranks' texts and images as negatives.
+  token ([CLS]) likewise; the image-text similarity is the max over queries (`itc_query: max`), / a learned
+  temperature (clamped to [0.001, 0.5] with `clamp_temp`); symmetric cross-entropy over the batch, all
+  ranks' texts and images as negatives.
 * ITM, image-text matching: for every image a hard negative text and for every text a hard negative image
   are drawn from the ITC similarities (softmax, the positive excluded); queries + text run jointly and the
   query outputs' `itm_head` logits are averaged; 2-way cross-entropy over B positives and 2B negatives.
@@ -12,6 +18,7 @@ Three losses on image-caption pairs, all through the one Q-Former (`CausalQForme
 * ITG, image-grounded captioning: the text's first token replaced by [DEC], queries + text with the
   multimodal causal mask (`joint_mask`), a BERT LM head (tied to the word embeddings) predicts the next
   token, cross-entropy with label smoothing 0.1 over real tokens.
+A loss at weight 0 is not computed, and its head (ITM's classifier, ITG's LM head) not built.
 """
 
 from __future__ import annotations
@@ -35,20 +42,26 @@ IGNORE_INDEX = -100
 class QFormerPretrainConfig:
     qformer: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None  # a local text tokenizer folder (bert-base-uncased at full size)
+    # stage 1's start: LAVIS blip2_pretrained.pth (as released) or a bert-base-uncased state dict; null: random
+    weights: str | None = None
     # stage 2 without a stage-1 checkpoint (tiny twins): a seeded random Q-Former
     allow_random_init: bool = False
     embed_dim: PositiveInt = 256  # ITC projection
     max_text_len: PositiveInt = 32
     label_smoothing: float = 0.1
+    itc_query: str = "last"  # released: the last causal query; "max": BLIP-2's max over queries
+    clamp_temp: bool = False  # released: never clamped; BLIP-2 clamps to [0.001, 0.5]
     itc_weight: float = 1.0
-    itm_weight: float = 1.0
-    itg_weight: float = 1.0
+    itm_weight: float = 0.0  # released: ITC only
+    itg_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.qformer_cfg = CausalQFormerConfig(**self.qformer)
         if self.max_text_len > self.qformer_cfg.max_position_embeddings:
             raise ValueError(f"model.qformer.max_text_len={self.max_text_len} exceeds "
                              f"model.qformer.qformer.max_position_embeddings={self.qformer_cfg.max_position_embeddings}")
+        if self.itc_query not in ("last", "max"):
+            raise ValueError(f"model.qformer.itc_query={self.itc_query!r} must be 'last' (released) or 'max' (BLIP-2)")
         for key in ("itc_weight", "itm_weight", "itg_weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"model.qformer.{key} must be >= 0, got {getattr(self, key)}")
@@ -98,18 +111,27 @@ class QFormerPretrainer(nn.Module):
         self.text_embeddings = Blip2TextEmbeddings(qc.hf_config())
         self.vision_proj = nn.Linear(qc.hidden_size, cfg.embed_dim)
         self.text_proj = nn.Linear(qc.hidden_size, cfg.embed_dim)
-        self.itm_head = nn.Linear(qc.hidden_size, 2)
-        self.lm_head = BertOnlyMLMHead(BertConfig(hidden_size=qc.hidden_size, vocab_size=qc.vocab_size))
-        self.lm_head.predictions.decoder.weight = self.text_embeddings.word_embeddings.weight  # tied, as BERT
+        heads = [self.text_embeddings, self.vision_proj, self.text_proj]
+        # unused heads are not built: DDP would fail on parameters that never get a gradient
+        if cfg.itm_weight > 0:
+            self.itm_head = nn.Linear(qc.hidden_size, 2)
+            heads.append(self.itm_head)
+        if cfg.itg_weight > 0:
+            self.lm_head = BertOnlyMLMHead(BertConfig(hidden_size=qc.hidden_size, vocab_size=qc.vocab_size))
+            self.lm_head.predictions.decoder.weight = self.text_embeddings.word_embeddings.weight  # tied, as BERT
+            heads.append(self.lm_head)
         self.temp = nn.Parameter(torch.full((1,), 0.07))  # 1-D: FSDP2 shards no scalars
-        for module in (self.text_embeddings, self.vision_proj, self.text_proj, self.itm_head, self.lm_head):
+        for module in heads:
             module.apply(_bert_init)
 
     # ---- the three losses ---------------------------------------------------------------------------
     def itc(self, query_out: torch.Tensor, text_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, this rank's image->text and text->image similarities (B, B) for negative mining)."""
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
+        if self.cfg.clamp_temp:
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)
+        if self.cfg.itc_query == "last":
+            query_out = query_out[:, -1:]  # the last causal query alone: Q = 1 below
         img = F.normalize(self.vision_proj(query_out), dim=-1)  # (B, Q, E)
         txt = F.normalize(self.text_proj(text_out[:, 0]), dim=-1)  # (B, E)
         img_all, offset = gather_batch(img)
@@ -155,9 +177,13 @@ class QFormerPretrainer(nn.Module):
         """ViT features (B, N, D) and tokenised captions (B, T) -> the weighted loss and its parts."""
         query_out = self.qformer(image_embeds)
         text_out = self.qformer.encode_text(self.text_embeddings(input_ids=ids), mask)
-        itc, sim_i2t, sim_t2i = self.itc(query_out, text_out)
-        itm = self.itm(image_embeds, ids, mask, sim_i2t, sim_t2i, generator)
-        itg = self.itg(image_embeds, ids, mask)
         c = self.cfg
-        loss = c.itc_weight * itc + c.itm_weight * itm + c.itg_weight * itg
-        return {"loss": loss, "loss_itc": itc.detach(), "loss_itm": itm.detach(), "loss_itg": itg.detach()}
+        itc, sim_i2t, sim_t2i = self.itc(query_out, text_out)
+        loss, out = c.itc_weight * itc, {"loss_itc": itc.detach()}
+        if c.itm_weight > 0:
+            itm = self.itm(image_embeds, ids, mask, sim_i2t, sim_t2i, generator)
+            loss, out["loss_itm"] = loss + c.itm_weight * itm, itm.detach()
+        if c.itg_weight > 0:
+            itg = self.itg(image_embeds, ids, mask)
+            loss, out["loss_itg"] = loss + c.itg_weight * itg, itg.detach()
+        return {"loss": loss, **out}

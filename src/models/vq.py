@@ -1,10 +1,14 @@
 """Vector quantiser of the SEED tokenizer (v2: 8192 codes x 32 dims): nearest code, straight-through gradients,
 codebook + commitment loss, usage tracking and optional dead-code reset (plain torch).
 
-Forward on z (..., dim): the code of each vector is the nearest codebook row (by cosine when ``l2_norm``, as
-SEED's quantiser normalises both sides, else Euclidean); the output is ``z + sg(e - z)`` (straight through: the
-decoder's gradient reaches the encoder unchanged) and the loss is ``||sg(z) - e||^2 + beta * ||z - sg(e)||^2``
-(VQ-VAE). ``usage`` counts every code chosen by a training batch since the last ``reset_usage()``;
+Forward on z (..., dim), as SEED's released ``VectorQuantizer2`` (``legacy=True``): the code of each vector is
+the codebook row at the smallest raw Euclidean distance ``|z|^2 + |e|^2 - 2 z.e`` (un-normalised vectors, the
+first index on ties); the output is ``z + sg(e - z)`` (straight through: the decoder's gradient reaches the
+encoder unchanged) and the loss is ``mean((sg(e) - z)^2) + beta * mean((e - sg(z))^2)``: the encoder's
+commitment term has weight 1 and beta (0.25) multiplies the codebook term, as the released code has it (the
+VQ-VAE paper puts beta on the commitment term; the value is the same, only the gradients differ).
+``l2_norm`` (ours, not SEED's: the released code has its l2norm commented out) normalises z and the codebook
+first, so the search is by cosine and the decoder sees unit vectors. ``usage`` counts every code chosen by a training batch since the last ``reset_usage()``;
 :meth:`usage_stats` gives the perplexity of that histogram and the number of codes never chosen (dead).
 :meth:`reset_dead_codes` moves each dead code onto a vector of the last batch (drawn with the given generator),
 the usual remedy for codebook collapse.
@@ -26,7 +30,7 @@ class VQConfig:
     num_codes: int = 8192
     dim: int = 32
     beta: float = 0.25
-    l2_norm: bool = True
+    l2_norm: bool = False  # ours: cosine search on normalised vectors (SEED: raw Euclidean)
 
     def __post_init__(self) -> None:
         if self.num_codes < 2 or self.dim < 1:
@@ -54,7 +58,7 @@ class VectorQuantizer(nn.Module):
         return z, codebook
 
     def codes_of(self, z: torch.Tensor) -> torch.Tensor:
-        """The nearest code of every vector of z (..., dim) -> (...)."""
+        """The nearest code of every vector of z (..., dim) -> (...); argmin keeps the first index on ties."""
         flat, codebook = self._prepare(z.reshape(-1, self.cfg.dim))
         dist = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None])
         return dist.argmin(1).reshape(z.shape[:-1])
@@ -68,7 +72,8 @@ class VectorQuantizer(nn.Module):
         codes = self.codes_of(z)
         zn = F.normalize(z, dim=-1) if self.cfg.l2_norm else z
         e = self.lookup(codes)
-        loss = F.mse_loss(e, zn.detach()) + self.cfg.beta * F.mse_loss(zn, e.detach())
+        # SEED's legacy loss: commitment (pulls z) at weight 1, beta on the codebook term (pulls e)
+        loss = F.mse_loss(e.detach(), zn) + self.cfg.beta * F.mse_loss(e, zn.detach())
         quantized = zn + (e - zn).detach()  # straight-through estimator
         if self.training:
             self.usage = self.usage.to(codes.device) + torch.bincount(codes.reshape(-1), minlength=self.cfg.num_codes)

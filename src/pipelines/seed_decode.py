@@ -88,11 +88,12 @@ def empty_prompt_embeds(pipe, batch: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_embeddings(pipe, kind: str, embeds: torch.Tensor, *, steps: int = 25, guidance_scale: float | None = None,
+def decode_embeddings(pipe, kind: str, embeds: torch.Tensor, *, steps: int = 20, guidance_scale: float | None = None,
                       seed: int = 0, noise_level: int = 0, resolution: int | None = None) -> list[Image.Image]:
     """Images for a batch of SEED decoder outputs: unclip (B, D) or (B, 1, D); sd (B, 77, D).
 
-    Deterministic for a seed (a CPU torch.Generator draws the latents and the unCLIP noise augmentation).
+    Defaults as the released SEED-LLaMA decode (`seed_llama_tokenizer.py`): 20 steps, unCLIP guidance 10,
+    noise_level 0. Deterministic for a seed (a CPU torch.Generator draws the latents and the unCLIP noise augmentation).
     `resolution` defaults to the UNet sample_size x VAE factor, i.e. the config's resolution.
     """
     if kind not in DEFAULT_GUIDANCE:

@@ -5,7 +5,7 @@ modules.
   laid out as in training (`<img>` + 32 code tokens + `</img>`), and the LLM continues in text (image tokens
   masked out) until `</s>` or `max_new_tokens`.
 * `t2i`: the prompt is followed by `<img>`; exactly 32 tokens are drawn among the image codes only, then the
-  codes go codebook -> decode task layer -> reverse Q-Former -> generation embeddings -> the SEED decoder's
+  codes go codebook -> decode task layer -> image branch + head -> generation embeddings -> the SEED decoder's
   diffusers pipeline (unCLIP SD 2.1 for v2, SD v1.4 for v1).
 
 KV-cached decoding, one request at a time; greedy or temperature + top-p sampling from one CPU generator
@@ -56,7 +56,7 @@ class SeedImages:
 
     @torch.no_grad()
     def draw(self, codes: list[int], steps: int, guidance_scale: float | None, seed: int) -> Image.Image:
-        """32 codes -> codebook -> reverse Q-Former -> generation embeddings -> the decoder's image."""
+        """32 codes -> codebook -> decoder (task layer, image branch, head) -> generation embeddings -> the image."""
         embeds = self.tokenizer.codec.decode_codes(torch.tensor([codes], device=self.tokenizer.device))
         return decode_embeddings(self.decode_pipe(), self.tokenizer.decoder_cfg.kind, embeds, steps=steps,
                                  guidance_scale=guidance_scale, seed=seed)[0]

@@ -1,5 +1,5 @@
-"""SEED tokenizer stage 1: a causal Q-Former over frozen EVA-CLIP ViT-g features, trained BLIP-2 style
-(image-text contrastive + matching + captioning, `src/models/qformer_pretrain.py`) on image-caption pairs.
+"""SEED tokenizer stage 1: a causal Q-Former over frozen EVA-CLIP ViT-g features, trained on image-caption pairs
+as released (ITC on the last causal query; BLIP-2's ITC + ITM + ITG as an option, `src/models/qformer_pretrain.py`).
 
 Trains the Q-Former, its query tokens, `ln_vision` and the BLIP-2 heads; the ViT is frozen. The text side
 uses `model.qformer.tokenizer` (bert-base-uncased at full size) with BLIP-2's `[DEC]` added. Its checkpoint
@@ -15,6 +15,7 @@ from src.data.mllm import load_tokenizer
 from src.data.seed_tokenizer import DEC_TOKEN, add_dec_token
 from src.models.eva_vit import EvaViTConfig, build_eva_vit, encode
 from src.models.qformer_pretrain import QFormerPretrainConfig, QFormerPretrainer
+from src.models.seed_qformer_weights import load_qformer_weights
 from src.stages.base import StageModule
 from src.utils.materialize import seeded
 from src.utils.weights import RequiredPath
@@ -44,7 +45,9 @@ class SeedQFormerModule(StageModule):
     def required_paths(self) -> list[RequiredPath]:
         return [*self.vit_cfg.required_paths(),
                 RequiredPath("model.qformer.tokenizer", "a local text tokenizer folder (bert-base-uncased)",
-                             self.tokenizer_path, "dir")]
+                             self.tokenizer_path, "dir"),
+                RequiredPath("model.qformer.weights", "the Q-Former's start (LAVIS blip2_pretrained.pth or a "
+                             "bert-base-uncased state dict)", self.qf_cfg.weights, required=False)]
 
     def build_models(self, load_weights: bool = True) -> None:
         dec_id = 0
@@ -58,6 +61,8 @@ class SeedQFormerModule(StageModule):
         self.vit = build_eva_vit(self.vit_cfg, load_weights, self.init_seed)
         with seeded(self.init_seed, "qformer"):
             self.blip2 = QFormerPretrainer(self.qf_cfg, dec_id)
+        if load_weights and self.qf_cfg.weights:
+            load_qformer_weights(self.blip2, self.qf_cfg.weights)
         self.freeze_towers()
 
     def tokenize(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,4 +79,5 @@ class SeedQFormerModule(StageModule):
     def report_modules(self) -> dict:
         b = self.blip2
         return {"vit": self.vit, "blip2.qformer": b.qformer, "blip2.text_embeddings": b.text_embeddings,
-                "blip2.heads": torch.nn.ModuleList([b.vision_proj, b.text_proj, b.itm_head, b.lm_head.predictions.transform])}
+                "blip2.heads": torch.nn.ModuleList([b.vision_proj, b.text_proj, *([b.itm_head] if hasattr(b, "itm_head") else []),
+                                                    *([b.lm_head.predictions.transform] if hasattr(b, "lm_head") else [])])}
