@@ -111,7 +111,9 @@ def test_mllm_stage_flops_match_torch_flop_counter(tmp_path):
         QwenViT(vit_cfg)(torch.randn(3, 3, 56, 56))
     assert counter.get_total_flops() == 3 * vit_forward_flops(vit_cfg)
 
-    cfg = tiny_run_cfg("seedx_pretrain_tiny", tmp_path, ["model.llm.attn_implementation=eager"])
+    # edit pairs hold both a comprehension view and a generation target (pre-training mixes them in only by choice)
+    cfg = tiny_run_cfg("seedx_pretrain_tiny", tmp_path, ["model.llm.attn_implementation=eager",
+                                                          "data=mllm_pretrain_with_edit"])
     module = hydra.utils.instantiate(cfg.stage, _convert_="all")
     module.configure_model()
     dm = hydra.utils.instantiate(cfg.data)

@@ -54,17 +54,17 @@ class SeedLlamaSequenceBuilder(SeedXSequenceBuilder):
     def _init_tokens(self, tokenizer) -> None:
         self.tok = seed_llama_token_ids(tokenizer)  # raises if add_seed_llama_tokens was not called
 
-    def _turns(self, record: dict, t2i: bool | None = None) -> tuple[list[dict], ChatFormat]:
-        turns, chat = super()._turns(record, t2i)
+    def _turns(self, record: dict, t2i: bool | None = None, draw=None) -> tuple[list[dict], ChatFormat]:
+        turns, chat = super()._turns(record, t2i, draw)
         if turns is not record["turns"]:  # a flipped caption pair: caption then image, one document turn
             text, image = turns[0]["content"][0], turns[1]["content"][0]
             return [{"role": None, "content": [text, image]}], self.chat
         return turns, chat
 
-    def _build(self, record: dict, t2i: bool | None = None) -> dict[str, Any]:
+    def _build(self, record: dict, t2i: bool | None = None, draw=None, prompt: bool = False) -> dict[str, Any]:
         if any("box" in item for turn in record["turns"] for item in turn["content"]):
             raise BadSample("box_unsupported", "SEED-LLaMA has no box tokens")
-        return super()._build(record, t2i)  # codes are read (and checked) where each image is laid out
+        return super()._build(record, t2i, draw, prompt)  # codes are read (and checked) where each image is laid out
 
     def _image_input(self, record: dict, item: dict, k: int, feats) -> tuple[tuple[int, int], int, torch.Tensor]:
         return (0, 0), 1, item_codes(item, self.num_image_tokens)  # no pixels: the codes are the image
