@@ -40,7 +40,7 @@ def sample_builder(cfg: DictConfig):
 
     dm = hydra.utils.instantiate(cfg.data, _convert_="all")
     if not isinstance(dm, MLLMDataModule):
-        raise ValueError(f"experiment={cfg.get('task_name')}: src.inspect_data renders MLLM samples (SEED-X, "
+        raise TypeError(f"experiment={cfg.get('task_name')}: src.inspect_data renders MLLM samples (SEED-X, "
                          f"SEED-LLaMA experiments); data._target_ is {cfg.data.get('_target_')!r}")
     tokenizer = load_tokenizer(dm.tokenizer_path, extend=dm.extend_tokenizer)
     return dm.builder_class(tokenizer, **dm.builder_kwargs)
