@@ -183,7 +183,8 @@ class DemoApp:
             state = gr.State(None)
             with gr.Row():
                 with gr.Column(scale=3):
-                    chat = gr.Chatbot(label="Conversation", height=420, elem_id="chat")
+                    chat = gr.Chatbot(label="Conversation", height=420, elem_id="chat",
+                                      render_markdown=False)  # replies shown as the model wrote them
                     text = gr.Textbox(label="Message", placeholder="Ask about the image, describe a picture, "
                                       "or say how to edit it", elem_id="message")
                     with gr.Row():
