@@ -235,7 +235,7 @@ def test_browser_sends_a_t2i_prompt_and_a_chat_question(tmp_path):
         proc.wait(timeout=60)
     assert src.endswith(".png")
     shot = Image.open(tmp_path / "app.png")
-    assert shot.format == "PNG" and shot.size == (1280, 800)
+    assert shot.format == "PNG" and shot.width == 1280 and len(shot.convert("L").getcolors(1 << 16)) > 10
     # the page shows what the app answered: the t2i turn's image, then the chat reply
     (session,) = (run / "sessions").iterdir()
     t2i = json.loads((session / "turn_0" / "results.jsonl").read_text())["replies"][0]
