@@ -14,7 +14,6 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no telemetry calls
 
-import functools
 import json
 import logging
 import shutil
@@ -81,14 +80,11 @@ class DemoModels:
             edit_cfg.detok_ckpt_path = cfg.app.edit_detok_ckpt_path
         self.decoders = {"stage1": image_decoder(cfg, "stage1", self.device, self.dtype)[0],
                          "stage2": image_decoder(edit_cfg, "stage2", self.device, self.dtype)[0]}
-
-    @functools.cache
-    def builder(self, mode: str):
-        return sequence_builder(self.cfg, self.generator.tokenizer, mode, self.fmt)
+        self.builders = {m: sequence_builder(cfg, self.generator.tokenizer, m, self.fmt) for m in self.modes}
 
     def runner(self, mode: str, seed: int, out: Path) -> ConversationRunner:
         decoding, sampling = options(self.cfg, mode, self.fmt)
-        return ConversationRunner(mode, self.generator, self.builder(mode), self.decoders[MODES[mode].detokenizer],
+        return ConversationRunner(mode, self.generator, self.builders[mode], self.decoders[MODES[mode].detokenizer],
                                   decoding, sampling, out, seed=seed, batch_size=1, progress=False)
 
 
@@ -216,8 +212,6 @@ def theme():
 def serve(cfg: DictConfig, block: bool = True):
     """Build the models, then serve the page on app.host:app.port (localhost by default). `block=False`
     returns the running Blocks (tests close it)."""
-    check_experiment(cfg, "chat")
-    check_app_config(cfg)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, out)

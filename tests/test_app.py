@@ -28,7 +28,7 @@ pytestmark = pytest.mark.smoke
 
 gr = pytest.importorskip("gradio", reason="gradio is a dev dependency: make setup installs it")
 
-from src.app import DemoApp, DemoModels, reply_messages  # noqa: E402
+from src.app import DemoApp, DemoModels, reply_messages
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "assets" / "sample" / "images"
@@ -63,7 +63,7 @@ def test_the_page_wires_send_and_clear_to_the_handlers(app):
         fns = [f.fn for f in page.fns.values()]
     assert fns.count(app.send) == 2 and app.clear in fns  # the Send button and Enter in the message box
     chat, state, shown, text, image = app.clear()
-    assert chat == [] and state["turns"] == [] and state["n"] == 0 and shown is None
+    assert chat == [] and state["turns"] == [] and state["n"] == 0 and shown is None and text == "" and image is None
 
 
 def test_t2i_draws_what_src_generate_draws_for_the_same_seed(app, tmp_path):
@@ -108,7 +108,7 @@ def test_edit_draws_from_the_input_image_and_ground_shows_its_boxes(app, tmp_pat
     want = generated(tmp_path / "g", ["mode=edit", "prompt=make it grey", f"image={IMAGES / 'chelsea.jpg'}", "seed=5"])
     assert Image.open(shown).tobytes() == Image.open(want["replies"][0]["images"][0]).tobytes()
 
-    chat, state, *_ = app.send("ground", "Where is the cup?", str(IMAGES / "coffee.jpg"), 5, None, None)
+    _, state, *_ = app.send("ground", "Where is the cup?", str(IMAGES / "coffee.jpg"), 5, None, None)
     assert "boxes" in turn_result(app, state, 0)["replies"][0]
     # a reply with boxes (the runner parses them as in tests/test_generate.py) shows them drawn on the input
     image = IMAGES / "coffee.jpg"
