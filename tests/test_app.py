@@ -26,9 +26,9 @@ from tests.helpers import compose_cfg
 
 pytestmark = pytest.mark.smoke
 
-gr = pytest.importorskip("gradio", reason="gradio is a dev dependency: make setup installs it")
+from src.app import DemoApp, DemoModels, reply_messages  # first: it turns Gradio's analytics off  # isort: skip
 
-from src.app import DemoApp, DemoModels, reply_messages
+import gradio as gr  # isort: skip
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "assets" / "sample" / "images"
@@ -175,9 +175,10 @@ def wait_for_page(url: str, proc: subprocess.Popen, log: Path, limit_s: float = 
     pytest.fail(f"the app did not answer on {url}:\n{log.read_text()[-3000:]}")
 
 
-def drive(url: str, screenshot: Path, size=(1280, 800)) -> tuple[str, str]:
+def drive(url: str, screenshot: Path, size=(1280, 800)) -> tuple[str, str, list[str]]:
     """A user's session: a t2i prompt, then a chat question about an uploaded image. Waits for the drawn
-    image and the reply, saves a screenshot; returns (the image's URL, the reply text shown)."""
+    image and the reply, saves a screenshot; returns (the image's URL, the reply text shown, every URL the
+    page loaded)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -209,7 +210,8 @@ def drive(url: str, screenshot: Path, size=(1280, 800)) -> tuple[str, str]:
                                       if m.text.strip()][1:])[0]
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#input_image img"))  # the turn finished
         driver.save_screenshot(str(screenshot))
-        return src, reply
+        loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        return src, reply, [driver.current_url, *loaded]
     finally:
         driver.quit()
 
@@ -229,11 +231,14 @@ def test_browser_sends_a_t2i_prompt_and_a_chat_question(tmp_path):
     try:
         url = f"http://127.0.0.1:{port}/"
         wait_for_page(url, proc, log)
-        src, reply = drive(url, tmp_path / "app.png")
+        src, reply, loaded = drive(url, tmp_path / "app.png")
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     assert src.endswith(".png")
+    # nothing from the network: every script, style sheet, font and image came from the app itself
+    assert len(loaded) > 3 and all(u.startswith((f"http://127.0.0.1:{port}/", "data:", "blob:"))
+                                   for u in loaded), loaded
     shot = Image.open(tmp_path / "app.png")
     assert shot.format == "PNG" and shot.width == 1280 and len(shot.convert("L").getcolors(1 << 16)) > 10
     # the page shows what the app answered: the t2i turn's image, then the chat reply
