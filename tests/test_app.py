@@ -102,6 +102,18 @@ def test_chat_history_carries_to_the_next_turn_as_src_generate_would(app, tmp_pa
     assert turn_result(app, state2, 1)["replies"][0]["raw"] == want["replies"][0]["raw"]
 
 
+def test_instruct_format_words_only_the_new_turn(tmp_path):
+    """SEED-X-I wording (`Generate an image: ...`) for the t2i turn; the earlier turns stay as the model saw them."""
+    app = DemoApp(DemoModels(app_cfg(tmp_path, ["generate.prompt_format=instruct"])), tmp_path)
+    chat, state, *_ = app.send("t2i", "a red apple", None, 1, None, None)
+    _, state, *_ = app.send("chat", "What is it?", None, 1, chat, state)
+    users = [t["content"] for t in state["turns"] if t["role"] == "user"]
+    assert users == [[{"text": "Generate an image: a red apple"}], [{"text": "What is it?"}]]
+    # the drawn image went back into the context as the model's own span
+    assert {"image": turn_result(app, state, 0)["replies"][0]["images"][0], "generate": True} in state["turns"][1][
+        "content"]
+
+
 def test_edit_draws_from_the_input_image_and_ground_shows_its_boxes(app, tmp_path):
     _, state, shown, *_ = app.send("edit", "make it grey", str(IMAGES / "chelsea.jpg"), 5, None, None)
     assert Image.open(shown).size == (32, 32) and turn_result(app, state, 0)["replies"][0]["images"] == [shown]
