@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -23,8 +25,8 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "atomic_torch_save", "atomic_write", "checkpoint_tensors", "fsync_dir",
-           "read_checkpoint", "reopen_stopped_epoch", "replace_dir"]
+__all__ = ["AtomicCheckpointIO", "check_sharded_metadata", "atomic_torch_save", "atomic_write", "checkpoint_tensors", "fsync_dir",
+           "read_checkpoint", "reopen_stopped_epoch", "replace_dir", "UnsafeCheckpoint"]
 
 META_FILE = "meta.pt"  # Lightning's sharded checkpoints keep everything but tensors here
 
@@ -153,19 +155,75 @@ def reopen_stopped_epoch(checkpoint: dict[str, Any]) -> bool:
 
 
 # ---- reading ------------------------------------------------------------------------------------------
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint whose pickle names code (a class or function beyond tensors and plain containers)."""
+
+
+# torch.distributed.checkpoint reads a sharded directory's `.metadata` with plain `pickle.load` (torch's
+# weights-only unpickler cannot read its protocol-4 frames), so it is checked first with an unpickler that
+# resolves only the globals DCP's own metadata is made of.
+_DCP_MODULES = frozenset({"torch.distributed.checkpoint.metadata"})
+_DCP_GLOBALS = frozenset({("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                          ("torch.serialization", "_get_layout"), ("torch", "Size"),
+                          ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                          ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")})
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = (module in _DCP_MODULES or (module, name) in _DCP_GLOBALS
+                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        if not allowed:
+            raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed")
+        return super().find_class(module, name)
+
+
+def check_sharded_metadata(path: str | Path, key: str = "ckpt_path") -> None:
+    """Refuse (:class:`UnsafeCheckpoint`) a sharded checkpoint directory whose `.metadata` pickle names
+    anything beyond torch.distributed.checkpoint's metadata types, before DCP unpickles it."""
+    meta = Path(path) / ".metadata"
+    if not meta.is_file():
+        return
+    try:
+        with open(meta, "rb") as f:
+            _DCPMetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpoint(_refusal(path, key, e)) from None
+
+
+def _refusal(path: str | Path, key: str, e: Exception) -> str:
+    # torch's message advises turning weights-only off, which is what must not happen: name the global only.
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    refused = f"it asks for {found.group(1)}" if found else (str(e).splitlines() or [""])[0][:200]
+    return (f"{key}={str(path)!r}: refused to load: the checkpoint holds pickled objects other than tensors "
+            f"and plain values, which could run code when loaded ({refused}). Checkpoints are read "
+            "weights-only; re-save it from trusted code with plain types only.")
+
+
 def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict:
     """A `.ckpt` file whole, or a sharded directory's `meta.pt` (everything but the tensors). Read once per
-    checkpoint; a missing path names `key`."""
+    checkpoint; a missing path names `key`.
+
+    Loaded weights-only (``torch.load(weights_only=True)``): tensors, numbers, strings and containers only,
+    so a crafted file cannot run code while it is read; anything else is refused with
+    :class:`UnsafeCheckpoint` naming the path and the global the pickle asked for."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{key}={str(path)!r} does not exist (a .ckpt file or a sharded checkpoint dir)")
+    if p.is_dir():
+        check_sharded_metadata(p, key)
     meta = p / META_FILE if p.is_dir() else p
     if not meta.is_file():
         return {}
-    try:  # memory-mapped: every rank of an SFT start reads it, and optimiser states are never touched
-        return torch.load(meta, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:  # legacy (non-zip) format cannot be mapped
-        return torch.load(meta, map_location="cpu", weights_only=False)
+    try:
+        try:  # memory-mapped: every rank of an SFT start reads it, and optimiser states are never touched
+            return torch.load(meta, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (non-zip) format cannot be mapped
+            if "mmap" not in str(e):
+                raise
+            return torch.load(meta, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpoint(_refusal(path, key, e)) from None
 
 
 def checkpoint_tensors(path: str | Path, checkpoint: dict, key: str = "ckpt_path") -> dict[str, torch.Tensor]:

@@ -1,0 +1,139 @@
+"""Reliability and security (issue 27): no checkpoint runs code, no config instantiates arbitrary callables,
+no run destroys another's results, files are written for teammates."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.utils.checkpoint import UnsafeCheckpoint, read_checkpoint
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _WritesAFile:
+    """What an attacker pickles: unpickling it runs `exec`, which writes a file."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.target)!r}, 'w').write('pwned')",))
+
+
+def _malicious_checkpoint(path: Path, target: Path) -> Path:
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": {"x": _WritesAFile(target)}}, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ 1: weights-only
+def test_a_checkpoint_whose_pickle_runs_code_is_refused_and_runs_nothing(tmp_path):
+    target = tmp_path / "pwned.txt"
+    ckpt = _malicious_checkpoint(tmp_path / "evil.ckpt", target)
+    with pytest.raises(UnsafeCheckpoint, match=r"stage\.init_from=.*evil\.ckpt.*refused.*exec"):
+        read_checkpoint(ckpt, "stage.init_from")
+    assert not target.exists()
+
+
+def test_every_entry_point_refuses_a_malicious_checkpoint(tmp_path):
+    """src.export and the inference builders (src.generate, src.eval, lmms-eval, SFT sampling) read through
+    read_checkpoint: each refuses before building anything."""
+    from src.export import export
+    from src.stages.inference import build_detokenizer, build_image_tokenizer, build_mllm
+
+    target = tmp_path / "pwned.txt"
+    ckpt = str(_malicious_checkpoint(tmp_path / "evil.ckpt", target))
+    with pytest.raises(UnsafeCheckpoint, match="ckpt_path"):
+        export(ckpt, tmp_path / "out")
+    with pytest.raises(UnsafeCheckpoint, match="detok_ckpt_path"):
+        export(None, tmp_path / "out", detok_ckpt_path=ckpt)
+    with pytest.raises(UnsafeCheckpoint):
+        build_mllm({}, ckpt)
+    with pytest.raises(UnsafeCheckpoint):
+        build_detokenizer({}, "pretrain", ckpt)
+    with pytest.raises(UnsafeCheckpoint):
+        build_image_tokenizer(ckpt, None)
+    assert not target.exists()
+
+
+def test_a_sharded_checkpoint_whose_metadata_runs_code_is_refused(tmp_path):
+    """torch.distributed.checkpoint unpickles `.metadata` with plain pickle: it is checked first."""
+    import pickle
+
+    target = tmp_path / "pwned.txt"
+    sharded = tmp_path / "step_1.ckpt"
+    sharded.mkdir()
+    (sharded / ".metadata").write_bytes(pickle.dumps(_WritesAFile(target)))
+    torch.save({"global_step": 1}, sharded / "meta.pt")
+    with pytest.raises(UnsafeCheckpoint, match="exec"):
+        read_checkpoint(sharded)
+    assert not target.exists()
+
+
+def test_a_real_sharded_checkpoint_passes_the_metadata_check(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from src.utils.checkpoint import check_sharded_metadata
+
+    dcp.save({"state_dict": {"a": torch.zeros(3, dtype=torch.bfloat16)}, "n": 3}, checkpoint_id=str(tmp_path / "d"),
+             no_dist=True)
+    check_sharded_metadata(tmp_path / "d")
+
+
+def test_no_source_file_loads_a_pickle_with_code():
+    """Every torch.load in src/ is weights-only (read_checkpoint included): no `weights_only=False` anywhere."""
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in (ROOT / "src").rglob("*.py")
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if re.search(r"weights_only\s*=\s*False|pickle\.loads?\(", line)]
+    assert offenders == []
+
+
+# ------------------------------------------------------------------------------------------ 2: _target_ allow-list
+@pytest.mark.parametrize(("overrides", "key", "target"), [
+    (["+callbacks.evil._target_=builtins.open", "+callbacks.evil.file={out}", "+callbacks.evil.mode=w"],
+     "callbacks.evil._target_", "builtins.open"),
+    (["stage.optimizer._target_=torch.load"], "stage.optimizer._target_", "torch.load"),
+    (["trainer.plugins.0._target_=subprocess.Popen", "+trainer.plugins.0.args=[touch,{out}]"],
+     "trainer.plugins.0._target_", "subprocess.Popen"),
+    # a project *function* would write any file the config names
+    (["+callbacks.evil._target_=src.utils.run.atomic_write_text", "+callbacks.evil.path={out}",
+      "+callbacks.evil.text=pwned"], "callbacks.evil._target_", "src.utils.run.atomic_write_text"),
+])
+def test_a_target_outside_the_allow_list_is_refused_before_any_build(tmp_path, overrides, key, target, monkeypatch):
+    from tests.test_config_checks import compose_like_train
+
+    from src.stages.base import StageModule
+    from src.train import train
+    from src.utils.config import ALLOWED_TARGETS, ConfigError
+
+    def built(self):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(StageModule, "configure_model", built)
+    out = tmp_path / "pwned.txt"
+    cfg, task, choices = compose_like_train("seedx_pretrain_tiny", tmp_path / "run",
+                                            [o.format(out=out) for o in overrides])
+    with pytest.raises(ConfigError) as err:
+        train(cfg, task, choices)
+    text = str(err.value)
+    assert f"{key}: '{target}'" in text and "(set in command-line override" in text
+    if not target.startswith("src."):
+        assert "allowed: " + ", ".join(a + ("*" if a.endswith(".") else "") for a in ALLOWED_TARGETS) in text
+    assert not out.exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_every_shipped_config_names_only_allowed_targets():
+    from omegaconf import OmegaConf
+
+    from src.utils.config import target_problems
+
+    problems = [(p.name, k, m) for p in (ROOT / "conf").rglob("*.yaml")
+                for k, m in target_problems({k: v for k, v in (OmegaConf.to_container(OmegaConf.load(p)) or {}).items()
+                                             if k != "hydra"})]
+    assert problems == []
