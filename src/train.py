@@ -16,9 +16,11 @@ import hydra
 import lightning as L
 from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from src.utils.config import check_config
+from src.utils.output_guard import OutputLock, check_previous_run
 from src.utils.run import instantiate_named, pin_output_dir, save_resolved_config, write_metrics_json
 from src.utils.tracking import configure_wandb, describe_runs
 
@@ -29,6 +31,19 @@ def train(cfg: DictConfig, overrides=(), choices=None,
           multirun_dir: str | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     check_config(cfg, overrides, choices, for_training=True)  # every problem at once, before any build
     out = Path(cfg.paths.output_dir)
+    lock = None
+    if rank_zero_only.rank == 0:  # one process per run guards its folder (other ranks share it)
+        lock = OutputLock(out).acquire()  # refuses while another run holds the folder
+    try:
+        if lock is not None:
+            check_previous_run(out, cfg.get("ckpt_path"), bool(cfg.paths.get("overwrite", False)))
+        return _fit(cfg, out, overrides, choices, multirun_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(cfg: DictConfig, out: Path, overrides, choices, multirun_dir: str | None):
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data)

@@ -137,3 +137,46 @@ def test_every_shipped_config_names_only_allowed_targets():
                 for k, m in target_problems({k: v for k, v in (OmegaConf.to_container(OmegaConf.load(p)) or {}).items()
                                              if k != "hydra"})]
     assert problems == []
+
+
+# ------------------------------------------------------------------------------------------ 3: output-folder lock
+FAST = ["trainer.max_steps=2", "callbacks.model_checkpoint.every_n_train_steps=1", "trainer.limit_val_batches=0"]
+
+
+def test_a_held_output_folder_is_refused_naming_pid_and_host(tmp_path):
+    import socket
+
+    from src.train import train
+    from src.utils.output_guard import OutputFolderInUse, OutputLock
+    from tests.helpers import tiny_run_cfg
+
+    out = tmp_path / "run"
+    with OutputLock(out):  # another run holds it (flock is per open file: this process counts as another)
+        with pytest.raises(OutputFolderInUse, match=rf"in use by another run \(pid {os.getpid()} on host "
+                                                    rf"{re.escape(socket.gethostname())}"):
+            train(tiny_run_cfg("seedx_detok_pretrain_tiny", out, FAST))
+        assert not (out / "checkpoints").exists() and not (out / "config.yaml").exists()
+    OutputLock(out).acquire().release()  # the refused run left the lock as it found it
+
+
+@pytest.mark.smoke
+def test_a_finished_run_folder_is_refused_unless_resumed_or_overwritten(tmp_path):
+    from src.train import train
+    from src.utils.output_guard import OutputFolderInUse
+    from tests.helpers import tiny_run_cfg
+
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    train(tiny_run_cfg("seedx_detok_pretrain_tiny", out, FAST))
+    first = {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()}
+    assert {"step_0000001.ckpt", "step_0000002.ckpt", "last.ckpt"} <= set(first)
+    with pytest.raises(OutputFolderInUse, match=r"holds a finished or stopped run .*ckpt_path=.*paths\.overwrite=true"):
+        train(tiny_run_cfg("seedx_detok_pretrain_tiny", out, FAST))
+    assert {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()} == first  # untouched
+    # resuming from it continues the run in place
+    train(tiny_run_cfg("seedx_detok_pretrain_tiny", out, [*FAST, "trainer.max_steps=3", f"ckpt_path={ckpts / 'last.ckpt'}"]))
+    assert read_checkpoint(ckpts / "last.ckpt")["global_step"] == 3
+    # overwrite: the old run's checkpoints are gone, none stale beside the new run's
+    train(tiny_run_cfg("seedx_detok_pretrain_tiny", out, [*FAST, "trainer.max_steps=1", "paths.overwrite=true"]))
+    assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == ["last.ckpt", "step_0000001.ckpt"]
+    assert read_checkpoint(ckpts / "last.ckpt")["global_step"] == 1
