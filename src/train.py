@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from src.utils.checkpoint import check_sharded_metadata
 from src.utils.config import check_config
 from src.utils.output_guard import OutputLock, check_previous_run
 from src.utils.run import instantiate_named, pin_output_dir, save_resolved_config, write_metrics_json
@@ -31,12 +32,15 @@ def train(cfg: DictConfig, overrides=(), choices=None,
           multirun_dir: str | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     check_config(cfg, overrides, choices, for_training=True)  # every problem at once, before any build
     out = Path(cfg.paths.output_dir)
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and Path(ckpt).is_dir():
+        check_sharded_metadata(ckpt)  # DCP unpickles `.metadata` as it is: refuse one that names code first
     lock = None
     if rank_zero_only.rank == 0:  # one process per run guards its folder (other ranks share it)
         lock = OutputLock(out).acquire()  # refuses while another run holds the folder
     try:
         if lock is not None:
-            check_previous_run(out, cfg.get("ckpt_path"), bool(cfg.paths.get("overwrite", False)))
+            check_previous_run(out, ckpt, bool(cfg.paths.get("overwrite", False)))
         return _fit(cfg, out, overrides, choices, multirun_dir)
     finally:
         if lock is not None:

@@ -106,11 +106,10 @@ def test_no_source_file_loads_a_pickle_with_code():
       "+callbacks.evil.text=pwned"], "callbacks.evil._target_", "src.utils.run.atomic_write_text"),
 ])
 def test_a_target_outside_the_allow_list_is_refused_before_any_build(tmp_path, overrides, key, target, monkeypatch):
-    from tests.test_config_checks import compose_like_train
-
     from src.stages.base import StageModule
     from src.train import train
     from src.utils.config import ALLOWED_TARGETS, ConfigError
+    from tests.test_config_checks import compose_like_train
 
     def built(self):
         raise AssertionError("a model was built")
@@ -180,3 +179,98 @@ def test_a_finished_run_folder_is_refused_unless_resumed_or_overwritten(tmp_path
     train(tiny_run_cfg("seedx_detok_pretrain_tiny", out, [*FAST, "trainer.max_steps=1", "paths.overwrite=true"]))
     assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == ["last.ckpt", "step_0000001.ckpt"]
     assert read_checkpoint(ckpts / "last.ckpt")["global_step"] == 1
+    # what teammates read gets the process umask, as any other file (item 9)
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in (ckpts / "last.ckpt", out / "config.yaml", out / "metrics.json"):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
+
+
+# ------------------------------------------------------------------------------------------ 9: file modes
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_atomic_writes_get_the_mode_of_the_process_umask(tmp_path, umask):
+    from src.utils.checkpoint import atomic_torch_save
+    from src.utils.run import atomic_write_text, write_metrics_json
+
+    old = os.umask(umask)
+    try:
+        atomic_torch_save({"w": torch.zeros(1)}, tmp_path / "last.ckpt")
+        atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+        write_metrics_json(tmp_path / "metrics.json", {"x": 1.0})
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["last.ckpt", "config.yaml", "metrics.json", "plain.txt"], 0o666 & ~umask)
+
+
+# ------------------------------------------------------------------------------------------ 10: wrong checkpoint kind
+def _detok_checkpoint(path: Path, recorded: bool) -> Path:
+    """A de-tokenizer checkpoint as src.train writes it: with its stage family, or (older ones) known only by
+    the hyper-parameters a de-tokenizer stage takes."""
+    hp = {"model": {"vit": {}, "detokenizer": {}}, "guidance_scale": 7.5, "negative": "zeros", "init_seed": 0}
+    torch.save({"state_dict": {}, "hyper_parameters": hp, **({"stage_family": "detokenizer"} if recorded else {})},
+               path)
+    return path
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_detokenizer_checkpoint_as_init_from_of_an_mllm_stage_fails_before_any_build(tmp_path, recorded,
+                                                                                      monkeypatch):
+    from src.stages.base import StageModule
+    from src.train import train
+    from src.utils.config import ConfigError
+    from tests.test_config_checks import compose_like_train
+
+    def built(self):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(StageModule, "configure_model", built)
+    ckpt = _detok_checkpoint(tmp_path / "detok.ckpt", recorded)
+    cfg, task, choices = compose_like_train("seedx_sft_i_tiny", tmp_path / "run", [f"stage.init_from={ckpt}"])
+    with pytest.raises(ConfigError, match=r"stage\.init_from='.*detok\.ckpt' is a de-tokenizer checkpoint .*; "
+                                          r"stage\.init_from expects a SEED-X MLLM checkpoint"):
+        train(cfg, task, choices)
+    # and the resume checkpoint of a run
+    cfg, task, choices = compose_like_train("seedx_pretrain_tiny", tmp_path / "run2", [f"ckpt_path={ckpt}"])
+    with pytest.raises(ConfigError, match=r"ckpt_path='.*' is a de-tokenizer checkpoint"):
+        train(cfg, task, choices)
+
+
+def test_export_of_a_detokenizer_checkpoint_as_ckpt_path_names_the_kind(tmp_path):
+    from src.export import export
+    from src.stages.checkpoint_kind import WrongCheckpointKind
+
+    ckpt = _detok_checkpoint(tmp_path / "detok.ckpt", recorded=False)
+    with pytest.raises(WrongCheckpointKind, match=r"ckpt_path=.* is a de-tokenizer checkpoint .*; ckpt_path expects "
+                                                  r"a SEED-X MLLM checkpoint"):
+        export(str(ckpt), tmp_path / "out")
+
+
+def test_generate_refuses_a_non_image_and_a_wrong_checkpoint_before_any_build(tmp_path, monkeypatch):
+    import src.generate as gen
+    from src.stages.checkpoint_kind import WrongCheckpointKind
+    from tests.test_generate import gen_cfg
+
+    def built(*a, **k):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(gen, "build_mllm", built)
+    monkeypatch.setattr(gen, "build_detokenizer", built)
+    text = tmp_path / "notes.jpg"
+    text.write_text("this is text, not a JPEG")
+    with pytest.raises(ValueError, match=r"request 'request_0000': image '.*notes\.jpg' is not a readable image "
+                                         r"\(corrupt_image"):
+        gen.generate(gen_cfg(tmp_path / "a", ["mode=chat", "prompt=hi", f"image={text}"]))
+    ckpt = _detok_checkpoint(tmp_path / "detok.ckpt", recorded=True)
+    with pytest.raises(WrongCheckpointKind, match="ckpt_path=.* is a de-tokenizer checkpoint"):
+        gen.generate(gen_cfg(tmp_path / "b", ["mode=t2i", "prompt=hi", f"ckpt_path={ckpt}"]))
+
+
+def test_training_checkpoints_record_their_stage_family(tmp_path):
+    from src.stages.checkpoint_kind import checkpoint_family
+    from src.train import train
+    from tests.helpers import tiny_run_cfg
+
+    train(tiny_run_cfg("seedx_detok_pretrain_tiny", tmp_path, ["trainer.max_steps=1", "trainer.limit_val_batches=0"]))
+    assert checkpoint_family(read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")) == "detokenizer"

@@ -40,6 +40,9 @@ STAGE1_PREFIX = "blip2.qformer."  # where a seed_tokenizer_qformer checkpoint ke
 
 
 class SeedTokenizerModule(StageModule):
+
+    checkpoint_family = "seed_tokenizer"  # written into its checkpoints (src/stages/checkpoint_kind.py)
+    init_from_family = "seed_qformer"  # what stage.init_from must be (checked before any build)
     frozen_towers = ("vit", "qformer", "target")
     fsdp_blocks = (EVA_BLOCK, QFORMER_LAYER)
 

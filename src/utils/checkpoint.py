@@ -25,8 +25,18 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "check_sharded_metadata", "atomic_torch_save", "atomic_write", "checkpoint_tensors", "fsync_dir",
-           "read_checkpoint", "reopen_stopped_epoch", "replace_dir", "UnsafeCheckpoint"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "UnsafeCheckpoint",
+    "atomic_torch_save",
+    "atomic_write",
+    "check_sharded_metadata",
+    "checkpoint_tensors",
+    "fsync_dir",
+    "read_checkpoint",
+    "reopen_stopped_epoch",
+    "replace_dir",
+]
 
 META_FILE = "meta.pt"  # Lightning's sharded checkpoints keep everything but tensors here
 
@@ -41,12 +51,24 @@ def fsync_dir(path: str | Path) -> None:
             os.close(fd)
 
 
+def process_umask() -> int:
+    """The process umask, read without changing it (/proc on Linux; elsewhere set and restored at once)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     """`write(file)` into a temp file beside `path`, fsync, rename onto `path`, fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~process_umask())  # mkstemp makes it 0600: give it the mode open() would
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()

@@ -451,6 +451,8 @@ def check_config(cfg: DictConfig, overrides: Sequence[str] = (), choices: dict |
         ckpt = values.get("ckpt_path")
         if ckpt and ckpt not in _SPECIAL_CKPT_PATHS and not Path(ckpt).exists():
             problems.append(("ckpt_path", f"'{ckpt}' does not exist (a Lightning .ckpt or a distributed checkpoint folder)"))
+        if stage is not None:
+            problems += _checkpoint_kind_problems(stage, ckpt)
         problems += _cuda_problems(values, overrides, choices)
     if problems:
         raise ConfigError(_format(list(dict.fromkeys(problems)), overrides, choices))
@@ -491,6 +493,25 @@ def _dry_stage(node: dict):
     except Exception as e:  # noqa: BLE001 - reported with the key its message names, never swallowed
         err = e.__cause__ or e
         return None, [(_key_in_message(str(err), "stage"), f"{type(err).__name__}: {err}")]
+
+
+def _checkpoint_kind_problems(stage, ckpt_path: str | None) -> list[tuple[str, str]]:
+    """`stage.init_from` and a resume `ckpt_path` of the wrong kind (a de-tokenizer checkpoint where an MLLM
+    one belongs ...), named here instead of deep inside the build (src/stages/checkpoint_kind.py)."""
+    from src.stages.checkpoint_kind import WrongCheckpointKind, check_checkpoint_kind
+    from src.utils.checkpoint import UnsafeCheckpoint, read_checkpoint
+
+    problems = []
+    for key, path, family in (("stage.init_from", getattr(stage, "init_from", None), getattr(stage, "init_from_family", None)),
+                              ("ckpt_path", ckpt_path, getattr(stage, "checkpoint_family", None))):
+        p = Path(str(path)) if path else None
+        if not family or p is None or not (p.is_file() or (p / "meta.pt").is_file()):
+            continue  # absent (reported above), an exported folder, or a special name such as `last`
+        try:
+            check_checkpoint_kind(read_checkpoint(p, key), p, key, family)
+        except (WrongCheckpointKind, UnsafeCheckpoint) as e:
+            problems.append((key, str(e)))
+    return problems
 
 
 def _cuda_problems(values: dict, overrides: Sequence[str], choices: dict | None) -> list[tuple[str, str]]:

@@ -19,6 +19,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from typing import Self
 
 __all__ = ["OutputFolderInUse", "OutputLock", "check_previous_run"]
 
@@ -40,7 +41,7 @@ class OutputLock:
         self.path = self.dir / LOCK_FILE
         self._fd: int | None = None
 
-    def acquire(self) -> OutputLock:
+    def acquire(self) -> Self:
         import fcntl
 
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +67,7 @@ class OutputLock:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
-    def __enter__(self) -> OutputLock:
+    def __enter__(self) -> Self:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
