@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.utils.checkpoint import check_sharded_metadata
 from src.utils.config import check_config
-from src.utils.output_guard import OutputLock, check_previous_run
+from src.utils.output_guard import OutputLock, check_previous_run, check_writable
 from src.utils.run import instantiate_named, pin_output_dir, save_resolved_config, write_metrics_json
 from src.utils.tracking import configure_wandb, describe_runs
 
@@ -37,6 +37,9 @@ def train(cfg: DictConfig, overrides=(), choices=None,
         check_sharded_metadata(ckpt)  # DCP unpickles `.metadata` as it is: refuse one that names code first
     lock = None
     if rank_zero_only.rank == 0:  # one process per run guards its folder (other ranks share it)
+        check_writable({"paths.output_dir": out, **{f"callbacks.{name}.dirpath": node.dirpath
+                                                    for name, node in (cfg.get("callbacks") or {}).items()
+                                                    if node is not None and node.get("dirpath")}})
         lock = OutputLock(out).acquire()  # refuses while another run holds the folder
     try:
         if lock is not None:

@@ -274,3 +274,93 @@ def test_training_checkpoints_record_their_stage_family(tmp_path):
 
     train(tiny_run_cfg("seedx_detok_pretrain_tiny", tmp_path, ["trainer.max_steps=1", "trainer.limit_val_batches=0"]))
     assert checkpoint_family(read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")) == "detokenizer"
+
+
+# ------------------------------------------------------------------------------------------ 7: storage faults
+def test_a_checkpoint_folder_that_takes_no_file_is_refused_before_training(tmp_path, monkeypatch):
+    """`/sys/kernel` takes no file even for root (a read-only folder as chmod cannot make one for root)."""
+    import tempfile
+
+    from src.stages.base import StageModule
+    from src.train import train
+    from src.utils.output_guard import OutputNotWritable
+    from tests.helpers import tiny_run_cfg
+
+    try:
+        tempfile.TemporaryFile(dir="/sys/kernel").close()
+        pytest.skip("/sys/kernel takes files here")
+    except OSError:
+        pass
+
+    def built(self):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(StageModule, "configure_model", built)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").symlink_to("/sys/kernel")
+    with pytest.raises(OutputNotWritable, match=r"callbacks\.model_checkpoint\.dirpath=.*checkpoints' is not "
+                                                r"writable .*crash at its first save"):
+        train(tiny_run_cfg("seedx_detok_pretrain_tiny", out, FAST))
+
+
+_FULL_DISK = """
+import sys, torch
+from src.utils.checkpoint import atomic_torch_save
+atomic_torch_save({"w": torch.zeros(10)}, sys.argv[1] + "/last.ckpt")
+try:
+    atomic_torch_save({"w": torch.zeros(1_000_000)}, sys.argv[1] + "/last.ckpt")
+except OSError as e:
+    print("ERROR", e)
+"""
+
+
+def test_a_full_disk_says_no_space_left_and_keeps_the_previous_last_ckpt(tmp_path):
+    """A 512 KiB tmpfs in a private mount namespace (root, `unshare -m`), so nothing outside this process sees it."""
+    import shutil
+    import subprocess
+    import sys
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare to mount a small file system")
+    script = (f'mount -t tmpfs -o size=512k tmpfs "{disk}" && "{sys.executable}" -c \'{_FULL_DISK}\' "{disk}" && '
+              f'ls -a "{disk}" && "{sys.executable}" -c \'import torch,sys; print("KEPT", torch.load(sys.argv[1], '
+              f'weights_only=True)["w"].shape[0])\' "{disk}/last.ckpt"')
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    if "mount" in proc.stderr and proc.returncode != 0:
+        pytest.skip(f"cannot mount here: {proc.stderr.strip()}")
+    assert f"ERROR [Errno 28] no space left on {disk} while writing last.ckpt" in proc.stdout, proc.stdout + proc.stderr
+    assert "the previous last.ckpt is kept" in proc.stdout and "KEPT 10" in proc.stdout
+    assert ".tmp" not in proc.stdout  # no partial temp file left behind
+
+
+@pytest.mark.smoke
+def test_a_truncated_last_ckpt_names_the_newest_intact_step_checkpoint(tmp_path, monkeypatch):
+    from src.train import train
+    from src.utils.config import ConfigError
+    from tests.helpers import tiny_run_cfg
+
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    train(tiny_run_cfg("seedx_detok_pretrain_tiny", out, FAST))
+    for name in ("last.ckpt", "step_0000002.ckpt"):  # a crash while copying the folder, say
+        data = (ckpts / name).read_bytes()
+        (ckpts / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match=rf"ckpt_path='.*last\.ckpt' cannot be read \(truncated or corrupted: .*\); "
+                                          rf"the newest intact checkpoint beside it is {re.escape(str(ckpts))}/"
+                                          rf"step_0000001\.ckpt: use ckpt_path=.*step_0000001\.ckpt"):
+        train(tiny_run_cfg("seedx_detok_pretrain_tiny", out, [*FAST, "trainer.max_steps=3",
+                                                              f"ckpt_path={ckpts / 'last.ckpt'}"]))
+
+
+@pytest.mark.parametrize(("parts", "family"), [
+    (["agent", "detokenizer", "llm", "vit"], "seedx_mllm"), (["detokenizer", "vit"], "detokenizer"),
+    (["llm"], "seed_llama"), (["eva_vit", "qformer"], "seed_qformer"),
+    (["eva_vit", "qformer", "seed_codec", "seed_decoder"], "seed_tokenizer"), ([], None)])
+def test_checkpoints_without_a_recorded_family_are_known_by_their_model_parts(parts, family):
+    from src.stages.checkpoint_kind import checkpoint_family
+
+    assert checkpoint_family({"hyper_parameters": {"model": {part: {} for part in parts}}}) == family

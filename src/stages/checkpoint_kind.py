@@ -3,8 +3,8 @@ model is built (a de-tokenizer checkpoint as an MLLM's `stage.init_from` would o
 the build, after the trainer and W&B started).
 
 Every :class:`~src.stages.base.StageModule` writes its ``checkpoint_family`` into its checkpoints
-(``checkpoint["stage_family"]``). Checkpoints written before that are recognised by their hyper-parameters
-(the constructor arguments only one family has); where neither says, the kind is unknown and not refused
+(``checkpoint["stage_family"]``). Checkpoints written before that are recognised by the model parts their
+hyper-parameters configure; where neither says, the kind is unknown and not refused
 here (the build's own key checks still apply).
 """
 
@@ -22,8 +22,10 @@ FAMILIES = {
     "seed_qformer": "a SEED tokenizer stage-1 checkpoint (seed_tokenizer_qformer)",
     "seed_tokenizer": "a SEED tokenizer checkpoint (seed_tokenizer_v1, seed_tokenizer_v2)",
 }
-# Constructor arguments that only one family's stage takes (checkpoints without FAMILY_KEY).
-_ONLY_IN = (("guidance_scale", "detokenizer"), ("full_finetune", "seed_llama"), ("lora", "seedx_mllm"))
+# Checkpoints without FAMILY_KEY: the first model part (hyper_parameters["model"]) only that family (and the
+# ones after it) builds: the SEED-X MLLM also holds a detokenizer config, a SEED tokenizer a qformer.
+_MODEL_PARTS = (("agent", "seedx_mllm"), ("detokenizer", "detokenizer"), ("seed_codec", "seed_tokenizer"),
+                ("qformer", "seed_qformer"), ("llm", "seed_llama"))
 
 
 class WrongCheckpointKind(ValueError):
@@ -35,8 +37,9 @@ def checkpoint_family(checkpoint: dict) -> str | None:
     family = checkpoint.get(FAMILY_KEY)
     if isinstance(family, str):
         return family
-    hp = checkpoint.get("hyper_parameters") or {}
-    return next((family for key, family in _ONLY_IN if key in hp), None)
+    model = (checkpoint.get("hyper_parameters") or {}).get("model")
+    model = model if isinstance(model, dict) else {}
+    return next((family for part, family in _MODEL_PARTS if part in model), None)
 
 
 def check_checkpoint_kind(checkpoint: dict, path: str | Path, key: str, expected: str | tuple[str, ...]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import pickle
 import re
@@ -74,11 +75,32 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = _out_of_space(path.parent, e)  # before the partial temp file is removed (it filled the disk)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if full:
+            raise OSError(errno.ENOSPC, f"no space left on {path.parent} while writing {path.name} "
+                                        f"({type(e).__name__}: {e}); the previous {path.name} is kept") from e
         raise
     fsync_dir(path.parent)
+
+
+_NEARLY_FULL = 1 << 20  # bytes: less than this left beside a failed write means the disk filled up
+
+
+def _out_of_space(folder: Path, e: BaseException) -> bool:
+    """Whether a failed write ran out of space: ENOSPC / EDQUOT, or (torch's zip writer reports a short write
+    as "unexpected pos", no errno) an error while the folder's file system is full."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(e, (OSError, RuntimeError)):
+        return False
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _NEARLY_FULL
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -181,6 +203,10 @@ class UnsafeCheckpoint(ValueError):
     """A checkpoint whose pickle names code (a class or function beyond tensors and plain containers)."""
 
 
+class UnreadableCheckpoint(RuntimeError):
+    """A truncated or corrupted checkpoint; the message names the newest intact one beside it."""
+
+
 # torch.distributed.checkpoint reads a sharded directory's `.metadata` with plain `pickle.load` (torch's
 # weights-only unpickler cannot read its protocol-4 frames), so it is checked first with an unpickler that
 # resolves only the globals DCP's own metadata is made of.
@@ -238,14 +264,39 @@ def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict:
     if not meta.is_file():
         return {}
     try:
-        try:  # memory-mapped: every rank of an SFT start reads it, and optimiser states are never touched
-            return torch.load(meta, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # legacy (non-zip) format cannot be mapped
-            if "mmap" not in str(e):
-                raise
-            return torch.load(meta, map_location="cpu", weights_only=True)
+        return _load(meta)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpoint(_refusal(path, key, e)) from None
+    except (RuntimeError, EOFError) as e:  # a truncated or corrupted file
+        intact = newest_intact_checkpoint(p.parent, skip=p)
+        hint = (f"the newest intact checkpoint beside it is {intact}: use {key}={intact}" if intact
+                else "no intact step_*.ckpt beside it")
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UnreadableCheckpoint(f"{key}={str(path)!r} cannot be read (truncated or corrupted: {first}); "
+                                   f"{hint}") from None
+
+
+def _load(meta: Path) -> dict:
+    try:  # memory-mapped: every rank of an SFT start reads it, and optimiser states are never touched
+        return torch.load(meta, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:  # legacy (non-zip) format cannot be mapped
+        if "mmap" not in str(e):
+            raise
+        return torch.load(meta, map_location="cpu", weights_only=True)
+
+
+def newest_intact_checkpoint(folder: str | Path, skip: Path | None = None) -> Path | None:
+    """The newest `step_*.ckpt` file in `folder` that reads (zero-padded step names sort in step order);
+    memory-mapped, so a check costs the archive's index, not its tensors."""
+    for candidate in sorted(Path(folder).glob("step_*.ckpt"), reverse=True):
+        if not candidate.is_file() or (skip is not None and candidate.resolve() == skip.resolve()):
+            continue
+        try:
+            _load(candidate)
+        except Exception:  # noqa: BLE001, S112 - any failure to read means not intact
+            continue
+        return candidate
+    return None
 
 
 def checkpoint_tensors(path: str | Path, checkpoint: dict, key: str = "ckpt_path") -> dict[str, torch.Tensor]:

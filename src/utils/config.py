@@ -499,7 +499,7 @@ def _checkpoint_kind_problems(stage, ckpt_path: str | None) -> list[tuple[str, s
     """`stage.init_from` and a resume `ckpt_path` of the wrong kind (a de-tokenizer checkpoint where an MLLM
     one belongs ...), named here instead of deep inside the build (src/stages/checkpoint_kind.py)."""
     from src.stages.checkpoint_kind import WrongCheckpointKind, check_checkpoint_kind
-    from src.utils.checkpoint import UnsafeCheckpoint, read_checkpoint
+    from src.utils.checkpoint import UnreadableCheckpoint, UnsafeCheckpoint, read_checkpoint
 
     problems = []
     for key, path, family in (("stage.init_from", getattr(stage, "init_from", None), getattr(stage, "init_from_family", None)),
@@ -509,7 +509,7 @@ def _checkpoint_kind_problems(stage, ckpt_path: str | None) -> list[tuple[str, s
             continue  # absent (reported above), an exported folder, or a special name such as `last`
         try:
             check_checkpoint_kind(read_checkpoint(p, key), p, key, family)
-        except (WrongCheckpointKind, UnsafeCheckpoint) as e:
+        except (WrongCheckpointKind, UnsafeCheckpoint, UnreadableCheckpoint) as e:
             problems.append((key, str(e)))
     return problems
 

@@ -4,6 +4,8 @@
   drops it when the process ends (even on SIGKILL), so a crashed run never leaves a stale lock; the file
   says who holds it (pid, host, start time) for the message of a run that finds it taken. flock is per
   host on most network file systems: two hosts writing one folder are not caught there.
+* :func:`check_writable`: the output folder and the checkpoint folders take a file (a probe written and
+  removed) before anything is built, not at the first checkpoint save, after hours of training.
 * :func:`check_previous_run`: a folder that already holds a run (its ``config.yaml``, ``metrics.json`` or
   checkpoints) is refused unless the new run resumes from it (``ckpt_path=`` inside it, or Lightning's
   ``last``) or the user says ``paths.overwrite=true``, which clears its checkpoints and metrics.json first
@@ -17,11 +19,12 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Self
 
-__all__ = ["OutputFolderInUse", "OutputLock", "check_previous_run"]
+__all__ = ["OutputFolderInUse", "OutputLock", "OutputNotWritable", "check_previous_run", "check_writable"]
 
 LOCK_FILE = ".run.lock"
 RUN_MARKERS = ("config.yaml", "metrics.json")  # written by every src.train run (start, end)
@@ -31,6 +34,28 @@ _SPECIAL_CKPT_PATHS = ("last", "hpc", "registry")  # Lightning finds these in th
 
 class OutputFolderInUse(RuntimeError):
     """The output folder is held by a live run, or holds a finished or stopped one."""
+
+
+class OutputNotWritable(OSError):
+    """A folder the run writes into does not take files."""
+
+
+def check_writable(folders: dict[str, str | Path]) -> None:
+    """Raise :class:`OutputNotWritable` naming each `{config key: folder}` that does not take a file (a folder
+    not made yet: its nearest existing parent, where the run will make it)."""
+    problems = []
+    for key, folder in folders.items():
+        probe = Path(folder).absolute()
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError as e:
+            problems.append(f"{key}={str(folder)!r} is not writable ({probe}: {e.strerror or e})")
+    if problems:
+        raise OutputNotWritable("; ".join(problems) + ": the run would crash at its first save, losing every "
+                                "step before it. Make it writable or pick another folder")
 
 
 class OutputLock:
