@@ -288,3 +288,30 @@ def test_skips_of_unnamed_shard_sources_carry_the_shard_name(tmp_path):
     # the shard reader by itself, as data_prep/precompute_features uses it
     skipped = [r for r in read_shards(pattern, check_images=False) if isinstance(r, SkippedSample)]
     assert {s.source for s in skipped} == {"laion"} and len(skipped) == 6
+
+
+# ------------------------------------------------------------------------------------------ grids (issue 27 item 5)
+def test_a_record_grid_outside_the_experiments_grids_is_skipped_before_any_pixel_work(tmp_path):
+    """A record's own `"grid": "1000x1000"` would tile a million views: it is skipped (grid_not_allowed) before
+    the image is even opened (here it does not exist, and the skip is still the grid's)."""
+    from transformers import AutoTokenizer
+
+    from src.data.mllm_sequence import SeedXSequenceBuilder
+    from src.models.vocab import add_seedx_tokens
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    add_seedx_tokens(tok)
+    builder = SeedXSequenceBuilder(tok, vit_image_size=28, max_length=4096, grids=("1x1", "2x2"))
+    Image.new("RGB", (60, 60), "red").save(tmp_path / "square.png")
+
+    def record(image, grid):
+        return {"id": f"g/{grid}", "source": "g", "_base_dir": str(tmp_path), "_where": "test",
+                "turns": [{"role": None, "content": [{"image": image, "grid": grid}, {"text": "a square"}]}]}
+
+    skipped = builder(record("nowhere.png", "1000x1000"))["skipped"]
+    assert (skipped.reason, skipped.id) == ("grid_not_allowed", "g/1000x1000")
+    assert "grid '1000x1000' is not one of the experiment's data.grids ['1x1', '2x2']" in skipped.detail
+    assert builder(record("square.png", "2x2"))["vit_pixels"].shape[0] == 5  # an allowed grid: 4 tiles + global
+    generated = record("square.png", "9x9")
+    generated["turns"][0]["content"][0]["generate"] = True  # a generated image has one view whatever it says
+    assert "skipped" not in builder(generated)
