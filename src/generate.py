@@ -243,6 +243,31 @@ def seed_tokenizer_recon(cfg: DictConfig, mode: str, requests: list[dict], out: 
     return results
 
 
+def check_request_images(requests: list[dict]) -> None:
+    """Every input image of the requests decodes (a text file given as image= fails here, naming it and its
+    request, not after the model is built)."""
+    from src.data.records import BadSample, load_image
+
+    for rec in requests:
+        for item in (it for t in rec["turns"] for it in t["content"] if "image" in it and not it.get("generate")):
+            try:
+                load_image(rec, item)
+            except BadSample as e:
+                raise ValueError(f"request {rec['id']!r}: image {item['image']!r} is not a readable image "
+                                 f"({e.reason}: {e.detail})") from None
+
+
+def check_checkpoint_kinds(cfg: DictConfig, family: str) -> None:
+    """`ckpt_path` of the experiment's kind and `detok_ckpt_path` a de-tokenizer's, before any model is built
+    (each is read again, memory-mapped, where its model is built)."""
+    from src.stages.checkpoint_kind import check_checkpoint_kind
+    from src.utils.checkpoint import read_checkpoint
+
+    for key, expected in (("ckpt_path", family), ("detok_ckpt_path", "detokenizer")):
+        if cfg.get(key):
+            check_checkpoint_kind(read_checkpoint(cfg[key], key), cfg[key], key, expected)
+
+
 def generate(cfg: DictConfig) -> list[dict]:
     mode = cfg.mode
     spec = mode_of(mode)
@@ -251,6 +276,8 @@ def generate(cfg: DictConfig) -> list[dict]:
     if not (seed_llama or seed_tokenizer):
         check_experiment(cfg, mode)
     requests = load_requests(cfg.get("requests"), cfg.get("prompt"), cfg.get("image"), mode)
+    check_request_images(requests)
+    check_checkpoint_kinds(cfg, "seed_llama" if seed_llama else "seed_tokenizer" if seed_tokenizer else "seedx_mllm")
     checkpoint = None
     if spec.uses_llm and not (seed_llama or seed_tokenizer) and cfg.get("ckpt_path"):
         from src.utils.checkpoint import read_checkpoint

@@ -16,9 +16,12 @@ import hydra
 import lightning as L
 from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from src.utils.checkpoint import check_sharded_metadata
 from src.utils.config import check_config
+from src.utils.output_guard import OutputLock, check_previous_run, check_writable
 from src.utils.run import instantiate_named, pin_output_dir, save_resolved_config, write_metrics_json
 from src.utils.tracking import configure_wandb, describe_runs
 
@@ -29,6 +32,25 @@ def train(cfg: DictConfig, overrides=(), choices=None,
           multirun_dir: str | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     check_config(cfg, overrides, choices, for_training=True)  # every problem at once, before any build
     out = Path(cfg.paths.output_dir)
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and Path(ckpt).is_dir():
+        check_sharded_metadata(ckpt)  # DCP unpickles `.metadata` as it is: refuse one that names code first
+    lock = None
+    if rank_zero_only.rank == 0:  # one process per run guards its folder (other ranks share it)
+        check_writable({"paths.output_dir": out, **{f"callbacks.{name}.dirpath": node.dirpath
+                                                    for name, node in (cfg.get("callbacks") or {}).items()
+                                                    if node is not None and node.get("dirpath")}})
+        lock = OutputLock(out).acquire()  # refuses while another run holds the folder
+    try:
+        if lock is not None:
+            check_previous_run(out, ckpt, bool(cfg.paths.get("overwrite", False)))
+        return _fit(cfg, out, overrides, choices, multirun_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(cfg: DictConfig, out: Path, overrides, choices, multirun_dir: str | None):
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data)

@@ -94,7 +94,14 @@ def lean_checkpoint(module, path) -> None:
 
 
 def wandb_records(run_dir) -> dict[str, list]:
-    """The records of an offline run's .wandb file, by kind (run, config, history, ...)."""
+    """The records of an offline run's .wandb file, by kind (run, config, history, ...).
+
+    W&B's service process writes the file: `run.finish()` can return before it has written every record
+    (a table's artifact record came late under CPU load), so the service is torn down first; teardown
+    waits until it has flushed everything and exited (the next wandb.init starts a new one)."""
+    import wandb
+
+    wandb.teardown()
     from wandb.proto import wandb_internal_pb2 as pb
     from wandb.sdk.internal import datastore
 
@@ -131,3 +138,39 @@ def trained_tiny_stage(experiment: str, tmp):
 
 def trained_tiny_mllm(tmp):
     return trained_tiny_stage("seedx_pretrain_tiny", tmp)
+
+
+
+class AllBadBatch(L.Callback):
+    """Test callback: every sample of the training batches numbered `batch_indices` (0-based, in loading order)
+    arrives skipped, through the datamodule's own collate, as a real all-bad batch would (every callback and
+    the stage see it); only on global rank `rank` when given. Needs `data.num_workers=0` (the count is kept in
+    this process)."""
+
+    def __init__(self, batch_indices: list[int], rank: int | None = None) -> None:
+        self.batch_indices, self.rank = set(batch_indices), rank
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
+        datamodule = trainer.datamodule
+        make_loader = datamodule.train_dataloader
+        indices = self.batch_indices
+
+        def train_dataloader():
+            loader = make_loader()
+            collate, calls = loader.collate_fn, [0]
+
+            def collate_all_bad(samples):
+                n, calls[0] = calls[0], calls[0] + 1
+                if n not in indices:
+                    return collate(samples)
+                from src.data.records import SkippedSample
+
+                return collate([{"skipped": SkippedSample("missing_file", "all_bad", f"all_bad/{n}.{i}", "AllBadBatch")}
+                                for i in range(len(samples))])
+
+            loader.collate_fn = collate_all_bad
+            return loader
+
+        datamodule.train_dataloader = train_dataloader

@@ -229,3 +229,43 @@ def test_two_process_checkpoint_resumes_in_one_with_each_sample_seen_once(tmp_pa
                   f"ckpt_path={ckpt}"), timeout=400)
     second = seen(one)
     assert Counter(first + second) == Counter(epoch_ids), (first, second)  # each exactly once
+
+
+def _copy_stream(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.unit
+def test_a_truncated_shard_is_skipped_and_counted_by_its_shard_name(tmp_path, mllm_stream):
+    """Issue 27 item 6: a shard cut short (a copy that did not finish) skips the samples past its end as
+    bad_shard, named by the shard, instead of an IndexError a step into the run."""
+    stream = _copy_stream(mllm_stream, tmp_path / "stream")
+    (shard,) = sorted((stream / "captions").glob("shard.*.mds"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    items = raw_ids(stream, ["captions", "edit"], shuffle=False)
+    skipped = [i["skipped"] for i in items if "skipped" in i]
+    records = [i for i in items if "skipped" not in i]
+    assert len(items) == 18 and 0 < len(skipped) < 10
+    assert {s.reason for s in skipped} == {"bad_shard"} and {s.source for s in skipped} == {"captions"}
+    assert all(s.where.startswith(f"{stream}/captions/{shard.name}:") for s in skipped)
+    assert sum(f"{stream}/edit:" in r["_where"] for r in records) == 8  # the other source is untouched
+
+
+@pytest.mark.unit
+def test_an_index_listing_a_missing_shard_names_the_shard(tmp_path, mllm_stream):
+    from src.data.mllm import MLLMDataModule
+
+    stream = _copy_stream(mllm_stream, tmp_path / "stream")
+    (shard,) = sorted((stream / "edit").glob("shard.*.mds"))
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"shard {re.escape(str(shard))} is listed in .*edit/index.json "
+                                                r"but missing"):
+        raw_ids(stream, ["captions", "edit"])
+    kw = {"tokenizer_path": str(ROOT / "assets" / "tokenizers" / "tiny-llama"),
+          "train_sources": [{"path": s.path, "name": s.name, "weight": s.weight} for s in MLLM_SOURCES]}
+    with pytest.raises(ValueError, match=rf"data.stream_dir: shard {re.escape(str(shard))} is listed"):
+        MLLMDataModule(**kw, stream_dir=str(stream))

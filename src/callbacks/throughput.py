@@ -120,9 +120,11 @@ class ThroughputMonitor(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._throughput is None:
             return
-        self._batches += 1
+        samples = int(pl_module.batch_size_of(batch)) if hasattr(pl_module, "batch_size_of") else 0
+        # Throughput needs samples >= batches: a batch whose samples were all skipped is step time, not a batch.
+        self._batches += 1 if samples else 0
         self._window_batches += 1
-        self._samples += int(pl_module.batch_size_of(batch)) if hasattr(pl_module, "batch_size_of") else 0
+        self._samples += samples
         tokens = pl_module.tokens_of(batch) if hasattr(pl_module, "tokens_of") else None
         if tokens is None:
             self._has_tokens = False  # for the rest of the run: Throughput's windows must stay aligned

@@ -33,6 +33,18 @@ def parse_grid(s: str) -> tuple[int, int]:
     return ncols, nrows
 
 
+def grid_refusal(item: dict, grids: Sequence[str]) -> str | None:
+    """Why a comprehension image item's own ``"grid"`` may not be used: it is not one of the experiment's
+    allowed ``grids`` (a record's ``"1000x1000"`` would tile a million views before any length check).
+    None for ``"any"``, an allowed grid, or a generated image (global view only)."""
+    grid = item.get("grid", "any")
+    if item.get("generate", False) or grid == "any":
+        return None
+    if parse_grid(grid) in {parse_grid(g) for g in grids}:
+        return None
+    return f"grid {grid!r} is not one of the experiment's data.grids {list(grids)}"
+
+
 def grid_resolutions(grids: Sequence[str] = DEFAULT_GRIDS, tile: int = DEFAULT_TILE) -> list[tuple[int, int]]:
     """Pinpoint (width, height) in pixels for each grid, in the given order (order breaks ties)."""
     if tile < 1:

@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Sequence
 
+from src.data.records import BadSample
 from src.models.vocab import BOX_END, BOX_START, LOC_TOKEN, NUM_LOC_TOKENS
 
 DEFAULT_BINS = NUM_LOC_TOKENS  # one <loc-N> token per grid value
@@ -74,6 +75,10 @@ def quantize_box(
     x0, y0, x1, y1 = (float(v) for v in box)
     if x1 < x0 or y1 < y0:
         raise ValueError(f"box: needs x0 <= x1 and y0 <= y1, got {box!r}")
+    if x0 > width or y0 > height or x1 < 0 or y1 < 0 or (x1 > x0 and (x0 >= width or x1 <= 0)) or (
+            y1 > y0 and (y0 >= height or y1 <= 0)):
+        # Clipped, it would be a zero-size box at an edge, trained as if it marked something there.
+        raise BadSample("box_outside_image", f"box {list(box)!r} lies wholly outside the {width:g}x{height:g} image")
     # Clip to the image first so out-of-frame annotations still describe the visible part.
     x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
     y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)

@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from src.data.any_res import DEFAULT_GRIDS, parse_grid, select_grid, tile_image, tile_positions
+from src.data.any_res import DEFAULT_GRIDS, grid_refusal, parse_grid, select_grid, tile_image, tile_positions
 from src.data.bbox import orient_box, oriented_size, quantize_box
 from src.data.images import vit_view
 from src.data.records import (
@@ -415,6 +415,8 @@ class SeedXSequenceBuilder:
             for j, item in enumerate(turn["content"]):
                 if "text" in item:
                     self._check_text(item["text"], f"turns[{i}].content[{j}].text")
+                elif "image" in item and (why := grid_refusal(item, self.grids)):  # before any pixel work
+                    raise BadSample("grid_not_allowed", f"turns[{i}].content[{j}]: {why}")
         # After the text checks, so a record skips with the same reason either way; text-only: no entry.
         feats = self.features.load(record) if self.features is not None and record_images(record) else None
 

@@ -62,7 +62,8 @@ A record's image item names its member by that extension, e.g. ``{"image": "jpg"
 Skip reasons (``BadSample.reason``): ``bad_json``, ``bad_schema``, ``empty_text``, ``missing_json`` (shard
 sample without ``.json``), ``missing_file`` (absent file or shard member), ``path_outside_root`` (an
 image path that resolves outside the source's root and ``allowed_roots``), ``corrupt_image``,
-``image_too_small``, ``bad_aspect_ratio``, ``image_too_large``, ``bad_shard`` (unreadable / truncated tar).
+``image_too_small``, ``bad_aspect_ratio``, ``image_too_large``, ``bad_shard`` (unreadable / truncated tar),
+``bad_turn_order`` and ``control_text_in_chat`` (chats that are not chats: :func:`validate_chat`).
 
 Skips of a shard sample whose record names no source are reported under the shard's name
 (:func:`shard_source_name`: ``laion-000003.tar`` and ``laion-{000000..000009}.tar`` -> ``laion``), as a
@@ -95,6 +96,7 @@ _GRID = re.compile(r"^(any|[1-9][0-9]*x[1-9][0-9]*)$")
 ORIENTATION_KEY = "exif_orientation"  # info key of load_image's result: the EXIF orientation (1-8) it undid
 
 __all__ = [
+    "CHAT_CONTROL_TEXT",
     "ORIENTATION_KEY",
     "BadSample",
     "SkipCounter",
@@ -108,6 +110,7 @@ __all__ = [
     "record_images",
     "record_text",
     "shard_source_name",
+    "validate_chat",
     "validate_record",
 ]
 
@@ -229,6 +232,44 @@ def validate_record(obj: Any) -> dict:
     return obj
 
 
+# Text that the chat templates use to mark turns (SEED-X's Llama-2 `[INST] ... [/INST]`, `<<SYS>>`, the
+# sequence marks `<s>` / `</s>`, SEED-LLaMA's `USER:` / `ASSISTANT:`): inside a turn's content it would
+# forge turn boundaries the model then learns word for word.
+CHAT_CONTROL_TEXT: tuple[str, ...] = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<s>", "</s>", "USER:", "ASSISTANT:")
+
+
+def validate_chat(obj: dict, control_text: Iterable[str] = CHAT_CONTROL_TEXT) -> dict:
+    """Check the turns of a chat (a record with user / assistant turns; documents pass) and return it.
+
+    ``bad_turn_order``: a system turn after the first turn, an assistant turn before any user turn, two user
+    turns in a row, or no assistant turn at all (nothing to learn); ``control_text_in_chat``: a text item
+    holding the templates' own turn markers (:data:`CHAT_CONTROL_TEXT`). The same rules as torchtune's
+    message validation and the Llama reference chat code. Training readers apply it (generation prompts
+    are user-only chats by nature and are validated with :func:`validate_record` alone)."""
+    roles = [turn.get("role") for turn in obj["turns"]]
+    if not any(r in ("user", "assistant") for r in roles):
+        return obj
+    previous = None
+    for i, role in enumerate(roles):
+        if role == "system" and i > 0:
+            raise BadSample("bad_turn_order", f"turns[{i}] is a system turn; only the first turn may be one")
+        if role == "assistant" and "user" not in roles[:i]:
+            raise BadSample("bad_turn_order", f"turns[{i}] is an assistant turn before any user turn")
+        if role == "user" and previous == "user":
+            raise BadSample("bad_turn_order", f"turns[{i - 1}] and turns[{i}] are two user turns in a row")
+        previous = role
+    if "assistant" not in roles:
+        raise BadSample("bad_turn_order", "a chat with no assistant turn (nothing to learn)")
+    marks = tuple(control_text)
+    for i, turn in enumerate(obj["turns"]):
+        for j, item in enumerate(turn["content"]):
+            found = next((m for m in marks if m in item.get("text", "")), None)
+            if found:
+                raise BadSample("control_text_in_chat", f"turns[{i}].content[{j}].text contains the chat "
+                                                        f"template's control text {found!r}")
+    return obj
+
+
 def record_images(record: dict) -> list[dict]:
     """All image items of a record, in order."""
     return [item for turn in record["turns"] for item in turn["content"] if "image" in item]
@@ -277,7 +318,7 @@ def read_jsonl(path: str | Path, source: str | None = None,
                     raise BadSample("bad_json", str(e)) from None
                 if source is not None and isinstance(obj, dict):
                     obj.setdefault("source", source)
-                validate_record(obj)
+                validate_chat(validate_record(obj))
             except BadSample as e:
                 yield e.to_skipped(_str_or_none(obj, "source") or fallback, _str_or_none(obj, "id"), where)
                 continue
@@ -379,7 +420,7 @@ def _shard_sample_to_record(sample: dict, source: str | None, check_images: bool
             raise BadSample("bad_json", f"{key}.json: {e}") from None
         if source is not None and isinstance(obj, dict):
             obj.setdefault("source", source)
-        validate_record(obj)
+        validate_chat(validate_record(obj))
         obj["_blobs"] = {k: v for k, v in sample.items() if not k.startswith("__") and k != "json"}
         obj["_where"] = where
         for item in record_images(obj):

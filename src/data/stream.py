@@ -25,7 +25,9 @@ source gets exactly its share of ``epoch_size`` samples an epoch, up to rounding
 position, i.e. what the *model* consumed, counted by :class:`~src.data.position.ResumableDataModule`
 (:class:`StreamOrder` is the sampler interface it counts with) and handed to the library when the loader
 is built; the record schema; skip accounting (bad samples come out of the builders as ``{"skipped": ...}``).
-At the end of an epoch the library pads each rank's share with up to ``world size - 1`` repeated samples
+A sample that cannot be read from its shard (a truncated or damaged file) comes out as a ``bad_shard`` skip
+naming the shard; a shard that an ``index.json`` lists but that is missing is refused by name when the
+stream dir is checked (before any model is built). At the end of an epoch the library pads each rank's share with up to ``world size - 1`` repeated samples
 (equal shares on every rank); the in-memory path drops them instead.
 """
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +44,9 @@ from typing import Any
 FORMAT = "seedx-stream/1"
 MANIFEST = "stream.json"
 COLUMNS = {"record": "json", "members": "json", "blobs": "bytes"}
+# What reading a sample of a truncated or damaged shard raises (offsets past the end of the file, a short
+# or garbled column, a shard file gone): the sample is skipped as ``bad_shard``, named by its shard.
+SHARD_ERRORS = (IndexError, ValueError, KeyError, TypeError, EOFError, OSError, struct.error)
 
 __all__ = ["COLUMNS", "FORMAT", "MANIFEST", "StreamOrder", "StreamSettings", "decode_sample", "encode_sample", "is_remote",
            "open_stream", "stream_problem"]
@@ -94,6 +100,26 @@ def stream_problem(path: str | None, names: list[str] | None = None) -> str | No
         have = sorted(p.parent.name for p in root.glob("*/index.json"))
         return (f"stream dir {str(path)!r} has no stream for training source(s) {missing} (it has {have}); "
                 f"stream names are the sources' names ({hint})")
+    for name in names or ():
+        problem = _missing_shards(root / name)
+        if problem:
+            return problem
+    return None
+
+
+def _missing_shards(stream: Path) -> str | None:
+    """A shard that the stream's index.json lists but that is not there (the library would ask for a remote
+    to download it from), named; None when every shard is present."""
+    index = stream / "index.json"
+    try:
+        shards = json.loads(index.read_text()).get("shards") or []
+    except (OSError, ValueError, AttributeError) as e:
+        return f"{index} is unreadable ({type(e).__name__}: {e})"
+    for shard in shards:
+        files = [(shard.get(k) or {}).get("basename") for k in ("raw_data", "zip_data")]
+        files = [f for f in files if f]
+        if files and not any((stream / f).is_file() for f in files):
+            return f"shard {stream / files[0]} is listed in {index} but missing"
     return None
 
 
@@ -167,15 +193,23 @@ def _record_stream_class():
     class RecordStream(StreamingDataset):
         """A StreamingDataset whose items are samples of ``build`` (a record -> sample builder)."""
 
-        def __init__(self, *, build: Callable[[dict], dict], wheres: list[str], draws: bool = False,
-                     **kwargs) -> None:
+        def __init__(self, *, build: Callable[[dict], dict], names: list[str], wheres: list[str],
+                     draws: bool = False, **kwargs) -> None:
             super().__init__(**kwargs)
-            self.build, self.wheres, self.draws = build, wheres, draws
+            self.build, self.names, self.wheres, self.draws = build, names, wheres, draws
 
         def get_item(self, sample_id: int, retry: int = 7) -> Any:
-            raw = super().get_item(sample_id, retry)
-            stream = int(self.stream_per_shard[self.spanner[sample_id][0]])
-            record = decode_sample(raw, self.wheres[stream])
+            shard_id = self.spanner[sample_id][0]
+            stream = int(self.stream_per_shard[shard_id])
+            try:
+                raw = super().get_item(sample_id, retry)
+                record = decode_sample(raw, self.wheres[stream])
+            except SHARD_ERRORS as e:  # a truncated or damaged shard: this sample is skipped, the run goes on
+                from src.data.records import SkippedSample
+
+                shard = f"{self.wheres[stream]}/{self.shards[shard_id].raw_data.basename}"
+                return {"skipped": SkippedSample("bad_shard", self.names[stream], None, f"{shard}:{sample_id}",
+                                                 f"{type(e).__name__}: {e}"[:500])}
             if not self.draws:
                 return self.build(record)
             # which use of the record: (epoch, sample id); the library pre-increments next_epoch while an epoch
@@ -225,7 +259,8 @@ def open_stream(stream_dir: str, names: list[str], build: Callable[[dict], dict]
             kw["proportion"] = float(weights[k]) / float(sum(weights))
         streams.append(Stream(**kw))
     dataset = _record_stream_class()(
-        build=build, wheres=[f"{str(stream_dir).rstrip('/')}/{n}" for n in names], streams=streams, draws=draws,
+        build=build, names=list(names), wheres=[f"{str(stream_dir).rstrip('/')}/{n}" for n in names], streams=streams,
+        draws=draws,
         epoch_size=epoch_size, shuffle=shuffle, shuffle_seed=int(seed) % 2**31, batch_size=batch_size,
         num_canonical_nodes=num_canonical_nodes, partition_algo="orig")
     return dataset, StreamOrder(dataset, seed, num_canonical_nodes)

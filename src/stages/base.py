@@ -20,6 +20,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_
 
 from src.data.position import loader_generator
 from src.parallel import FSDP2Strategy, block_classes, parallelize, writes_sharded_checkpoints
+from src.stages.checkpoint_kind import FAMILY_KEY
 from src.utils.constraints import Fraction, NonNegativeInt
 from src.utils.materialize import TensorSource, clean_name, materialize
 from src.utils.weights import RequiredPath, check_paths
@@ -66,6 +67,7 @@ def build_lr_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int
 class StageModule(L.LightningModule):
     # Plain-dict constructor arguments and the dataclass that says which keys/values they take.
     config_schemas: ClassVar[dict[str, type]] = {"scheduler": SchedulerConfig}
+    checkpoint_family: ClassVar[str | None] = None  # which kind its checkpoints are (checkpoint_kind.py)
 
     def __init__(
         self,
@@ -85,6 +87,7 @@ class StageModule(L.LightningModule):
         self.nonfinite_loss = nonfinite_loss
         self.nonfinite_steps = 0
         self._last_good_batch: dict | None = None
+        self._every_rank_has_good_batch = False
         self._built = False
         # Samples / tokens trained on, all ranks (this rank's count x world size): alternative x-axes of every
         # curve (progress/*), kept in the checkpoint so a resume continues them.
@@ -184,8 +187,12 @@ class StageModule(L.LightningModule):
         # bad replays its last good batch at zero weight, and a non-finite loss anywhere skips the step
         # everywhere (no backward, so no optimizer update).
         empty = self.batch_size_of(batch) == 0
-        if empty and self._last_good_batch is None:
-            return None
+        if not self._every_rank_has_good_batch:
+            # Until every rank holds a good batch to replay, a rank whose first batches are all bad has nothing
+            # to run: then every rank skips the step alike (one boolean all-reduce per step until then).
+            if self._any_rank(empty and self._last_good_batch is None):
+                return None
+            self._every_rank_has_good_batch = True
         losses = self.compute_losses(self._last_good_batch if empty else batch, "train")
         if empty:
             return losses["loss"] * 0.0
@@ -290,6 +297,8 @@ class StageModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["progress"] = dict(self.progress)
+        if self.checkpoint_family:  # so a checkpoint of the wrong kind is refused by name (checkpoint_kind.py)
+            checkpoint[FAMILY_KEY] = self.checkpoint_family
         # Sharded (distributed) checkpoints load against the full module state as a template, and each
         # rank writes only its shard anyway: keep everything there.
         if self.checkpoint_frozen or writes_sharded_checkpoints(self._trainer.strategy if self._trainer else None):

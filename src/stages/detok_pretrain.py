@@ -55,6 +55,8 @@ NOISE_SEED_KEY = "detok_noise_seed"  # top-level checkpoint entry
 
 
 class DetokPretrainModule(StageModule):
+
+    checkpoint_family = "detokenizer"  # written into its checkpoints (src/stages/checkpoint_kind.py)
     frozen_towers = ("vit", "vae")
     fsdp_blocks = (
         "src.models.qwen_vit.VisualAttentionBlock",

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.pipelines.detok import ImageDecoder
 from src.stages.base import StageModule
+from src.stages.checkpoint_kind import check_checkpoint_kind
 from src.stages.detok_cond import DetokCondModule
 from src.stages.detok_pretrain import DetokPretrainModule
 from src.stages.mllm_pretrain import MLLMPretrainModule
@@ -76,6 +77,7 @@ def build_mllm(stage_cfg: dict, ckpt_path: str | None = None, checkpoint: dict |
     cfg["optimizer"] = None
     if ckpt_path:
         checkpoint = checkpoint if checkpoint is not None else read_checkpoint(ckpt_path)
+        check_checkpoint_kind(checkpoint, ckpt_path, "ckpt_path", "seedx_mllm")
         hp = checkpoint.get("hyper_parameters") or {}
         if hp.get("init_from") and not cfg.get("init_from"):
             # An SFT checkpoint rebuilds the pre-trained start it trained on (its own init_from) unless told otherwise.
@@ -101,6 +103,7 @@ def build_detokenizer(model_cfg: dict, stage: str, ckpt_path: str | None = None,
     kwargs = {"model": copy.deepcopy(model_cfg), "negative": negative, "init_seed": init_seed}
     if ckpt_path:
         checkpoint = checkpoint if checkpoint is not None else read_checkpoint(ckpt_path, "detok_ckpt_path")
+        check_checkpoint_kind(checkpoint, ckpt_path, "detok_ckpt_path", "detokenizer")
         hp = checkpoint_hparams(checkpoint, ckpt_path, "detok_ckpt_path")
         if detok_stage_of(hp) != stage:
             want = "a stage-2 (seedx_detok_cond)" if stage == "stage2" else "a stage-1 (seedx_detok_pretrain)"
@@ -160,6 +163,7 @@ def build_image_tokenizer(ckpt_path: str | None, experiment: str | None, overrid
     checkpoint = None
     if ckpt_path:
         checkpoint = read_checkpoint(ckpt_path, keys[0])
+        check_checkpoint_kind(checkpoint, ckpt_path, keys[0], "seed_tokenizer")
         stage_cfg = checkpoint_hparams(checkpoint, ckpt_path, keys[0])
     elif experiment:
         stage_cfg = OmegaConf.to_container(compose_experiment(experiment, list(overrides)).stage, resolve=True)

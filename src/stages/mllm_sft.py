@@ -34,6 +34,8 @@ from src.stages.pretrained_start import PRETRAIN_LORA_MODES, MergedLoRA, Pretrai
 
 
 class MLLMSFTModule(PretrainedStart, MLLMPretrainModule):
+
+    init_from_family = "seedx_mllm"  # what stage.init_from must be (checked before any build)
     init_from_what = "a seedx_pretrain checkpoint (.ckpt or sharded dir) or src.export folder"
 
     def __init__(self, *args, **kwargs) -> None:

@@ -26,6 +26,8 @@ from src.utils.weights import RequiredPath, missing_weights_error
 
 
 class SeedLlamaModule(StageModule):
+
+    checkpoint_family = "seed_llama"  # written into its checkpoints (src/stages/checkpoint_kind.py)
     fsdp_blocks = ("transformers.models.llama.modeling_llama.LlamaDecoderLayer",)
     builds_empty = True
 
@@ -84,6 +86,8 @@ class SeedLlamaModule(StageModule):
 
 
 class SeedLlamaSFTModule(PretrainedStart, SeedLlamaModule):
+
+    init_from_family = "seed_llama"  # what stage.init_from must be (checked before any build)
     init_from_what = "a seed_llama_pretrain checkpoint (.ckpt or sharded dir)"
 
 

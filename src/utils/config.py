@@ -201,6 +201,61 @@ CUDA_STRATEGIES = {
 }
 _SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
+# What a `_target_` may name: the project's own packages and the library classes a config legitimately
+# builds. Anything else (builtins.open, torch.load, subprocess.Popen ...) is refused before it is even
+# imported: a config override must not be able to run arbitrary code. Entries ending in "." are packages.
+ALLOWED_TARGETS: tuple[str, ...] = (
+    "src.",
+    "data_prep.",
+    "tests.",  # test-only callbacks (tests/helpers.py ...)
+    "torch.optim.",
+    "lightning.pytorch.Trainer",
+    "lightning.pytorch.callbacks.",
+    "lightning.pytorch.loggers.",
+    "lightning.pytorch.strategies.",
+    "lightning.pytorch.plugins.",
+    "diffusers.schedulers.",
+)  # Hydra's own `hydra.*` nodes (launchers, sweepers) are Hydra's to build, not checked here
+
+
+# Functions of the project's packages a config may call (everything else there must be a class: a
+# function such as src.utils.run.atomic_write_text would write any file a config names).
+ALLOWED_FACTORIES: tuple[str, ...] = ("src.parallel.fsdp_strategy", "src.callbacks.checkpoint.timed_checkpoint")
+_PROJECT_PACKAGES = ("src.", "data_prep.", "tests.")
+
+
+def target_refusal(target: Any) -> str | None:
+    """Why a `_target_` is refused; None when the allow-list admits it (a project target is imported to
+    see that it is a class or an allowed factory; nothing else is imported)."""
+    listed = ", ".join(a + ("*" if a.endswith(".") else "") for a in ALLOWED_TARGETS)
+    if not isinstance(target, str) or not any(
+            target.startswith(a) if a.endswith(".") else target == a for a in ALLOWED_TARGETS):
+        return f"{target!r} is not an allowed _target_; allowed: {listed}"
+    if target.startswith(_PROJECT_PACKAGES) and target not in ALLOWED_FACTORIES:
+        module, _, name = target.rpartition(".")
+        try:
+            obj = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            return f"cannot import {target!r}: {e}"
+        if not inspect.isclass(obj):
+            return (f"{target!r} is a function, not a class; the functions a config may name are "
+                    f"{', '.join(ALLOWED_FACTORIES)}")
+    return None
+
+
+def target_problems(values: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Every `_target_` anywhere in the config (nested and in lists) that the allow-list does not admit."""
+    problems: list[tuple[str, str]] = []
+    items = values.items() if isinstance(values, dict) else enumerate(values) if isinstance(values, list) else ()
+    for key, value in items:
+        at = f"{prefix}.{key}" if prefix else str(key)
+        if key == "_target_" and isinstance(values, dict):
+            if (why := target_refusal(value)) is not None:
+                problems.append((at, why))
+        elif isinstance(value, (dict, list)):
+            problems += target_problems(value, at)
+    return problems
+
 
 def _check_node(values: dict, params: dict[str, Any], prefix: str, closed: bool, skip=(),
                 check_paths: bool = False) -> list[tuple[str, str]]:
@@ -364,7 +419,8 @@ def check_config(cfg: DictConfig, overrides: Sequence[str] = (), choices: dict |
                  for_training: bool = False) -> None:
     """Raise one ConfigError listing every problem, each with its key and where it was set.
 
-    Always: types and value constraints of every `_target_` node (nested ones such as the optimizer
+    Always: every `_target_` against :data:`ALLOWED_TARGETS` (first, refusing the rest before anything is
+    imported), types and value constraints of every `_target_` node (nested ones such as the optimizer
     included), the model config dataclasses, and dry constructions (optimizer on a dummy parameter,
     config dataclasses, the stage module, which builds no model). `for_training`: also what a run on
     this machine needs: every local path (weights, tokenizers, resume checkpoint) and CUDA when asked for.
@@ -379,6 +435,9 @@ def check_config(cfg: DictConfig, overrides: Sequence[str] = (), choices: dict |
     if problems:
         raise ConfigError(_format(problems, overrides, choices))
     values = OmegaConf.to_container(cfg, resolve=True)
+    refused = target_problems({k: v for k, v in values.items() if k != "hydra"})
+    if refused:  # before anything is imported or built
+        raise ConfigError(_format(refused, overrides, choices))
     if not values.get("paths", {}).get("output_dir"):
         problems.append(("paths.output_dir", "is not set"))
     problems += _value_problems(values, check_paths=for_training)
@@ -392,6 +451,8 @@ def check_config(cfg: DictConfig, overrides: Sequence[str] = (), choices: dict |
         ckpt = values.get("ckpt_path")
         if ckpt and ckpt not in _SPECIAL_CKPT_PATHS and not Path(ckpt).exists():
             problems.append(("ckpt_path", f"'{ckpt}' does not exist (a Lightning .ckpt or a distributed checkpoint folder)"))
+        if stage is not None:
+            problems += _checkpoint_kind_problems(stage, ckpt)
         problems += _cuda_problems(values, overrides, choices)
     if problems:
         raise ConfigError(_format(list(dict.fromkeys(problems)), overrides, choices))
@@ -432,6 +493,25 @@ def _dry_stage(node: dict):
     except Exception as e:  # noqa: BLE001 - reported with the key its message names, never swallowed
         err = e.__cause__ or e
         return None, [(_key_in_message(str(err), "stage"), f"{type(err).__name__}: {err}")]
+
+
+def _checkpoint_kind_problems(stage, ckpt_path: str | None) -> list[tuple[str, str]]:
+    """`stage.init_from` and a resume `ckpt_path` of the wrong kind (a de-tokenizer checkpoint where an MLLM
+    one belongs ...), named here instead of deep inside the build (src/stages/checkpoint_kind.py)."""
+    from src.stages.checkpoint_kind import WrongCheckpointKind, check_checkpoint_kind
+    from src.utils.checkpoint import UnreadableCheckpoint, UnsafeCheckpoint, read_checkpoint
+
+    problems = []
+    for key, path, family in (("stage.init_from", getattr(stage, "init_from", None), getattr(stage, "init_from_family", None)),
+                              ("ckpt_path", ckpt_path, getattr(stage, "checkpoint_family", None))):
+        p = Path(str(path)) if path else None
+        if not family or p is None or not (p.is_file() or (p / "meta.pt").is_file()):
+            continue  # absent (reported above), an exported folder, or a special name such as `last`
+        try:
+            check_checkpoint_kind(read_checkpoint(p, key), p, key, family)
+        except (WrongCheckpointKind, UnsafeCheckpoint, UnreadableCheckpoint) as e:
+            problems.append((key, str(e)))
+    return problems
 
 
 def _cuda_problems(values: dict, overrides: Sequence[str], choices: dict | None) -> list[tuple[str, str]]:
