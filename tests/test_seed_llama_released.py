@@ -1,0 +1,178 @@
+"""SEED-LLaMA as released (AILab-CVC/SEED MultiModalLLM, shared/reference/official-seed-tokenizer.md): the 8B
+`USER: ...\\nASSISTANT:` template and its text-to-image SFT form, the Vicuna-7B recipe, released tokenizers whose
+image tokens are found by name, new rows normal(0, 0.02), unCLIP decode defaults, free interleaved decoding, the
+export of the SEED stages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from src.data.mllm import load_tokenizer
+from src.data.mllm_sequence import IGNORE_INDEX
+from src.data.seed_llama import SEED_LLAMA_GEN_PROMPTS, SEED_LLAMA_GEN_RESPONSES, SeedLlamaSequenceBuilder
+from src.models.vocab import add_seed_llama_tokens, seed_llama_token_ids
+from tests.conftest import ROOT
+
+TOKENIZER = ROOT / "assets" / "tokenizers" / "tiny-llama"
+CODES = list(range(100, 132))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(str(TOKENIZER), extend=add_seed_llama_tokens)
+
+
+def _enc(tokenizer, text):
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _image_ids(tokenizer, codes=CODES):
+    ids = seed_llama_token_ids(tokenizer)
+    return [ids.img_start, *ids.code_ids(torch.tensor(codes)).tolist(), ids.img_end]
+
+
+# ---- the 8B chat template -----------------------------------------------------------------------------------
+@pytest.mark.unit
+def test_vicuna_template_multi_turn_as_the_released_sft_data(tokenizer):
+    """`<s>USER: {image}{q}\\nASSISTANT:{a}\\nUSER: {q2}\\nASSISTANT:{a2}</s>`; labels on the answers and </s>."""
+    rec = {"id": "r", "source": "t", "turns": [
+        {"role": "user", "content": [{"image": "x.jpg", "codes": CODES}, {"text": "What is it?"}]},
+        {"role": "assistant", "content": [{"text": "A cat."}]},
+        {"role": "user", "content": [{"text": "Which colour?"}]},
+        {"role": "assistant", "content": [{"text": "Black."}]}]}
+    s = SeedLlamaSequenceBuilder(tokenizer, max_length=512, chat_format="vicuna")(rec)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    parts = [(_enc(tokenizer, "USER: "), False), (_image_ids(tokenizer), False),
+             (_enc(tokenizer, "What is it?\nASSISTANT:"), False), (_enc(tokenizer, "A cat."), True),
+             (_enc(tokenizer, "\nUSER: Which colour?\nASSISTANT:"), False), (_enc(tokenizer, "Black."), True)]
+    ids = [bos] + [i for p, _ in parts for i in p] + [eos]
+    labels = [IGNORE_INDEX] + [i if sup else IGNORE_INDEX for p, sup in parts for i in p] + [eos]
+    assert s["input_ids"].tolist() == ids
+    assert s["labels"].tolist() == labels
+    prompt = SeedLlamaSequenceBuilder(tokenizer, max_length=512, chat_format="vicuna").prompt(
+        {**rec, "turns": rec["turns"][:3]})
+    assert tokenizer.decode(prompt["input_ids"]).endswith("Which colour?\nASSISTANT:")
+
+
+@pytest.mark.unit
+def test_text_to_image_sft_form_supervises_response_and_image(tokenizer):
+    """Official `USER: {prompt k} {caption}{. or ?}\\nASSISTANT:{response k}<img>...</img></s>`."""
+    rec = {"id": "pair", "source": "t", "turns": [
+        {"role": None, "content": [{"image": "x.jpg", "codes": CODES}, {"text": "a dog on the grass."}]}]}
+    b = SeedLlamaSequenceBuilder(tokenizer, max_length=512, chat_format="vicuna", t2i_chat_format="vicuna",
+                                 gen_prompts=True)
+    seen = set()
+    for draw in range(40):
+        s = b(rec, t2i=True, draw=(0, draw))
+        text = tokenizer.decode(s["input_ids"], skip_special_tokens=False)
+        k = next(i for i, p in enumerate(SEED_LLAMA_GEN_PROMPTS) if f"USER: {p} a dog on the grass" in text)
+        seen.add(k)
+        punct = "?" if k >= 14 else "."
+        ask = _enc(tokenizer, f"USER: {SEED_LLAMA_GEN_PROMPTS[k]} a dog on the grass{punct}\nASSISTANT:")
+        answer = _enc(tokenizer, SEED_LLAMA_GEN_RESPONSES[k]) + _image_ids(tokenizer)
+        eos = tokenizer.eos_token_id
+        assert s["input_ids"].tolist() == [tokenizer.bos_token_id, *ask, *answer, eos]
+        assert s["labels"].tolist() == [IGNORE_INDEX] * (1 + len(ask)) + answer + [eos]
+    assert len(seen) > 5  # drawn per use
+
+
+@pytest.mark.unit
+def test_pretraining_caption_pairs_stay_documents(tokenizer):
+    """Pre-training (t2i_chat_format plain): a flipped pair is caption + image, one supervised document."""
+    rec = {"id": "pair", "source": "t", "turns": [
+        {"role": None, "content": [{"image": "x.jpg", "codes": CODES}, {"text": "A red car."}]}]}
+    s = SeedLlamaSequenceBuilder(tokenizer, max_length=512)(rec, t2i=True)
+    want = [tokenizer.bos_token_id, *_enc(tokenizer, "A red car."), *_image_ids(tokenizer), tokenizer.eos_token_id]
+    assert s["input_ids"].tolist() == want
+    assert s["labels"].tolist() == [IGNORE_INDEX, *want[1:]]
+
+
+# ---- released checkpoints and their tokenizer ---------------------------------------------------------------
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-6, initializer_range=0.02,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
+def _llama_folder(folder, tokenizer, seed=0):
+    """An HF Llama folder (safetensors + config + tokenizer) sized to `tokenizer`, as a released one is."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **TINY_LLAMA))
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def _released_tokenizer():
+    """seed-tokenizer-2's layout, but in an order nobody should assume: the markers first, codes reversed."""
+    from transformers import AddedToken, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER), local_files_only=True)
+    names = ["<img>", "</img>", *(f"<img_{c:05d}>" for c in reversed(range(8192)))]
+    tok.add_tokens([AddedToken(n, normalized=False, special=False) for n in names])
+    return tok
+
+
+@pytest.mark.unit
+def test_released_folder_loads_with_image_ids_by_name(tmp_path):
+    from tests.helpers import built_stage
+
+    folder = tmp_path / "seed-llama-8b-sft"
+    ref = _llama_folder(folder, _released_tokenizer())
+    stage = built_stage("seed_llama_pretrain_tiny", tmp_path / "run", f"model.llm.weights={folder}",
+                        f"model.llm.tokenizer={folder}", "model.llm.allow_random_init=false")
+    vocab = stage.tokenizer.get_vocab()
+    assert len(stage.tokenizer) == len(vocab) == 1000 + 8194  # nothing added: the folder has every token
+    assert stage.mllm.code_ids == tuple(vocab[f"<img_{c:05d}>"] for c in range(8192))
+    assert stage.mllm.code_ids[0] == 1000 + 2 + 8191  # code 0 is the last token added
+    emb = stage.mllm.llm.get_input_embeddings().weight
+    assert torch.equal(emb, ref.get_input_embeddings().weight)  # the released rows, none re-initialised
+    ids = seed_llama_token_ids(stage.tokenizer)
+    x = torch.tensor([[1, ids.img_start, *ids.code_ids(torch.tensor(CODES)).tolist(), ids.img_end, 2]])
+    out = stage.mllm(input_ids=x, labels=x)
+    with torch.no_grad():
+        want = ref(input_ids=x).logits
+    torch.testing.assert_close(out["logits"], want, rtol=1e-4, atol=1e-4)
+    # the image part of the loss is over the 32 code targets, found by id
+    ce = torch.nn.functional.cross_entropy(want[0, :-1], x[0, 1:], reduction="none")
+    torch.testing.assert_close(out["loss_ce_image"], ce[1:33].mean(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("new_rows", ["normal", "mean"])
+def test_new_vocabulary_rows_as_released(tmp_path, new_rows):
+    """A text-only Llama: the 8194 new rows are normal(0, 0.02) by default (plain resize_token_embeddings, as
+    SEED-LLaMA was trained); `mean` keeps SEED-X's init."""
+    from transformers import AutoTokenizer
+
+    from tests.helpers import built_stage
+
+    folder = tmp_path / "vicuna"
+    ref = _llama_folder(folder, AutoTokenizer.from_pretrained(str(TOKENIZER), local_files_only=True))
+    overrides = [f"model.llm.weights={folder}", f"model.llm.tokenizer={folder}", "model.llm.allow_random_init=false"]
+    if new_rows != "normal":
+        overrides.append(f"stage.new_rows={new_rows}")
+    stage = built_stage("seed_llama_pretrain_tiny", tmp_path / "run", *overrides)
+    for got, old in ((stage.mllm.llm.get_input_embeddings().weight, ref.get_input_embeddings().weight),
+                     (stage.mllm.llm.get_output_embeddings().weight, ref.get_output_embeddings().weight)):
+        assert got.shape[0] == 1000 + 8194
+        assert torch.equal(got[:1000], old)
+        new = got[1000:].float()
+        if new_rows == "normal":
+            assert abs(new.mean().item()) < 1e-3 and abs(new.std().item() - 0.02) < 5e-4
+            assert not torch.equal(new[0], new[1])
+        else:
+            assert torch.equal(new[0], new[-1])
+
+
+@pytest.mark.unit
+def test_bad_new_rows_fails_naming_the_key(tmp_path):
+    import hydra
+
+    from tests.helpers import tiny_run_cfg
+
+    with pytest.raises(Exception, match=r"stage\.new_rows: expected one of"):
+        hydra.utils.instantiate(tiny_run_cfg("seed_llama_pretrain_tiny", tmp_path, ["stage.new_rows=zeros"]).stage,
+                                _convert_="all")
