@@ -176,3 +176,24 @@ def test_bad_new_rows_fails_naming_the_key(tmp_path):
     with pytest.raises(Exception, match=r"stage\.new_rows: expected one of"):
         hydra.utils.instantiate(tiny_run_cfg("seed_llama_pretrain_tiny", tmp_path, ["stage.new_rows=zeros"]).stage,
                                 _convert_="all")
+
+
+# ---- the 8B recipe ------------------------------------------------------------------------------------------
+@pytest.mark.config
+def test_8b_recipe_is_vicuna_7b_with_the_released_optimiser():
+    from src.inspect import build_on_meta, count_parameters
+    from tests.helpers import compose_cfg
+
+    pre, sft = compose_cfg("seed_llama_8b_pretrain"), compose_cfg("seed_llama_8b_sft")
+    assert (sft.data.chat_format, sft.data.t2i_chat_format, sft.data.gen_prompts) == ("vicuna", "vicuna", True)
+    o = pre.stage.optimizer
+    assert (o.lr, list(o.betas), o.eps, o.weight_decay) == (1.5e-4, [0.9, 0.95], 1e-5, 0.05)
+    assert pre.stage.scheduler.min_lr_ratio == 0.05 and pre.stage.new_rows == "normal"
+    assert (sft.stage.optimizer.lr, list(sft.stage.optimizer.betas), sft.stage.scheduler.min_lr_ratio) == (
+        1e-4, [0.9, 0.95], 0.1)
+    counts = count_parameters(build_on_meta(pre))
+    lora = 32 * (4 * 2 * 4096 * 16 + 2 * (4096 + 11008) * 16 + (11008 + 4096) * 16)
+    vocab = 32000 + 8192 + 2
+    llama_7b = 6_738_415_616 + 2 * (vocab - 32000) * 4096  # LLaMA-7B at 32000 rows, + the new rows in and out
+    assert counts["total"] == llama_7b + lora
+    assert counts["trainable"] == lora + 2 * vocab * 4096 + (2 * 32 + 1) * 4096  # + embeddings, lm_head, norms
