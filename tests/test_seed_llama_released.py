@@ -197,3 +197,118 @@ def test_8b_recipe_is_vicuna_7b_with_the_released_optimiser():
     llama_7b = 6_738_415_616 + 2 * (vocab - 32000) * 4096  # LLaMA-7B at 32000 rows, + the new rows in and out
     assert counts["total"] == llama_7b + lora
     assert counts["trainable"] == lora + 2 * vocab * 4096 + (2 * 32 + 1) * 4096  # + embeddings, lm_head, norms
+
+
+# ---- generation ---------------------------------------------------------------------------------------------
+@pytest.mark.unit
+def test_reply_pieces_keep_interleaved_images_with_exactly_32_codes(tokenizer):
+    from src.pipelines.seed_llama import reply_pieces
+
+    ids = seed_llama_token_ids(tokenizer)
+    code = lambda cs: ids.code_ids(torch.tensor(cs)).tolist()  # noqa: E731
+    good, other = list(range(32)), list(range(8160, 8192))
+    reply = (_enc(tokenizer, "Here is a cat.") + _image_ids(tokenizer, good) + _enc(tokenizer, "And a dog.")
+             + [ids.img_start, *code(good[:31]), ids.img_end]  # 31 codes: rejected
+             + [ids.img_start, *code(good[:16]), *_enc(tokenizer, "x")[:1], *code(good[:15]), ids.img_end]  # text
+             + _image_ids(tokenizer, other) + [ids.img_start, *code(good)])  # no </img>: still 32 codes
+    pieces, rejected = reply_pieces(reply, ids, tokenizer)
+    assert pieces == [("text", "Here is a cat."), ("image", good), ("text", "And a dog."), ("image", other),
+                      ("image", good)]
+    assert rejected == 2
+    assert reply_pieces([ids.img_start, *code(good), *code([5]), ids.img_end], ids, tokenizer) == ([], 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_seed_llama(tmp_path_factory):
+    from tests.helpers import built_stage
+
+    return built_stage("seed_llama_pretrain_tiny", tmp_path_factory.mktemp("sl"))
+
+
+def _generator(stage, chat_format="vicuna"):
+    from src.pipelines.seed_llama import SeedLlamaGenerator
+
+    builder = SeedLlamaSequenceBuilder(stage.tokenizer, max_length=512, chat_format=chat_format)
+    return SeedLlamaGenerator(stage.mllm.llm, stage.tokenizer, builder, images=None), builder
+
+
+def _prompts(builder):
+    turns = [[{"role": "user", "content": [{"text": "hi"}]}],
+             [{"role": "user", "content": [{"image": "x.jpg", "codes": CODES}, {"text": "What is in this picture?"}]}],
+             [{"role": "user", "content": [{"text": "a"}]}, {"role": "assistant", "content": [{"text": "b c"}]},
+              {"role": "user", "content": [{"text": "draw a long red road"}]}]]
+    return [builder.prompt({"id": f"r{k}", "source": "t", "turns": t})["input_ids"].tolist()
+            for k, t in enumerate(turns)]
+
+
+@pytest.mark.unit
+def test_free_decoding_is_the_model_s_own_greedy_reply_and_batching_changes_nothing(tiny_seed_llama):
+    from src.pipelines.mllm import DecodingOptions
+
+    gen, builder = _generator(tiny_seed_llama)
+    prompts = _prompts(builder)
+    opts = DecodingOptions(max_new_tokens=12)
+    alone = [gen.generate([p], "chat", opts, [torch.Generator()])[0] for p in prompts]
+    batched = gen.generate(prompts, "chat", opts, [torch.Generator() for _ in prompts])
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    llm = tiny_seed_llama.mllm.llm
+    for p, r in zip(prompts, alone):  # unconstrained: what transformers' greedy search gives (no stop text hit)
+        want = llm.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=gen.eos,
+                            pad_token_id=gen.pad)[0, len(p):].tolist()
+        if gen._stopped_at(want) is None:
+            assert r.token_ids == want
+
+
+@pytest.mark.unit
+def test_t2i_forces_one_image_of_32_codes_per_row_batched(tiny_seed_llama):
+    from src.pipelines.mllm import DecodingOptions
+
+    gen, builder = _generator(tiny_seed_llama)
+    ids = gen.ids
+    opts = DecodingOptions(max_new_tokens=4, do_sample=True, temperature=1.0, top_p=0.5)
+    replies = gen.generate(_prompts(builder), "t2i", opts, [torch.Generator().manual_seed(k) for k in range(3)])
+    for r in replies:
+        assert r.token_ids[0] == ids.img_start and r.token_ids[-1] == ids.img_end and len(r.token_ids) == 34
+        assert [k for k, _ in r.pieces] == ["image"] and len(r.codes) == 32 and r.rejected_images == 0
+        assert ids.code_ids(torch.tensor(r.codes)).tolist() == r.token_ids[1:-1]
+
+
+@pytest.mark.unit
+def test_a_reply_ends_where_the_next_user_turn_starts(tiny_seed_llama):
+    gen, _ = _generator(tiny_seed_llama)
+    reply = _enc(gen.tokenizer, "Sure.") + _enc(gen.tokenizer, "\nUSER:")
+    cut = gen._stopped_at(reply)
+    assert cut is not None and "USER" not in gen.tokenizer.decode(reply[:cut])
+    assert _generator(tiny_seed_llama, "llama2")[0].stop_text == "[INST]"
+
+
+@pytest.mark.unit
+def test_seed_decode_defaults_are_the_released_unclip_settings(tmp_path):
+    from src.pipelines.seed_decode import DEFAULT_GUIDANCE
+    from src.pipelines.seed_llama import SeedDecodeOptions
+    from tests.helpers import compose_cfg
+
+    for e in ("seed_llama_8b_sft", "seed_llama_pretrain", "seed_tokenizer_v2", "seed_llama_sft_tiny"):
+        cfg = compose_cfg(e, tmp_path, ["mode=t2i"], config_name="generate")
+        d = SeedDecodeOptions.of(cfg.seed_decode)
+        assert (d.steps, d.guidance_scale, d.noise_level) == (20, None, 0), e
+    assert SeedDecodeOptions.of(None) == SeedDecodeOptions() and DEFAULT_GUIDANCE["unclip"] == 10.0
+    with pytest.raises(ValueError, match="seed_decode: unknown keys"):
+        SeedDecodeOptions.of({"step": 3})
+    with pytest.raises(ValueError, match="seed_decode.steps"):
+        SeedDecodeOptions.of({"steps": 0})
+
+
+@pytest.mark.smoke
+def test_draw_decodes_with_the_released_settings_by_default(tmp_path):
+    from src.pipelines.seed_decode import build_decode_pipeline, decode_embeddings
+    from src.pipelines.seed_llama import SeedImages
+    from src.stages.inference import build_image_tokenizer
+
+    tok = build_image_tokenizer(None, "seed_tokenizer_v2_tiny")
+    pipe = build_decode_pipeline(tok.decoder_cfg, torch.device("cpu"), torch.float32)
+    got = SeedImages(tok, lambda: pipe).draw(CODES, seed=3)
+    embeds = tok.codec.decode_codes(torch.tensor([CODES]))
+    want = decode_embeddings(pipe, "unclip", embeds, steps=20, guidance_scale=10.0, noise_level=0, seed=3)[0]
+    other = decode_embeddings(pipe, "unclip", embeds, steps=50, guidance_scale=7.5, noise_level=0, seed=3)[0]
+    assert got.tobytes() == want.tobytes() and got.tobytes() != other.tobytes()
