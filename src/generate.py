@@ -223,7 +223,8 @@ def seed_llama_generate(cfg: DictConfig, mode: str, requests: list[dict], out: P
                 rejected[rid] += reply.rejected_images
                 c.replies.append({"text": reply.text, "codes": reply.images, "images": drawn,
                                   "rejected_images": reply.rejected_images})
-                c.turns.append({"role": "assistant", "content": content or [{"text": ""}]})
+                if content:  # an empty reply lays out as no turn: `...ASSISTANT:` then the next user turn
+                    c.turns.append({"role": "assistant", "content": content})
             rnd += 1
         for c in chunk:
             last = c.replies[-1] if c.replies else {"text": "", "codes": [], "images": []}

@@ -312,3 +312,41 @@ def test_draw_decodes_with_the_released_settings_by_default(tmp_path):
     want = decode_embeddings(pipe, "unclip", embeds, steps=20, guidance_scale=10.0, noise_level=0, seed=3)[0]
     other = decode_embeddings(pipe, "unclip", embeds, steps=50, guidance_scale=7.5, noise_level=0, seed=3)[0]
     assert got.tobytes() == want.tobytes() and got.tobytes() != other.tobytes()
+
+
+@pytest.mark.smoke
+def test_generate_answers_multi_turn_requests_in_batches(tmp_path):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from src.generate import generate
+    from tests.helpers import compose_cfg
+
+    photo = ROOT / "assets" / "sample" / "images" / "coffee.jpg"
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "two", "turns": [{"role": "user", "content": [{"image": str(photo)}, {"text": "What is it?"}]},
+                                {"role": "user", "content": [{"text": "And the colour?"}]}]},
+        {"id": "one", "turns": [{"role": "user", "content": [{"text": "hello"}]}]},
+        {"id": "three", "turns": [{"role": "user", "content": [{"text": "a"}]},
+                                  {"role": "user", "content": [{"text": "b"}]},
+                                  {"role": "user", "content": [{"text": "c"}]}]}]))
+
+    def run(batch_size):
+        cfg = compose_cfg("seed_llama_8b_sft_tiny", tmp_path / f"b{batch_size}", [
+            "mode=chat", f"requests={requests}", f"batch_size={batch_size}", "generate.max_new_tokens=5",
+            "image_tokenizer.experiment=seed_tokenizer_v2_tiny", "seed_decode.steps=2", "progress=false"],
+            config_name="generate")
+        OmegaConf.resolve(cfg)
+        return generate(cfg)
+
+    results = run(2)
+    assert [r["id"] for r in results] == ["two", "one", "three"]
+    assert [len(r["replies"]) for r in results] == [2, 1, 3]
+    for r in results:
+        assert r["text"] == r["replies"][-1]["text"]
+        assert all(len(c) == 32 for reply in r["replies"] for c in reply["codes"])
+    assert run(1) == [{**r, "replies": [{**x, "images": [p.replace("/b2/", "/b1/") for p in x["images"]]}
+                                        for x in r["replies"]],
+                       "image": r["image"] and r["image"].replace("/b2/", "/b1/")} for r in results]
