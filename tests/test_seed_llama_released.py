@@ -350,3 +350,67 @@ def test_generate_answers_multi_turn_requests_in_batches(tmp_path):
     assert run(1) == [{**r, "replies": [{**x, "images": [p.replace("/b2/", "/b1/") for p in x["images"]]}
                                         for x in r["replies"]],
                        "image": r["image"] and r["image"].replace("/b2/", "/b1/")} for r in results]
+
+
+# ---- export -------------------------------------------------------------------------------------------------
+@pytest.mark.smoke
+def test_seed_tokenizer_exports_one_safetensors_file_with_the_released_names(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from data_prep.convert_seed_tokenizer import convert
+    from src.data.images import vit_view
+    from src.export import export
+    from src.stages.inference import build_image_tokenizer
+    from tests.helpers import trained_tiny_stage
+
+    stage, ckpt = trained_tiny_stage("seed_tokenizer_v2_tiny", tmp_path)
+    out = export(str(ckpt), tmp_path / "export", dtype="fp32")
+    path = out / "seed_tokenizer" / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    for name in ("quantize.embedding.weight", "query_tokens", "ln_vision.weight", "encode_task_layer.0.weight",
+                 "decode_task_layer.0.weight", "Qformer.bert.embeddings.LayerNorm.weight",
+                 "Qformer.bert.encoder.layer.0.attention.self.query.weight",
+                 "Qformer.bert.encoder.layer.0.crossattention.self.key.weight", "pos_embed_image",
+                 "blocks_image.0.attn.qkv.weight", "image_down.0.weight", "distill_image_proj.weight",
+                 "visual_encoder.blocks.0.attn.qkv.weight", "visual_encoder.cls_token"):
+        assert name in keys, name
+    assert not any(k.startswith(("target.", "vit.", "qformer.", "codec.")) for k in keys)
+    assert json.loads(meta["seed_tokenizer_hparams"])["model"]["seed_codec"] == stage.hparams["model"]["seed_codec"]
+    # the released-name file converts back (data_prep.convert_seed_tokenizer) to the very same tokenizer
+    checkpoint, report = convert(str(path), None, "seed_tokenizer_v2_tiny")
+    own = {k: v for k, v in stage.state_dict().items() if not k.startswith("target.")}
+    assert checkpoint["state_dict"].keys() == own.keys()
+    assert all(torch.equal(checkpoint["state_dict"][k], v) for k, v in own.items())
+    torch.save(checkpoint, tmp_path / "back.ckpt")
+    back = build_image_tokenizer(str(tmp_path / "back.ckpt"), None)
+    from PIL import Image
+
+    view = vit_view(Image.open(ROOT / "assets/sample/images/coffee.jpg").convert("RGB"), 56)[None]
+    assert torch.equal(back.codes_of(view), stage.codes_of(view))
+
+
+@pytest.mark.smoke
+def test_seed_llama_exports_hf_folder_and_peft_adapter(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from src.export import export
+    from tests.helpers import trained_tiny_stage
+
+    stage, ckpt = trained_tiny_stage("seed_llama_8b_sft_tiny", tmp_path)
+    out = export(str(ckpt), tmp_path / "export", dtype="fp32", chat_format="vicuna")
+    merged = AutoModelForCausalLM.from_pretrained(out / "llm", local_files_only=True, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(out / "llm", local_files_only=True)
+    assert len(tok) == len(stage.tokenizer) == merged.get_input_embeddings().weight.shape[0]
+    assert seed_llama_token_ids(tok) == seed_llama_token_ids(stage.tokenizer)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("USER: hi\nASSISTANT:")
+    ids = torch.randint(0, len(tok), (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = stage.mllm.llm(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+        adapted = AutoPeftModelForCausalLM.from_pretrained(str(out / "lora"), local_files_only=True).eval()
+        torch.testing.assert_close(adapted(input_ids=ids).logits, want, atol=1e-5, rtol=0)
