@@ -89,9 +89,9 @@ def test_pretraining_caption_pairs_stay_documents(tokenizer):
 
 
 # ---- released checkpoints and their tokenizer ---------------------------------------------------------------
-TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-6, initializer_range=0.02,
-                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+TINY_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 4, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+              "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
 
 
 def _llama_folder(folder, tokenizer, seed=0):
@@ -205,7 +205,10 @@ def test_reply_pieces_keep_interleaved_images_with_exactly_32_codes(tokenizer):
     from src.pipelines.seed_llama import reply_pieces
 
     ids = seed_llama_token_ids(tokenizer)
-    code = lambda cs: ids.code_ids(torch.tensor(cs)).tolist()  # noqa: E731
+
+    def code(cs):
+        return ids.code_ids(torch.tensor(cs)).tolist()
+
     good, other = list(range(32)), list(range(8160, 8192))
     reply = (_enc(tokenizer, "Here is a cat.") + _image_ids(tokenizer, good) + _enc(tokenizer, "And a dog.")
              + [ids.img_start, *code(good[:31]), ids.img_end]  # 31 codes: rejected
@@ -380,7 +383,7 @@ def test_seed_tokenizer_exports_one_safetensors_file_with_the_released_names(tmp
     assert not any(k.startswith(("target.", "vit.", "qformer.", "codec.")) for k in keys)
     assert json.loads(meta["seed_tokenizer_hparams"])["model"]["seed_codec"] == stage.hparams["model"]["seed_codec"]
     # the released-name file converts back (data_prep.convert_seed_tokenizer) to the very same tokenizer
-    checkpoint, report = convert(str(path), None, "seed_tokenizer_v2_tiny")
+    checkpoint, _ = convert(str(path), None, "seed_tokenizer_v2_tiny")
     own = {k: v for k, v in stage.state_dict().items() if not k.startswith("target.")}
     assert checkpoint["state_dict"].keys() == own.keys()
     assert all(torch.equal(checkpoint["state_dict"][k], v) for k, v in own.items())
