@@ -186,6 +186,7 @@ def test_8b_recipe_is_vicuna_7b_with_the_released_optimiser():
 
     pre, sft = compose_cfg("seed_llama_8b_pretrain"), compose_cfg("seed_llama_8b_sft")
     assert (sft.data.chat_format, sft.data.t2i_chat_format, sft.data.gen_prompts) == ("vicuna", "vicuna", True)
+    assert (pre.data.chat_format, pre.data.t2i_chat_format, pre.data.gen_prompts) == ("vicuna", "plain", False)
     o = pre.stage.optimizer
     assert (o.lr, list(o.betas), o.eps, o.weight_decay) == (1.5e-4, [0.9, 0.95], 1e-5, 0.05)
     assert pre.stage.scheduler.min_lr_ratio == 0.05 and pre.stage.new_rows == "normal"
