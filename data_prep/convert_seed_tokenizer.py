@@ -91,9 +91,14 @@ def ours_to_official(key: str) -> str:
 
 
 def read_state(path: str, what: str) -> dict[str, torch.Tensor]:
-    """A torch state dict file (bare, or under "model" / "state_dict" as LAVIS and Lightning save them)."""
+    """A torch state dict file (bare, or under "model" / "state_dict" as LAVIS and Lightning save them), or a
+    .safetensors file."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{what}={path!r} does not exist (a local file)")
+    if str(path).endswith(".safetensors"):  # e.g. src.export's seed_tokenizer/model.safetensors
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
     obj = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

@@ -20,6 +20,8 @@
                       negative.safetensors: the unconditional branch's features and its embeddings)
 
 `official=true` also writes the official SEED-X layout under DIR/official/ (src/export_official.py).
+A SEED tokenizer or SEED-LLaMA checkpoint is exported by src/export_seed.py (DIR/seed_tokenizer/model.safetensors
+with the released key names; DIR/llm/ + DIR/lora/ with `chat_format=vicuna|llama2`'s chat template).
 `dtype` (default bf16, the released SEED-X checkpoints' precision) is the stored precision of every weight but
 the VAE, which stays fp32 (SDXL's VAE overflows in fp16); merges happen in fp32 before the cast.
 
@@ -41,7 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from safetensors.torch import save_file
 
-from src import export_official
+from src import export_official, export_seed
 from src.data.mllm_sequence import CHAT_FORMATS, ChatFormat
 from src.models.mllm import AGENT_KEY_PREFIXES
 from src.stages.inference import (
@@ -98,12 +100,12 @@ def chat_template(fmt: ChatFormat = CHAT_FORMATS["llama2"]) -> str:
     )
 
 
-def save_tokenizer(tokenizer, folder: Path) -> None:
-    """The tokenizer as anyone loads it: no local-loading flags, the SEED-X chat template, a pad token."""
+def save_tokenizer(tokenizer, folder: Path, fmt: ChatFormat = CHAT_FORMATS["llama2"]) -> None:
+    """The tokenizer as anyone loads it: no local-loading flags, the chat template of `fmt`, a pad token."""
     tok = copy.deepcopy(tokenizer)
     for key in LOADING_KWARGS:
         tok.init_kwargs.pop(key, None)
-    tok.chat_template = chat_template()
+    tok.chat_template = chat_template(fmt)
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token
     tok.save_pretrained(str(folder))
@@ -224,7 +226,7 @@ def export_detokenizer(module, out: Path, dtype: torch.dtype = torch.bfloat16, o
 
 
 def export(ckpt_path: str | None, out: str | Path, detok_ckpt_path: str | None = None, *, base: str | None = None,
-           dtype: str = "bf16", official: bool = False) -> Path:
+           dtype: str = "bf16", official: bool = False, chat_format: str = "llama2") -> Path:
     if not ckpt_path and not detok_ckpt_path:
         raise ValueError("give ckpt_path= (an MLLM checkpoint) and/or detok_ckpt_path= (a de-tokenizer one)")
     if dtype not in DTYPES:
@@ -233,8 +235,13 @@ def export(ckpt_path: str | None, out: str | Path, detok_ckpt_path: str | None =
     out.mkdir(parents=True, exist_ok=True)
     if ckpt_path:
         checkpoint = read_checkpoint(ckpt_path)
-        export_mllm(build_mllm(checkpoint_hparams(checkpoint, ckpt_path), ckpt_path, checkpoint), out, DTYPES[dtype],
-                    base, official)
+        hparams = checkpoint_hparams(checkpoint, ckpt_path)
+        seed_kind = export_seed.seed_stage_of(hparams)  # SEED tokenizer / SEED-LLaMA: src/export_seed.py
+        if seed_kind:
+            export_seed.export_seed_stage(seed_kind, hparams, ckpt_path, checkpoint, out, DTYPES[dtype], base,
+                                          chat_format)
+        else:
+            export_mllm(build_mllm(hparams, ckpt_path, checkpoint), out, DTYPES[dtype], base, official)
     if detok_ckpt_path:
         checkpoint = read_checkpoint(detok_ckpt_path, "detok_ckpt_path")
         hp = checkpoint_hparams(checkpoint, detok_ckpt_path, "detok_ckpt_path")
@@ -248,9 +255,10 @@ def main(argv: list[str]) -> None:
     args = {}
     for a in argv:
         key, eq, value = a.partition("=")
-        if not eq or key not in ("ckpt_path", "out", "detok_ckpt_path", "base", "dtype", "official"):
+        if not eq or key not in ("ckpt_path", "out", "detok_ckpt_path", "base", "dtype", "official", "chat_format"):
             raise SystemExit(f"usage: python -m src.export ckpt_path=<.ckpt|dir> out=DIR [detok_ckpt_path=<.ckpt>] "
-                             f"[base=PATH] [dtype=bf16|fp16|fp32] [official=true] (got {a!r})")
+                             f"[base=PATH] [dtype=bf16|fp16|fp32] [official=true] [chat_format=vicuna|llama2] "
+                             f"(got {a!r})")
         args[key] = value
     if "out" not in args:
         raise SystemExit("out=DIR is required")
@@ -259,7 +267,8 @@ def main(argv: list[str]) -> None:
     if official not in ("true", "false"):
         raise SystemExit(f"official= must be true or false, got {args['official']!r}")
     export(args.get("ckpt_path"), args["out"], args.get("detok_ckpt_path"), base=args.get("base"),
-           dtype=args.get("dtype", "bf16"), official=official == "true")
+           dtype=args.get("dtype", "bf16"), official=official == "true",
+           chat_format=args.get("chat_format", "llama2"))
 
 
 if __name__ == "__main__":

@@ -163,16 +163,20 @@ def stage_is(cfg: DictConfig, module: str, name: str) -> bool:
 
 def seed_llama_generate(cfg: DictConfig, mode: str, requests: list[dict], out: Path, device: torch.device,
                         dtype: torch.dtype) -> list[dict]:
-    """SEED-LLaMA's modes: the LLM from `ckpt_path` / model.llm.*, the SEED tokenizer from `image_tokenizer.*`."""
+    """SEED-LLaMA's modes: the LLM from `ckpt_path` / model.llm.*, the SEED tokenizer from `image_tokenizer.*`.
+    Requests are answered `batch_size` at a time, turn by turn (a reply's images stay in the context as codes);
+    images are drawn with `seed_decode.*` (the released unCLIP settings unless the experiment or the user set
+    others; `sampling.*` is SEED-X's de-tokenizer and is not read here)."""
     from src.data.seed_llama import SeedLlamaSequenceBuilder
-    from src.pipelines.conversation import safe_name
+    from src.pipelines.conversation import Conversation, batches, safe_name
     from src.pipelines.seed_decode import build_decode_pipeline
-    from src.pipelines.seed_llama import SEED_LLAMA_MODES, SeedImages, SeedLlamaGenerator
+    from src.pipelines.seed_llama import SEED_LLAMA_MODES, SeedDecodeOptions, SeedImages, SeedLlamaGenerator
     from src.stages.inference import build_image_tokenizer, build_trained
     from src.stages.seed_llama import SeedLlamaModule, SeedLlamaSFTModule
 
     if mode not in SEED_LLAMA_MODES:
         raise ValueError(f"mode={mode}: a SEED-LLaMA experiment answers mode={'|'.join(SEED_LLAMA_MODES)}")
+    decode = SeedDecodeOptions.of(cfg.get("seed_decode"))  # option mistakes fail before any model is built
     stage_cfg = OmegaConf.to_container(cfg.stage, resolve=True)
     ckpt, checkpoint = cfg.get("ckpt_path"), None
     if ckpt:  # an SFT checkpoint rebuilds the pre-trained start it trained on
@@ -188,44 +192,71 @@ def seed_llama_generate(cfg: DictConfig, mode: str, requests: list[dict], out: P
     image_tokenizer = build_image_tokenizer(it.ckpt_path, it.experiment).to(device)
     fmt = cfg.generate.prompt_format
     instruct = fmt == "instruct" or (fmt == "auto" and cls is SeedLlamaSFTModule)
+    # the instruction template the experiment trains with: `USER: ...\nASSISTANT:` (8B) or `[INST]` (14B)
+    template = cfg.data.get("chat_format") if cfg.data.get("chat_format") in ("llama2", "vicuna") else "llama2"
     builder = SeedLlamaSequenceBuilder(stage.tokenizer, max_length=int(cfg.data.max_length), truncation="cut",
-                                       chat_format="llama2" if instruct else "plain")
+                                       chat_format=template if instruct else "plain")
     pipe = functools.cache(lambda: build_decode_pipeline(image_tokenizer.decoder_cfg, device, dtype))
-    images = SeedImages(image_tokenizer, pipe)
+    images = SeedImages(image_tokenizer, pipe, decode)
     generator = SeedLlamaGenerator(stage.mllm.llm, stage.tokenizer, builder, images)
     decoding, _ = options(cfg, "chat")
+    index = {r["id"]: k for k, r in enumerate(requests)}
+    rngs = {r["id"]: torch.Generator().manual_seed(int(cfg.seed) + k) for k, r in enumerate(requests)}
     results = []
+    for chunk in batches([Conversation.of(r) for r in requests], int(cfg.batch_size)):
+        rejected = {c.request["id"]: 0 for c in chunk}
+        rnd = 0
+        while active := [c for c in chunk if c.next_prompt()]:
+            prompts = [generator.prompt_ids(c.record()) for c in active]
+            replies = generator.generate(prompts, mode, decoding, [rngs[c.request["id"]] for c in active])
+            for c, reply in zip(active, replies):
+                rid = c.request["id"]
+                content, drawn = [], []
+                for kind, value in reply.pieces:
+                    if kind == "text":
+                        content.append({"text": value})
+                        continue
+                    path = out / f"{safe_name(rid)}_{rnd}_{len(drawn)}.png"
+                    images.draw(value, int(cfg.seed) + index[rid]).save(path)
+                    content.append({"image": str(path), "codes": value, "generate": True})
+                    drawn.append(str(path))
+                rejected[rid] += reply.rejected_images
+                c.replies.append({"text": reply.text, "codes": reply.images, "images": drawn,
+                                  "rejected_images": reply.rejected_images})
+                if content:  # an empty reply lays out as no turn: `...ASSISTANT:` then the next user turn
+                    c.turns.append({"role": "assistant", "content": content})
+            rnd += 1
+        for c in chunk:
+            last = c.replies[-1] if c.replies else {"text": "", "codes": [], "images": []}
+            results.append({"id": c.request["id"], "mode": mode, "text": last["text"],
+                            "codes": last["codes"][0] if last["codes"] else None,
+                            "image": last["images"][0] if last["images"] else None, "replies": c.replies,
+                            "rejected_images": rejected[c.request["id"]]})
     with (out / "results.jsonl").open("w") as f:
-        for k, request in enumerate(requests):
-            reply = generator.reply(request, mode, decoding, torch.Generator().manual_seed(int(cfg.seed) + k))
-            result = {"id": request["id"], "mode": mode, "text": reply.text, "codes": reply.codes, "image": None}
-            if reply.codes is not None:
-                path = out / f"{safe_name(request['id'])}.png"
-                images.draw(reply.codes, int(cfg.sampling.steps), float(cfg.sampling.guidance_scale),
-                            int(cfg.seed) + k).save(path)
-                result["image"] = str(path)
-            f.write(json.dumps(result) + "\n")
-            results.append(result)
+        f.writelines(json.dumps(r) + "\n" for r in results)
     return results
 
 
 def seed_tokenizer_recon(cfg: DictConfig, mode: str, requests: list[dict], out: Path, device: torch.device,
                          dtype: torch.dtype) -> list[dict]:
-    """A SEED tokenizer's own check (SEED's demo_recon): every input image -> 32 codes -> its decoder's image."""
+    """A SEED tokenizer's own check (SEED's demo_recon): every input image -> 32 codes -> its decoder's image,
+    drawn with `seed_decode.*` (the released settings by default)."""
     from src.pipelines.conversation import safe_name
     from src.pipelines.seed_decode import build_decode_pipeline
-    from src.pipelines.seed_llama import SeedImages
+    from src.pipelines.seed_llama import SeedDecodeOptions, SeedImages
     from src.stages.inference import build_image_tokenizer, build_trained
     from src.stages.seed_tokenizer import SeedTokenizerModule
 
     if mode != "recon":
         raise ValueError(f"mode={mode}: a SEED tokenizer experiment answers mode=recon (image -> codes -> image)")
+    decode = SeedDecodeOptions.of(cfg.get("seed_decode"))
     if cfg.get("ckpt_path"):
         tokenizer = build_image_tokenizer(cfg.ckpt_path, None, keys=("ckpt_path", "experiment"))
     else:
         tokenizer = build_trained(SeedTokenizerModule, OmegaConf.to_container(cfg.stage, resolve=True))
     tokenizer = tokenizer.to(device)
-    images = SeedImages(tokenizer, functools.cache(lambda: build_decode_pipeline(tokenizer.decoder_cfg, device, dtype)))
+    images = SeedImages(tokenizer, functools.cache(lambda: build_decode_pipeline(tokenizer.decoder_cfg, device, dtype)),
+                        decode)
     results = []
     with (out / "results.jsonl").open("w") as f:
         for k, request in enumerate(requests):
@@ -233,8 +264,7 @@ def seed_tokenizer_recon(cfg: DictConfig, mode: str, requests: list[dict], out: 
             result = {"id": request["id"], "mode": mode, "inputs": [], "codes": [], "images": []}
             for j, item in enumerate(it for t in record["turns"] for it in t["content"] if "image" in it):
                 path = out / f"{safe_name(request['id'])}_{j}.png"
-                images.draw(item["codes"], int(cfg.sampling.steps), float(cfg.sampling.guidance_scale),
-                            int(cfg.seed) + k).save(path)
+                images.draw(item["codes"], int(cfg.seed) + k).save(path)
                 result["inputs"].append(item["image"])
                 result["codes"].append(item["codes"])
                 result["images"].append(str(path))

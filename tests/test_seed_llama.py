@@ -243,7 +243,7 @@ def test_generate_captions_and_draws_with_seed_llama(tmp_path):
     def run(mode, *extra):
         out = tmp_path / mode
         cfg = compose_cfg("seed_llama_pretrain_tiny", out, [
-            f"mode={mode}", "image_tokenizer.experiment=seed_tokenizer_v2_tiny", "sampling.steps=2",
+            f"mode={mode}", "image_tokenizer.experiment=seed_tokenizer_v2_tiny", "seed_decode.steps=2",
             "generate.max_new_tokens=6", "progress=false", *extra], config_name="generate")
         OmegaConf.resolve(cfg)
         return generate(cfg), out
@@ -258,7 +258,7 @@ def test_generate_captions_and_draws_with_seed_llama(tmp_path):
     (captioned,), _ = run("caption", f"image={ROOT / 'assets/sample/images/coffee.jpg'}")
     assert captioned["codes"] is None and "<img" not in captioned["text"]
     with pytest.raises(ValueError, match="SEED-LLaMA experiment answers"):
-        run("chat", "prompt=hi")
+        run("edit", f"image={ROOT / 'assets/sample/images/coffee.jpg'}", "prompt=hi")
 
 
 # ---- exact resume ---------------------------------------------------------------------------------------------

@@ -290,7 +290,7 @@ def test_generate_recon_reconstructs_images_through_a_trained_tokenizer(tmp_path
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     photo = ROOT / "assets" / "sample" / "images" / "coffee.jpg"
     cfg = compose_cfg("seed_tokenizer_v2_tiny", tmp_path / "out", [
-        "mode=recon", f"image={photo}", f"ckpt_path={ckpt}", "sampling.steps=2", "progress=false"],
+        "mode=recon", f"image={photo}", f"ckpt_path={ckpt}", "seed_decode.steps=2", "progress=false"],
         config_name="generate")
     OmegaConf.resolve(cfg)
     (result,) = generate(cfg)

@@ -378,7 +378,7 @@ def test_converted_release_tokenises_images_and_seed_llama_draws_through_it(rele
     codes = [r["turns"][0]["content"][0]["codes"] for r in records]
     assert len(records) == 10 and all(len(c) == Q and all(0 <= x < CODES for x in c) for c in codes)
     cfg = compose_cfg("seed_llama_pretrain_tiny", tmp_path / "gen", [
-        "mode=t2i", f"image_tokenizer.ckpt_path={release['ckpt']}", "sampling.steps=2", "generate.max_new_tokens=6",
+        "mode=t2i", f"image_tokenizer.ckpt_path={release['ckpt']}", "seed_decode.steps=2", "generate.max_new_tokens=6",
         "progress=false", "prompt=a red apple"], config_name="generate")
     OmegaConf.resolve(cfg)
     (drawn,) = generate(cfg)

@@ -95,6 +95,9 @@ CHAT_FORMATS: dict[str, ChatFormat] = {
     # The pretrained model's grounding prompt (official bbox_prompt `{image}{caption} [[ <box_start>`; the
     # generator forces `<box_start>`): GRIT-style text, `phrase [[ <box_start>...<box_end> ]]`
     "ground": ChatFormat(user_prefix="", user_suffix=" [[ ", turn_sep="\n", system_suffix="\n"),
+    # SEED-LLaMA-8B (Vicuna-7B; official MultiModalLLM torchdata_sft.py: `USER: {content}\nASSISTANT:{answer}`,
+    # a later turn opens with `\nUSER: `, system message + "\n")
+    "vicuna": ChatFormat(user_prefix="USER: ", user_suffix="\nASSISTANT:", turn_sep="\n", system_suffix="\n"),
 }
 
 # Official SFT text-to-image wrapper (image_text_pairs_clm.py `gen_prompt_all` / `gen_prompt_response_all`,

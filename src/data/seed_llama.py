@@ -23,11 +23,39 @@ from typing import Any
 import torch
 
 from src.data.mllm import MLLMDataModule
-from src.data.mllm_sequence import IGNORE_INDEX, ChatFormat, SeedXSequenceBuilder, _Segment
+from src.data.mllm_sequence import (
+    CHAT_FORMATS,
+    IGNORE_INDEX,
+    ChatFormat,
+    Draw,
+    SeedXSequenceBuilder,
+    _Segment,
+    draw_unit,
+)
 from src.data.records import BadSample
 from src.models.vocab import CODES_PER_IMAGE, NUM_IMAGE_CODES, add_seed_llama_tokens, seed_llama_token_ids
 
-__all__ = ["SeedLlamaDataModule", "SeedLlamaSequenceBuilder", "item_codes"]
+__all__ = ["SEED_LLAMA_GEN_PROMPTS", "SEED_LLAMA_GEN_RESPONSES", "SeedLlamaDataModule", "SeedLlamaSequenceBuilder",
+           "item_codes"]
+
+# Official SEED-LLaMA SFT text-to-image prompts and their responses (MultiModalLLM/src/data/torchdata_sft.py
+# `gen_prompt` / `gen_prompt_response`, parallel lists; prompts 14.. are questions and end with '?').
+SEED_LLAMA_GEN_PROMPTS = (
+    "Please show me a picture of", "Please design an image of", "Please produce a photo of",
+    "Please generate an image of", "Please draw a painting of", "I'd like to see a drawing of",
+    "I'd love to see an illustration of", "I'd like to view an image of", "I want to see a picture of",
+    "I would like to see a photo of", "Show me a photo of", "Generate a picture of", "Show me a photograph of",
+    "Generate an image of", "Can you make an image of", "Can you draw a painting of", "Can you produce a picture of",
+    "Can you generate a photo of", "Can you depict a picture of", "Can you show me an illustration of",
+)
+SEED_LLAMA_GEN_RESPONSES = (
+    "Here is a picture.", "I have designed an image.", "Here is a photo.", "I have generated an image.",
+    "Here's a painting.", "Here's a drawing.", "Enjoy this illustration.", "Take a look at this image.",
+    "Here is a picture.", "I have created a photo.", "Enjoy this photo.", "I have generated a picture.",
+    "Here is a photograph.", "Here's an image.", "Certainly, here's an image.", "Absolutely, here is a painting.",
+    "Sure, here is a picture.", "Of course, here is a photo.", "Certainly, please enjoy this picture.",
+    "Sure, please enjoy this illustration.",
+)
 
 
 def item_codes(item: dict, n: int = CODES_PER_IMAGE) -> torch.Tensor:
@@ -54,14 +82,28 @@ class SeedLlamaSequenceBuilder(SeedXSequenceBuilder):
     def _init_tokens(self, tokenizer) -> None:
         self.tok = seed_llama_token_ids(tokenizer)  # raises if add_seed_llama_tokens was not called
 
-    def _turns(self, record: dict, t2i: bool | None = None, draw=None) -> tuple[list[dict], ChatFormat]:
+    def _turns(self, record: dict, t2i: bool | None = None, draw: Draw = None) -> tuple[list[dict], ChatFormat]:
         turns, chat = super()._turns(record, t2i, draw)
-        if turns is not record["turns"]:  # a flipped caption pair: caption then image, one document turn
+        if turns is not record["turns"] and self.t2i_chat == CHAT_FORMATS["plain"]:
+            # a flipped caption pair in pre-training: caption then image, one document turn
             text, image = turns[0]["content"][0], turns[1]["content"][0]
             return [{"role": None, "content": [text, image]}], self.chat
         return turns, chat
 
-    def _build(self, record: dict, t2i: bool | None = None, draw=None, prompt: bool = False) -> dict[str, Any]:
+    def _official_wrappers(self, record: dict, turns: list[dict], draw: Draw) -> tuple[list[dict], dict[int, str]]:
+        """SEED-LLaMA's text-to-image SFT form (official torchdata_sft.py `decode_question_answer_pair_for_llm`):
+        `USER: {prompt k} {caption without its final '.'}{'?' for the "Can you" prompts, else '.'}\nASSISTANT:`
+        then `{response k}<img>...</img></s>`, the response supervised with the image (unlike SEED-X's lead)."""
+        if not (self.gen_prompts and self._is_generation_request(turns)):
+            return turns, {}
+        k = int(draw_unit(self.seed, "gen_prompt", record["id"], draw) * len(SEED_LLAMA_GEN_PROMPTS))
+        caption = " ".join(it["text"].strip() for it in turns[0]["content"]).rstrip(".")
+        punct = "?" if SEED_LLAMA_GEN_PROMPTS[k].startswith("Can you") else "."
+        ask = {**turns[0], "content": [{"text": f"{SEED_LLAMA_GEN_PROMPTS[k]} {caption}{punct}"}]}
+        answer = {**turns[1], "content": [{"text": SEED_LLAMA_GEN_RESPONSES[k]}, *turns[1]["content"]]}
+        return [ask, answer], {}
+
+    def _build(self, record: dict, t2i: bool | None = None, draw: Draw = None, prompt: bool = False) -> dict[str, Any]:
         if any("box" in item for turn in record["turns"] for item in turn["content"]):
             raise BadSample("box_unsupported", "SEED-LLaMA has no box tokens")
         return super()._build(record, t2i, draw, prompt)  # codes are read (and checked) where each image is laid out

@@ -28,12 +28,14 @@ from src.utils.constraints import NonNegativeFloat, PositiveInt
 from src.utils.materialize import (
     ExtendedRows,
     HeldTensor,
+    NormalRows,
     TensorSource,
     clean_name,
     random_tower,
     safetensors_folder,
     seeded,
     state_dict_file,
+    tower_seed,
 )
 from src.utils.weights import RequiredPath, missing_weights_error
 
@@ -116,9 +118,21 @@ class AgentConfig:
             raise ValueError("; ".join(problems))
 
 
-def build_llm(cfg: LLMConfig, vocab_size: int | None, folder_config: bool = True) -> LlamaForCausalLM:
-    """The Llama architecture, embeddings resized to `vocab_size` with the SEED-X row init; no weights read
-    (`llm_weight_sources` has them). Build it under `src.utils.materialize.empty_init()` to get it on meta.
+NEW_ROW_INITS = ("mean", "normal")
+
+
+def check_new_rows(new_rows: str, key: str = "stage.new_rows") -> str:
+    if new_rows not in NEW_ROW_INITS:
+        raise ValueError(f"{key}: expected one of {NEW_ROW_INITS}, got {new_rows!r}")
+    return new_rows
+
+
+def build_llm(cfg: LLMConfig, vocab_size: int | None, folder_config: bool = True,
+              new_rows: str = "mean") -> LlamaForCausalLM:
+    """The Llama architecture, embeddings resized to `vocab_size`; no weights read (`llm_weight_sources` has
+    them). Build it under `src.utils.materialize.empty_init()` to get it on meta. New rows: `mean` (SEED-X:
+    mean / 3x mean of the old rows) or `normal` (SEED-LLaMA as released: plain `resize_token_embeddings`,
+    normal(0, initializer_range)).
 
     `folder_config`: the architecture of `model.llm.weights`' config.json (what its tensors were saved
     from), else `model.llm.config`. `vocab_size=None`: base vocab + the 330 SEED-X tokens (no tokenizer).
@@ -135,8 +149,9 @@ def build_llm(cfg: LLMConfig, vocab_size: int | None, folder_config: bool = True
     new = vocab_size if vocab_size is not None else old + NUM_SEEDX_TOKENS
     if new != old:
         # mean_resizing=False: we set the official init (mean / 3x mean) ourselves.
-        llm.resize_token_embeddings(new, mean_resizing=False)
-        init_new_embeddings(llm, old)
+        llm.resize_token_embeddings(new, mean_resizing=False)  # new rows: normal(0, initializer_range)
+        if check_new_rows(new_rows) == "mean":
+            init_new_embeddings(llm, old)
     if cfg.gradient_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         llm.config.use_cache = False
@@ -150,11 +165,12 @@ def hf_key(name: str) -> str:
 
 
 def llm_weight_sources(llm: nn.Module, cfg: LLMConfig, vocab_size: int | None, load_weights: bool,
-                       seed: int) -> dict[str, TensorSource]:
+                       seed: int, new_rows: str = "mean") -> dict[str, TensorSource]:
     """What `materialize` fills the (meta-built, maybe peft-wrapped) LLM with, by our parameter names:
 
     - `model.llm.weights`' safetensors, read shard by shard; vocabulary rows past the file's get the SEED-X
-      init (mean / 3x mean of the file's rows, as `init_new_embeddings` on a plain load);
+      init (mean / 3x mean of the file's rows, as `init_new_embeddings` on a plain load), or with
+      `new_rows="normal"` normal(0, initializer_range) under their own seed (SEED-LLaMA as released);
     - without weights (tiny twins), the random init of the "llm" tower seed;
     - LoRA: peft's default init (`init_lora_weights=True`: A Kaiming-uniform a=sqrt(5), B zero), each
       A drawn under its own seed so no shard depends on another.
@@ -164,7 +180,8 @@ def llm_weight_sources(llm: nn.Module, cfg: LLMConfig, vocab_size: int | None, l
     elif load_weights and not cfg.allow_random_init:
         raise missing_weights_error("model.llm.weights", "a local Llama-2-chat HF folder")
     else:
-        files = random_tower(lambda: build_llm(cfg, vocab_size, folder_config=False), seed, "llm", "")
+        files = random_tower(lambda: build_llm(cfg, vocab_size, folder_config=False, new_rows=new_rows), seed,
+                             "llm", "")
     out: dict[str, TensorSource] = {}
     for name, p in llm.named_parameters():
         name = clean_name(name)  # sources are asked for before or after AC wrapping alike
@@ -182,7 +199,11 @@ def llm_weight_sources(llm: nn.Module, cfg: LLMConfig, vocab_size: int | None, l
             key = "model.embed_tokens.weight"
         src = files.get(key)
         if src is not None and src.shape[0] < p.shape[0] and key in ("model.embed_tokens.weight", "lm_head.weight"):
-            src = ExtendedRows(src, p.shape[0], 3.0 if key == "lm_head.weight" else 1.0, p.dtype)
+            if check_new_rows(new_rows) == "normal":
+                src = NormalRows(src, p.shape[0], llm.config.initializer_range, p.dtype,
+                                 tower_seed(seed, f"new_rows:{key}"))
+            else:
+                src = ExtendedRows(src, p.shape[0], 3.0 if key == "lm_head.weight" else 1.0, p.dtype)
         if src is not None:
             out[name] = src
     if cfg.adapter and load_weights:

@@ -19,10 +19,12 @@ IGNORE_INDEX = -100
 
 
 class SeedLlama(nn.Module):
-    def __init__(self, llm: nn.Module, first_code_id: int, last_code_id: int) -> None:
+    def __init__(self, llm: nn.Module, code_ids) -> None:
+        """`code_ids`: the token ids of the image codes, as the tokenizer names them (`<img_00000>`...): a
+        released tokenizer need not hold them in code order or as one run of ids."""
         super().__init__()
         self.llm = llm
-        self.code_range = (int(first_code_id), int(last_code_id))  # image-code token ids, inclusive
+        self.code_ids = tuple(int(i) for i in code_ids)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
@@ -35,7 +37,7 @@ class SeedLlama(nn.Module):
         token_ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(),
                                    ignore_index=IGNORE_INDEX, reduction="none").view_as(target)
         real = target != IGNORE_INDEX
-        is_code = (target >= self.code_range[0]) & (target <= self.code_range[1])
+        is_code = torch.isin(target, torch.tensor(self.code_ids, device=target.device))
         # A batch with no supervised token would give 0/0: keep the graph, weight 0.
         ce = token_ce.sum() / real.sum().clamp(min=1)
 

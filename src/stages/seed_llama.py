@@ -7,8 +7,11 @@ started from a `seed_llama_pretrain` checkpoint (`stage.init_from`; its LoRA mer
 machinery of `src/stages/pretrained_start.py`).
 
 The LLM is built on meta and filled from `model.llm.weights` shard by shard (FSDP2 ranks read only their
-shards), new vocabulary rows initialised as SEED-X's (mean / 3x mean); images arrive as token ids, so no
-vision tower runs in training (`python -m data_prep.tokenize_images` wrote the codes).
+shards). New vocabulary rows (a text-only Llama / Vicuna start) get normal(0, 0.02) as released
+(`stage.new_rows: normal`; `mean` for SEED-X's mean / 3x mean); a released SEED-LLaMA folder with its
+tokenizer (seed-tokenizer-2) already holds them, and every image token's id is looked up by its name.
+Images arrive as token ids, so no vision tower runs in training (`python -m data_prep.tokenize_images`
+wrote the codes).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from src.data.mllm import load_tokenizer
-from src.models.mllm import LORA_TARGETS, LLMConfig, apply_lora, build_llm, llm_weight_sources
+from src.models.mllm import LORA_TARGETS, LLMConfig, apply_lora, build_llm, check_new_rows, llm_weight_sources
 from src.models.seed_llama import SeedLlama
 from src.models.vocab import NUM_IMAGE_CODES, SEED_LLAMA_TOKENS, add_seed_llama_tokens, seed_llama_token_ids
 from src.stages.base import StageModule
@@ -33,8 +36,9 @@ class SeedLlamaModule(StageModule):
 
     def __init__(self, model: dict, optimizer, scheduler: dict | None = None, checkpoint_frozen: bool = False,
                  nonfinite_loss: str = "skip", lora: dict | None = None, full_finetune: bool = False,
-                 init_seed: int = 0) -> None:
+                 init_seed: int = 0, new_rows: str = "normal") -> None:
         super().__init__(model, optimizer, scheduler, checkpoint_frozen, nonfinite_loss)
+        self.new_rows = check_new_rows(new_rows)
         self.llm_cfg = LLMConfig(**model["llm"])
         self.lora_cfg = dict(lora or {"enabled": False})
         if self.lora_cfg.get("enabled") and full_finetune:
@@ -56,24 +60,23 @@ class SeedLlamaModule(StageModule):
             self.tokenizer = load_tokenizer(self.llm_cfg.tokenizer_path, "model.llm.tokenizer",
                                             extend=add_seed_llama_tokens)
             self._vocab = len(self.tokenizer)
+            # a released tokenizer (seed-tokenizer-2) holds the tokens already: their ids are looked up by name
             codes = seed_llama_token_ids(self.tokenizer).codes
-            if list(codes) != list(range(codes[0], codes[0] + NUM_IMAGE_CODES)):
-                raise ValueError(f"model.llm.tokenizer: the image-code tokens are not consecutive ids (first "
-                                 f"{codes[0]}): use a tokenizer without <img_NNNNN> tokens of its own")
-            first = codes[0]
         else:  # meta / inspect: the base vocabulary, then the new tokens in their fixed order
             self._vocab = int(self.llm_cfg.config["vocab_size"]) + len(SEED_LLAMA_TOKENS)
             first = int(self.llm_cfg.config["vocab_size"])
+            codes = tuple(range(first, first + NUM_IMAGE_CODES))
         with empty_init():
-            llm = build_llm(self.llm_cfg, self._vocab, folder_config=load_weights)
+            llm = build_llm(self.llm_cfg, self._vocab, folder_config=load_weights, new_rows=self.new_rows)
             llm.requires_grad_(self.full_finetune)
             if self.lora_cfg.get("enabled"):
                 llm = apply_lora(llm, self.lora_cfg["r"], self.lora_cfg["alpha"], self.lora_cfg["dropout"],
                                  self.lora_cfg.get("targets") or LORA_TARGETS)
-            self.mllm = SeedLlama(llm, first, first + NUM_IMAGE_CODES - 1)
+            self.mllm = SeedLlama(llm, codes)
 
     def weight_sources(self, load_weights: bool = True) -> dict[str, TensorSource]:
-        llm = llm_weight_sources(self.mllm.llm, self.llm_cfg, self._vocab, load_weights, self.init_seed)
+        llm = llm_weight_sources(self.mllm.llm, self.llm_cfg, self._vocab, load_weights, self.init_seed,
+                                 self.new_rows)
         return prefixed(llm, "mllm.llm.")
 
     def compute_losses(self, batch: dict, split: str) -> dict[str, torch.Tensor]:

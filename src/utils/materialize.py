@@ -99,6 +99,32 @@ class ExtendedRows(TensorSource):
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+class NormalRows(TensorSource):
+    """`base` with rows appended up to `num_rows`, drawn from normal(0, `std`) under their own seed: a plain
+    `resize_token_embeddings` (transformers `_init_weights`), the init SEED-LLaMA's new vocabulary rows had as
+    released. Drawn once, whole, so any slicing of the rows gives the same values."""
+
+    def __init__(self, base: TensorSource, num_rows: int, std: float, dtype: torch.dtype, seed: int) -> None:
+        self.base, self.std, self.dtype, self.seed = base, float(std), dtype, int(seed)
+        self.old = base.shape[0]
+        self.shape = (num_rows, *base.shape[1:])
+        self._new: torch.Tensor | None = None
+
+    def new_rows(self) -> torch.Tensor:
+        if self._new is None:
+            g = torch.Generator().manual_seed(self.seed)
+            self._new = (torch.randn(self.shape[0] - self.old, *self.shape[1:], generator=g) * self.std).to(self.dtype)
+        return self._new
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        parts = []
+        if start < self.old:
+            parts.append(self.base.rows(start, min(stop, self.old)).to(self.dtype))
+        if stop > self.old:
+            parts.append(self.new_rows()[max(start, self.old) - self.old: stop - self.old])
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
 class TorchFileTensor(TensorSource):
     """One tensor of a zip-format torch checkpoint, memory-mapped only while its rows are read: pages a rank
     touched leave its RSS when the rows are copied, instead of staying mapped until every tensor is filled."""
