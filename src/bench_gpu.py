@@ -36,6 +36,7 @@ os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.dirname(os.path.ab
 import argparse
 import contextlib
 import csv
+import functools
 import gc
 import json
 import logging
@@ -316,7 +317,7 @@ def run(out: str | Path, device: str = "cuda", size: str = "full", budget_s: flo
     t_start = time.perf_counter()
     deadline = t_start + budget_s
     rows: list[dict] = []
-    want = lambda group: parts == "all" or group in parts.split(",")  # noqa: E731
+    want = lambda group: parts == "all" or group in parts.split(",")
 
     for name, experiment in TRAIN_STAGES:
         if want("train"):
@@ -334,8 +335,8 @@ def run(out: str | Path, device: str = "cuda", size: str = "full", budget_s: flo
                 continue
             name = f"mllm_step/{proxy}/{variant}"
             while True:
-                fn = lambda v=variant, n=name, k=layers: mllm_step(bench_size, v, device, out / n.replace("/", "_"),
-                                                                   warmup, steps, k)  # noqa: E731
+                fn = functools.partial(mllm_step, bench_size, variant, device, out / name.replace("/", "_"), warmup,
+                                       steps, layers)
                 row = guarded(rows, name, fn, deadline, dev)
                 if not (proxy == "13b" and row.get("oom") and layers and layers > 2):
                     break

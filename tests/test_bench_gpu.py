@@ -57,3 +57,23 @@ def test_cpu_dry_run_writes_every_row_and_tiny_rows_are_finite(tmp_path, capsys)
     assert all(f"| {p} | ok |" in table for p in rows)
     assert printed.rstrip().splitlines()[-1].startswith("device=cpu")  # the table is printed last
     assert sorted(p.name for p in out.iterdir()) == ["bench_gpu.json", "bench_gpu.md"]
+
+
+def test_13b_proxy_halves_its_layers_on_out_of_memory_and_keeps_them(tmp_path, monkeypatch):
+    import src.bench_gpu as bg
+
+    calls = []
+
+    def fake_step(bench_size, variant, device, out, warmup, steps, layers=None):
+        calls.append((bench_size, variant, layers))
+        if layers is not None and layers > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"llm_layers": layers, "tokens_per_s": 1.0}
+
+    monkeypatch.setattr(bg, "mllm_step", fake_step)
+    result = bg.run(tmp_path, device="cpu", size="full", parts="mllm_step", thirteen_b_layers=20)
+    rows = {r["part"]: r for r in result["rows"]}
+    assert list(rows) == [p for p in expected_parts("full") if p.startswith("mllm_step/")]
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert [c[2] for c in calls if c[0] == "13b_proxy"] == [20, 10, 5, 5, 5]  # found once, kept after
+    assert rows["mllm_step/13b/no_ckpt"]["llm_layers"] == 5 and rows["mllm_step/1b/ckpt"]["llm_layers"] is None
