@@ -6,7 +6,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup demo test test-slow test-full lint format bench sample-data clean
+.PHONY: help setup demo test test-slow test-full lint format bench bench-gpu gpu-wheels sample-data clean
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -39,6 +39,12 @@ format: setup
 
 bench: setup  ## throughput benchmark: Lightning vs bare loop, data vs model, packed vs padded (outputs/bench)
 	$(PY) -m src.bench --out outputs/bench
+
+bench-gpu:  ## GPU first contact on the device machine (scripts/gpu_check.sh, <= 8 min on one H100; outputs/bench_gpu)
+	bash scripts/gpu_check.sh outputs/bench_gpu
+
+gpu-wheels:  ## download the wheels the device machine lacks into .whl/ (needs a registry; carry .whl to the device)
+	bash scripts/fetch_gpu_wheels.sh .whl
 
 sample-data: setup  ## rebuild the bundled sample data under assets/sample
 	$(PY) -m data_prep.make_sample_data --out assets/sample

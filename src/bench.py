@@ -19,6 +19,10 @@ the size's overrides; random init, the tiny tokenizer, the bundled sample data):
 (e) ``init_rss_over_full`` (src/bench_init.py): 2 gloo processes build ``--init-size`` (default 1b) as
     strategy=fsdp2 does, weights from a saved local HF folder + ViT ``.pt``: peak RSS growth per rank during
     the build / full model bytes. Goal <= 0.75 (a rank that loads the whole model is >= 1).
+(g) ``generate_vs_hf`` and ``detok_vs_diffusers`` (src/bench_generation.py, CPU): tokens/s of our KV-cached
+    MLLMGenerator / tokens/s of transformers ``generate`` on the same `small` Llama (same prompts, greedy, same
+    length), and images/s of our de-tokenizer denoising loop / the same steps through diffusers'
+    StableDiffusionXLPipeline (tiny de-tokenizer twin). Goal >= 1.0 each.
 (f) ``data_samples_per_s_per_worker_fullres``: one loader worker on experiment=seedx_pretrain's data path
     (448 px views, all grids) over the bundled photos at their own sizes: data.num_workers per GPU must be
     at least the model's samples/s per GPU over this.
@@ -94,6 +98,20 @@ SIZES: dict[str, list[str]] = {
         "model.agent.output_resampler.kv_dim=2048",
         "data.max_length=2048", "data.batch_size=8",
     ],
+    # 13B-shaped proxy for one 80 GB GPU (src/bench_gpu.py): Llama-2-13B layer width with fewer layers, the
+    # full-size Qwen-VL ViT-G and SEED-X resamplers; packed rows of 2048 tokens.
+    "13b_proxy": [
+        "model.llm.config.hidden_size=5120", "model.llm.config.intermediate_size=13824",
+        "model.llm.config.num_hidden_layers=20", "model.llm.config.num_attention_heads=40",
+        "model.llm.config.num_key_value_heads=40",
+        "model.vit.width=1664", "model.vit.layers=48", "model.vit.heads=16", "model.vit.image_size=448",
+        "model.vit.output_dim=4096", "model.vit.pool_head_dim=128",
+        "model.agent.input_resampler.embed_dim=5120", "model.agent.input_resampler.num_heads=32",
+        "model.agent.input_resampler.kv_dim=4096",
+        "model.agent.output_resampler.embed_dim=4096", "model.agent.output_resampler.num_heads=32",
+        "model.agent.output_resampler.kv_dim=5120",
+        "data.max_length=2048", "data.batch_size=4",
+    ],
 }
 
 GOALS: dict[str, tuple[str, float | None]] = {
@@ -103,6 +121,8 @@ GOALS: dict[str, tuple[str, float | None]] = {
     "mfu": ("report", None),
     "init_rss_over_full": ("<=", 0.75),
     "data_samples_per_s_per_worker_fullres": ("report", None),
+    "generate_vs_hf": (">=", 1.0),
+    "detok_vs_diffusers": (">=", 1.0),
 }
 
 log = logging.getLogger(__name__)
@@ -350,6 +370,7 @@ def run_bench(
     quiet: bool = True,
     init_size: str | None = "1b",
     init_world: int = 2,
+    libraries: bool = True,
 ) -> dict[str, Any]:
     if steps < 1 or trials < 1 or warmup < 0:
         raise ValueError("--steps and --trials must be >= 1, --warmup >= 0")
@@ -371,14 +392,14 @@ def run_bench(
             return _run(out, steps=steps, trials=trials, warmup=warmup, device=device, size=size,
                         data_batches=data_batches, n_groups=groups, peak_flops=peak_flops,
                         overrides=list(overrides), with_monitor=with_monitor, init_size=init_size,
-                        init_world=init_world)
+                        init_world=init_world, libraries=libraries)
     finally:
         torch.set_num_threads(old_threads)
         pl_log.setLevel(old_level)
 
 
 def _run(out: Path, *, steps, trials, warmup, device, size, data_batches, n_groups, peak_flops, overrides,
-         with_monitor, init_size, init_world) -> dict[str, Any]:
+         with_monitor, init_size, init_world, libraries) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfg = compose_bench_cfg(out, size, device, overrides)
     L.seed_everything(int(cfg.seed), verbose=False)
@@ -470,9 +491,19 @@ def _run(out: Path, *, steps, trials, warmup, device, size, data_batches, n_grou
         from src.bench_init import measure_init
 
         result.update(measure_init(init_size, init_world, workdir=out))
+    if libraries:
+        result.update(library_ratios(out, rounds=min(trials, 5)))
     result["wall_s"] = time.perf_counter() - t_start
     write_report(out, result)
     return result
+
+
+def library_ratios(out: Path, rounds: int = 5) -> dict[str, Any]:
+    """(g): our generation paths against the libraries' own (src/bench_generation.py), CPU, `rounds` medians."""
+    from src.bench_generation import compose_detok, detok_vs_diffusers, generate_vs_hf
+
+    return {**generate_vs_hf(compose_bench_cfg(out / "generate", "small", "cpu"), rounds=rounds),
+            **detok_vs_diffusers(compose_detok(out / "detok"), rounds=rounds)}
 
 
 def _mean(xs) -> float:
@@ -497,6 +528,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         ("mfu", "model FLOPs / Lightning step time / device peak"),
         ("init_rss_over_full", "peak RSS growth per rank during the sharded build / full model bytes"),
         ("data_samples_per_s_per_worker_fullres", "one loader worker, full-size any-res path, photos at own size"),
+        ("generate_vs_hf", "tokens/s, our MLLMGenerator / transformers generate (same Llama, prompts, greedy)"),
+        ("detok_vs_diffusers", "images/s, our denoise loop / diffusers SDXL pipeline loop (same steps)"),
     ]
     lines = ["| metric | value | goal | met | what |", "|---|---|---|---|---|"]
     for key, what in rows:
@@ -540,7 +573,9 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
             "loop_overhead_s", "lightning_step_s", "bare_step_s",
             "data_samples_per_s", "model_samples_per_s", "packed_tokens_per_s", "padded_tokens_per_s",
             "model_tflops_per_s", "init_peak_rss_gb_per_rank", "full_model_gb", "init_rss_over_full",
-            "data_samples_per_s_per_worker_fullres", "device", "size")
+            "data_samples_per_s_per_worker_fullres", "generate_vs_hf", "detok_vs_diffusers",
+            "generate_ours_tokens_per_s", "generate_hf_tokens_per_s", "detok_ours_images_per_s",
+            "detok_diffusers_images_per_s", "device", "size")
     return {k: (None if isinstance(result.get(k), float) and not math.isfinite(result[k]) else result.get(k))
             for k in keys}
 
@@ -561,13 +596,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="size whose sharded build is measured (src/bench_init.py)")
     p.add_argument("--init-world", type=int, default=2, help="gloo processes of the sharded build")
     p.add_argument("--no-init", action="store_true", help="skip the sharded-build memory measurement")
+    p.add_argument("--no-libraries", action="store_true", help="skip generate_vs_hf and detok_vs_diffusers")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. data.num_workers=2")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = run_bench(a.out, steps=a.steps, trials=a.trials, warmup=a.warmup, device=a.device, size=a.size,
                        threads=a.threads, data_batches=a.data_batches, peak_flops=a.peak_flops,
                        overrides=a.overrides, with_monitor=not a.no_monitor,
-                       init_size=None if a.no_init else a.init_size, init_world=a.init_world)
+                       init_size=None if a.no_init else a.init_size, init_world=a.init_world,
+                       libraries=not a.no_libraries)
     print(markdown_table(result))
     print(f"wrote {Path(a.out) / 'bench.json'} and {Path(a.out) / 'bench.md'}")
     print(json.dumps(headline(result)))
