@@ -239,7 +239,7 @@ def test_a_detokenizer_checkpoint_as_init_from_of_an_mllm_stage_fails_before_any
 
 def test_export_of_a_detokenizer_checkpoint_as_ckpt_path_names_the_kind(tmp_path):
     from src.export import export
-    from src.stages.checkpoint_kind import WrongCheckpointKind
+    from src.utils.checkpoint_kind import WrongCheckpointKind
 
     ckpt = _detok_checkpoint(tmp_path / "detok.ckpt", recorded=False)
     with pytest.raises(WrongCheckpointKind, match=r"ckpt_path=.* is a de-tokenizer checkpoint .*; ckpt_path expects "
@@ -249,7 +249,7 @@ def test_export_of_a_detokenizer_checkpoint_as_ckpt_path_names_the_kind(tmp_path
 
 def test_generate_refuses_a_non_image_and_a_wrong_checkpoint_before_any_build(tmp_path, monkeypatch):
     import src.generate as gen
-    from src.stages.checkpoint_kind import WrongCheckpointKind
+    from src.utils.checkpoint_kind import WrongCheckpointKind
     from tests.test_generate import gen_cfg
 
     def built(*a, **k):
@@ -268,7 +268,7 @@ def test_generate_refuses_a_non_image_and_a_wrong_checkpoint_before_any_build(tm
 
 
 def test_training_checkpoints_record_their_stage_family(tmp_path):
-    from src.stages.checkpoint_kind import checkpoint_family
+    from src.utils.checkpoint_kind import checkpoint_family
     from src.train import train
     from tests.helpers import tiny_run_cfg
 
@@ -361,6 +361,6 @@ def test_a_truncated_last_ckpt_names_the_newest_intact_step_checkpoint(tmp_path,
     (["llm"], "seed_llama"), (["eva_vit", "qformer"], "seed_qformer"),
     (["eva_vit", "qformer", "seed_codec", "seed_decoder"], "seed_tokenizer"), ([], None)])
 def test_checkpoints_without_a_recorded_family_are_known_by_their_model_parts(parts, family):
-    from src.stages.checkpoint_kind import checkpoint_family
+    from src.utils.checkpoint_kind import checkpoint_family
 
     assert checkpoint_family({"hyper_parameters": {"model": {part: {} for part in parts}}}) == family

@@ -20,7 +20,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_
 
 from src.data.position import loader_generator
 from src.parallel import FSDP2Strategy, block_classes, parallelize, writes_sharded_checkpoints
-from src.stages.checkpoint_kind import FAMILY_KEY
+from src.utils.checkpoint_kind import FAMILY_KEY
 from src.utils.constraints import Fraction, NonNegativeInt
 from src.utils.materialize import TensorSource, clean_name, materialize
 from src.utils.weights import RequiredPath, check_paths

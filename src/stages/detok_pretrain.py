@@ -56,7 +56,7 @@ NOISE_SEED_KEY = "detok_noise_seed"  # top-level checkpoint entry
 
 class DetokPretrainModule(StageModule):
 
-    checkpoint_family = "detokenizer"  # written into its checkpoints (src/stages/checkpoint_kind.py)
+    checkpoint_family = "detokenizer"  # written into its checkpoints (src/utils/checkpoint_kind.py)
     frozen_towers = ("vit", "vae")
     fsdp_blocks = (
         "src.models.qwen_vit.VisualAttentionBlock",

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.pipelines.detok import ImageDecoder
 from src.stages.base import StageModule
-from src.stages.checkpoint_kind import check_checkpoint_kind
+from src.utils.checkpoint_kind import check_checkpoint_kind
 from src.stages.detok_cond import DetokCondModule
 from src.stages.detok_pretrain import DetokPretrainModule
 from src.stages.mllm_pretrain import MLLMPretrainModule

@@ -40,7 +40,7 @@ from src.utils.weights import RequiredPath, missing_weights_error
 
 class MLLMPretrainModule(StageModule):
 
-    checkpoint_family = "seedx_mllm"  # written into its checkpoints (src/stages/checkpoint_kind.py)
+    checkpoint_family = "seedx_mllm"  # written into its checkpoints (src/utils/checkpoint_kind.py)
     frozen_towers = ("vit",)
     fsdp_blocks = (
         "transformers.models.llama.modeling_llama.LlamaDecoderLayer",

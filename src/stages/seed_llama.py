@@ -30,7 +30,7 @@ from src.utils.weights import RequiredPath, missing_weights_error
 
 class SeedLlamaModule(StageModule):
 
-    checkpoint_family = "seed_llama"  # written into its checkpoints (src/stages/checkpoint_kind.py)
+    checkpoint_family = "seed_llama"  # written into its checkpoints (src/utils/checkpoint_kind.py)
     fsdp_blocks = ("transformers.models.llama.modeling_llama.LlamaDecoderLayer",)
     builds_empty = True
 

@@ -26,7 +26,7 @@ QFORMER_LAYER = "transformers.models.blip_2.modeling_blip_2.Blip2QFormerLayer"
 
 class SeedQFormerModule(StageModule):
 
-    checkpoint_family = "seed_qformer"  # written into its checkpoints (src/stages/checkpoint_kind.py)
+    checkpoint_family = "seed_qformer"  # written into its checkpoints (src/utils/checkpoint_kind.py)
     frozen_towers = ("vit",)
     fsdp_blocks = (EVA_BLOCK, QFORMER_LAYER)
 

@@ -51,7 +51,7 @@ TEXT_FFN = re.compile(r"\.encoder\.layer\.\d+\.(intermediate|output)\.")
 
 class SeedTokenizerModule(StageModule):
 
-    checkpoint_family = "seed_tokenizer"  # written into its checkpoints (src/stages/checkpoint_kind.py)
+    checkpoint_family = "seed_tokenizer"  # written into its checkpoints (src/utils/checkpoint_kind.py)
     init_from_family = "seed_qformer"  # what stage.init_from must be (checked before any build)
     frozen_towers = ("vit", "qformer", "target")
     fsdp_blocks = (EVA_BLOCK, QFORMER_LAYER)
