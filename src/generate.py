@@ -290,8 +290,8 @@ def check_request_images(requests: list[dict]) -> None:
 def check_checkpoint_kinds(cfg: DictConfig, family: str) -> None:
     """`ckpt_path` of the experiment's kind and `detok_ckpt_path` a de-tokenizer's, before any model is built
     (each is read again, memory-mapped, where its model is built)."""
-    from src.utils.checkpoint_kind import check_checkpoint_kind
     from src.utils.checkpoint import read_checkpoint
+    from src.utils.checkpoint_kind import check_checkpoint_kind
 
     for key, expected in (("ckpt_path", family), ("detok_ckpt_path", "detokenizer")):
         if cfg.get(key):

@@ -2,11 +2,16 @@
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from src.bench_gpu import expected_parts, guarded, main, markdown_table
+from src.bench_gpu import expected_parts, guarded, markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FINITE_KEYS = ("loss_first", "loss_last", "step_s", "tokens_per_s", "images_per_s")
 
@@ -35,11 +40,15 @@ def test_every_part_is_named_for_both_sizes():
 
 
 @pytest.mark.slow
-def test_cpu_dry_run_writes_every_row_and_tiny_rows_are_finite(tmp_path, capsys):
+def test_cpu_dry_run_writes_every_row_and_tiny_rows_are_finite(tmp_path):
+    # its own process, as `make bench-gpu` runs it: the one-rank FSDP2 parts set distributed environment
+    # variables (MASTER_PORT, WORLD_SIZE, ...) and a process group that must not leak into later tests
     out = tmp_path / "report"
-    main(["--device", "cpu", "--size", "tiny", "--out", str(out), "--work", str(tmp_path / "work"),
-          "--warmup", "1", "--steps", "1", "--train-steps", "2"])
-    printed = capsys.readouterr().out
+    proc = subprocess.run([sys.executable, "-m", "src.bench_gpu", "--device", "cpu", "--size", "tiny", "--out", str(out),
+                           "--work", str(tmp_path / "work"), "--warmup", "1", "--steps", "1", "--train-steps", "2"],
+                          check=False, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = proc.stdout
     saved = json.loads((out / "bench_gpu.json").read_text())
     rows = {r["part"]: r for r in saved["rows"]}
     assert list(rows) == expected_parts("tiny")

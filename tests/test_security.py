@@ -268,8 +268,8 @@ def test_generate_refuses_a_non_image_and_a_wrong_checkpoint_before_any_build(tm
 
 
 def test_training_checkpoints_record_their_stage_family(tmp_path):
-    from src.utils.checkpoint_kind import checkpoint_family
     from src.train import train
+    from src.utils.checkpoint_kind import checkpoint_family
     from tests.helpers import tiny_run_cfg
 
     train(tiny_run_cfg("seedx_detok_pretrain_tiny", tmp_path, ["trainer.max_steps=1", "trainer.limit_val_batches=0"]))

@@ -18,12 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.pipelines.detok import ImageDecoder
 from src.stages.base import StageModule
-from src.utils.checkpoint_kind import check_checkpoint_kind
 from src.stages.detok_cond import DetokCondModule
 from src.stages.detok_pretrain import DetokPretrainModule
 from src.stages.mllm_pretrain import MLLMPretrainModule
 from src.stages.mllm_sft import MLLMSFTModule
 from src.utils.checkpoint import read_checkpoint
+from src.utils.checkpoint_kind import check_checkpoint_kind
 
 if TYPE_CHECKING:
     from src.stages.seed_tokenizer import SeedTokenizerModule

@@ -498,8 +498,8 @@ def _dry_stage(node: dict):
 def _checkpoint_kind_problems(stage, ckpt_path: str | None) -> list[tuple[str, str]]:
     """`stage.init_from` and a resume `ckpt_path` of the wrong kind (a de-tokenizer checkpoint where an MLLM
     one belongs ...), named here instead of deep inside the build (src/utils/checkpoint_kind.py)."""
-    from src.utils.checkpoint_kind import WrongCheckpointKind, check_checkpoint_kind
     from src.utils.checkpoint import UnreadableCheckpoint, UnsafeCheckpoint, read_checkpoint
+    from src.utils.checkpoint_kind import WrongCheckpointKind, check_checkpoint_kind
 
     problems = []
     for key, path, family in (("stage.init_from", getattr(stage, "init_from", None), getattr(stage, "init_from_family", None)),
