@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from src.bench import _StepClock
+from src.bench import _fmt, _StepClock
 
 log = logging.getLogger(__name__)
 
@@ -363,14 +363,6 @@ def run(out: str | Path, device: str = "cuda", size: str = "full", budget_s: flo
 # ---- report ---------------------------------------------------------------------------------------------
 SHOWN = ("loss_last", "tokens_per_s", "step_s", "mfu", "peak_mem_gb", "images_per_s", "llm_layers", "images",
          "tokens")
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
 
 
 def markdown_table(result: dict[str, Any]) -> str:
