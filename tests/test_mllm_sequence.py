@@ -257,7 +257,7 @@ def test_t2i_chat_format_wraps_only_the_flipped_caption(tokenizer, ids, images):
     assert chat["input_ids"].tolist() == [tokenizer.bos_token_id] + user + answer + [tokenizer.eos_token_id]
     assert chat["labels"].tolist() == [IGNORE_INDEX] * (1 + len(user)) + answer + [tokenizer.eos_token_id]
     with pytest.raises(ValueError, match="t2i_chat_format"):
-        make_builder(tokenizer, t2i_chat_format="vicuna")
+        make_builder(tokenizer, t2i_chat_format="chatml")
 
 
 def test_t2i_can_be_forced_per_call(tokenizer, ids, images):
@@ -370,6 +370,6 @@ def test_builder_argument_errors(tokenizer):
     with pytest.raises(ValueError, match="truncation"):
         make_builder(tokenizer, truncation="drop")
     with pytest.raises(ValueError, match="chat_format"):
-        make_builder(tokenizer, chat_format="vicuna")
+        make_builder(tokenizer, chat_format="chatml")
     with pytest.raises(ValueError, match="grid"):
         make_builder(tokenizer, grids=["2by2"])
