@@ -157,8 +157,10 @@ def convert(quantizer: str, eva: str | None, experiment: str = "seed_tokenizer_v
     from omegaconf import OmegaConf
 
     from src.models.eva_vit import EvaViTConfig, build_eva_vit, load_eva_weights
-    from src.stages.inference import compose_experiment
-    from src.stages.seed_tokenizer import SeedTokenizerModule
+    from src.specs.base import model_args
+    from src.specs.inference import compose_experiment
+    from src.specs.seed_tokenizer import SEED_TOKENIZER, SeedTokenizerModel
+    from src.utils.checkpoint_kind import FAMILY_KEY, STAGE_KEY
 
     released = read_state(quantizer, "--quantizer")
     has_vit = any(k.startswith("visual_encoder.") for k in released)
@@ -170,8 +172,7 @@ def convert(quantizer: str, eva: str | None, experiment: str = "seed_tokenizer_v
     stage_cfg = OmegaConf.to_container(cfg.stage, resolve=True)
     stage_cfg.update(weights_in_checkpoint=True, init_from=None, optimizer=None)
     stage_cfg["model"]["eva_vit"]["weights"] = None
-    kwargs = {k: v for k, v in stage_cfg.items() if k != "_target_"}
-    module = SeedTokenizerModule(**kwargs)
+    module = SeedTokenizerModel(**model_args(SeedTokenizerModel, stage_cfg))
     with torch.device("meta"):
         module.build_models(load_weights=False)
     own = {k: tuple(v.shape) for k, v in module.state_dict().items() if not k.startswith("target.")}
@@ -195,7 +196,7 @@ def convert(quantizer: str, eva: str | None, experiment: str = "seed_tokenizer_v
         else:
             unused[key] = reason
     if eva_state is not None:
-        vit = build_eva_vit(EvaViTConfig(**{**kwargs["model"]["eva_vit"], "allow_random_init": True}), False)
+        vit = build_eva_vit(EvaViTConfig(**{**stage_cfg["model"]["eva_vit"], "allow_random_init": True}), False)
         load_eva_weights(vit, eva)  # timm's layout mapping; blocks past the depth and the head dropped
         state.update({f"vit.{k}": v for k, v in vit.state_dict().items()})
     missing = sorted(k for k in own if k not in state)
@@ -210,7 +211,8 @@ def convert(quantizer: str, eva: str | None, experiment: str = "seed_tokenizer_v
                 lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
         raise ValueError("\n".join(lines))
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # the stage computes in fp32
-    checkpoint = {"state_dict": state, "hyper_parameters": stage_cfg,
+    checkpoint = {"state_dict": state, "hyper_parameters": stage_cfg, FAMILY_KEY: SEED_TOKENIZER.name,
+                  STAGE_KEY: SeedTokenizerModel.stage_name,
                   "converted_from": {"quantizer": str(quantizer), "eva": str(eva) if eva else None}}
     report = {"experiment": experiment, "overrides": sizes + list(overrides), "tensors": len(state),
               "parameters": sum(v.numel() for v in state.values()), "unused_released_tensors": unused}

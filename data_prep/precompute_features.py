@@ -7,7 +7,7 @@
         model.vit.weights=/ckpt/qwen_vit_G.pt model.detokenizer.pretrained_dir=/ckpt/sdxl-base-1.0
 
 The experiment is composed with Hydra exactly as ``python -m src.train`` composes it (trailing arguments are
-overrides), and its stage builds the frozen towers (``build_frozen_encoders``): the ViT from
+overrides), and its model spec (src/specs) builds the frozen towers (``build_frozen_encoders``): the ViT from
 ``model.vit.weights`` or, for tiny twins, the random init of ``stage.init_seed``, so the features are what
 training would compute. Records come from the experiment's ``data.train_sources`` + ``data.val_sources``
 or from ``--source PATH`` (jsonl, image folder or webdataset shards; ``--source-name`` names it).
@@ -240,12 +240,21 @@ def main(argv: list[str] | None = None) -> dict:
     import hydra
     from omegaconf import OmegaConf
 
-    from src.stages.detok_pretrain import DetokPretrainModule
+    from src.specs.base import model_args
+    from src.specs.registry import spec_of
+    from src.utils.checkpoint_kind import model_family
 
     cfg = compose(args.experiment, args.overrides)
-    module = hydra.utils.instantiate(cfg.stage, _convert_="all")
+    family = model_family(cfg.model)
+    if family not in ("seedx_mllm", "detokenizer"):
+        raise ValueError(f"--experiment {args.experiment}: its model ({family}) has no ViT features to precompute; "
+                         "pick a SEED-X MLLM or de-tokenizer experiment")
+    spec = spec_of(family)
+    stage_args = OmegaConf.to_container(cfg.stage, resolve=True)
+    cls = spec.stages[spec.stage_of_args(stage_args)]
+    module = cls(**model_args(cls, stage_args))  # parses the model config; builds only what is asked below
     dm = hydra.utils.instantiate(cfg.data, features_dir=None)
-    job: Job = DetokJob(cfg, dm) if isinstance(module, DetokPretrainModule) else MLLMJob(cfg, dm)
+    job: Job = DetokJob(cfg, dm) if family == "detokenizer" else MLLMJob(cfg, dm)
     towers = module.build_frozen_encoders()
     precision = str(args.precision or cfg.trainer.precision)
     encoder = Encoder(towers, torch.device(args.device), precision, DTYPES[args.dtype], args.batch_views,

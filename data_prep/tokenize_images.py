@@ -32,7 +32,7 @@ from data_prep.common import RecordWriter, image_from_bytes, progress
 from data_prep.precompute_features import iter_records, parse_source
 from src.data.images import vit_view
 from src.data.records import SkippedSample, image_bytes, load_image, record_images
-from src.stages.inference import build_image_tokenizer
+from src.specs.inference import build_image_tokenizer
 
 
 def tokenize_source(stage, source, writer: RecordWriter, batch_size: int, device: str) -> None:

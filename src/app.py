@@ -35,7 +35,7 @@ from src.generate import (
 )
 from src.pipelines.conversation import MODES, ConversationRunner, load_requests, worded_requests
 from src.pipelines.mllm import MLLMGenerator
-from src.stages.inference import build_mllm
+from src.specs.inference import build_mllm
 from src.utils.run import pin_output_dir, save_resolved_config
 
 log = logging.getLogger(__name__)

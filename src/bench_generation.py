@@ -36,7 +36,7 @@ def build_generator(cfg: DictConfig, device: str | torch.device, dtype: torch.dt
     import hydra
 
     from src.pipelines.mllm import MLLMGenerator
-    from src.stages.inference import build_mllm
+    from src.specs.inference import build_mllm
 
     device = torch.device(device)
     stage_cfg = OmegaConf.to_container(cfg.stage, resolve=True)
@@ -120,7 +120,7 @@ def generate_vs_hf(cfg: DictConfig, batch: int = 4, new_tokens: int = 32, rounds
 # ---- de-tokenizer sampling ------------------------------------------------------------------------------
 def build_decoder(cfg: DictConfig, device: str | torch.device = "cpu"):
     """The plain stage-1 ImageDecoder of a composed de-tokenizer config (random init)."""
-    from src.stages.inference import build_detokenizer, image_decoder_of
+    from src.specs.inference import build_detokenizer, image_decoder_of
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     module = build_detokenizer({"vit": model_cfg["vit"], "detokenizer": model_cfg["detokenizer"]}, "stage1")

@@ -46,7 +46,7 @@ from src.generate import (
 from src.pipelines.benchmark import answer_questions, question_text
 from src.pipelines.conversation import ConversationRunner, mode_of, worded_requests
 from src.pipelines.mllm import MLLMGenerator
-from src.stages.inference import build_mllm
+from src.specs.inference import build_mllm
 from src.utils.checkpoint import read_checkpoint
 from src.utils.run import pin_output_dir, save_resolved_config
 

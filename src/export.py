@@ -46,13 +46,8 @@ from safetensors.torch import save_file
 from src import export_official, export_seed
 from src.data.mllm_sequence import CHAT_FORMATS, ChatFormat
 from src.models.mllm import AGENT_KEY_PREFIXES
-from src.stages.inference import (
-    build_detokenizer,
-    build_mllm,
-    checkpoint_hparams,
-    detok_stage_of,
-    read_checkpoint,
-)
+from src.specs.inference import build_detokenizer, build_mllm, checkpoint_hparams, detok_stage_of
+from src.utils.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +240,7 @@ def export(ckpt_path: str | None, out: str | Path, detok_ckpt_path: str | None =
     if detok_ckpt_path:
         checkpoint = read_checkpoint(detok_ckpt_path, "detok_ckpt_path")
         hp = checkpoint_hparams(checkpoint, detok_ckpt_path, "detok_ckpt_path")
-        module = build_detokenizer(hp["model"], detok_stage_of(hp), detok_ckpt_path, checkpoint=checkpoint)
+        module = build_detokenizer(hp["model"], detok_stage_of(checkpoint), detok_ckpt_path, checkpoint=checkpoint)
         export_detokenizer(module, out / "detokenizer", DTYPES[dtype], out if official else None)
     log.info("exported to %s", out)
     return out

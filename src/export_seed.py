@@ -91,16 +91,11 @@ def export_seed_llama(stage, out: Path, dtype: torch.dtype = torch.bfloat16, bas
 def export_seed_stage(kind: str, hparams: dict, ckpt_path: str, checkpoint: dict, out: Path, dtype: torch.dtype,
                       base: str | None = None, chat_format: str = "llama2") -> None:
     """Rebuild the SEED stage from the checkpoint's own hyper-parameters and export it."""
-    from src.stages.inference import build_trained
+    from src.specs.inference import build_seed_llama
+    from src.specs.seed_tokenizer import SEED_TOKENIZER
 
     if kind == "seed_tokenizer":
-        from src.stages.seed_tokenizer import SeedTokenizerModule
-
-        module = build_trained(SeedTokenizerModule, hparams, ckpt_path, checkpoint)
+        module = SEED_TOKENIZER.build("stage2", hparams, ckpt_path, checkpoint)
         export_seed_tokenizer(module, hparams, out, dtype)
         return
-    from src.stages.seed_llama import SeedLlamaModule, SeedLlamaSFTModule
-
-    cfg = dict(hparams)
-    cls = SeedLlamaSFTModule if "init_from" in cfg else SeedLlamaModule
-    export_seed_llama(build_trained(cls, cfg, ckpt_path, checkpoint), out, dtype, base, chat_format)
+    export_seed_llama(build_seed_llama(hparams, ckpt_path, checkpoint), out, dtype, base, chat_format)

@@ -1,6 +1,6 @@
 """`python -m src.generate experiment=<E> mode=<mode> ...`: answer requests with a trained SEED-X.
 
-Thin: check the request and options, build the experiment's models (src/stages/inference.py), hand the
+Thin: check the request and options, build the experiment's models (src/specs/inference.py), hand the
 plain modules to src/pipelines and write `results.jsonl` + PNGs under `paths.output_dir`.
 `python -m src.generate --help` lists the modes with an example each.
 """
@@ -34,7 +34,9 @@ from src.pipelines.conversation import (
 )
 from src.pipelines.detok import SamplingOptions
 from src.pipelines.mllm import DecodingOptions, MLLMGenerator
-from src.stages.inference import build_detokenizer, build_mllm, image_decoder_of
+from src.specs.inference import build_detokenizer, build_mllm, image_decoder_of
+from src.specs.seedx import SEEDX
+from src.utils.checkpoint_kind import model_family
 from src.utils.run import pin_output_dir, save_resolved_config
 
 log = logging.getLogger(__name__)
@@ -85,8 +87,8 @@ def prompt_format(cfg: DictConfig, checkpoint: dict | None = None) -> str:
     if fmt != "auto":
         return fmt
     if checkpoint is not None:
-        return "instruct" if "init_from" in (checkpoint.get("hyper_parameters") or {}) else "pretrained"
-    return "instruct" if stage_is(cfg, "src.stages.mllm_sft", "MLLMSFTModule") else "pretrained"
+        return "instruct" if SEEDX.stage_of(checkpoint) == "sft" else "pretrained"
+    return "instruct" if family_of(cfg) == SEEDX.name and "init_from" in cfg.stage else "pretrained"
 
 
 def chat_format_of(mode: str, fmt: str) -> str:
@@ -148,17 +150,14 @@ def image_decoder(cfg: DictConfig, stage: str, device: torch.device, dtype: torc
 
 def check_experiment(cfg: DictConfig, mode: str) -> None:
     """The modes that talk need an MLLM experiment; `recon` only a de-tokenizer config."""
-    if mode_of(mode).uses_llm and not stage_is(cfg, "src.stages.mllm_pretrain", "MLLMPretrainModule"):
+    if mode_of(mode).uses_llm and family_of(cfg) != SEEDX.name:
         raise ValueError(f"mode={mode} needs an MLLM experiment (e.g. experiment=seedx_pretrain_tiny); "
                          f"stage._target_ is {(cfg.get('stage') or {}).get('_target_')!r}")
 
 
-def stage_is(cfg: DictConfig, module: str, name: str) -> bool:
-    """Whether the experiment's stage is (a subclass of) `module.name`, imported only when asked."""
-    import importlib
-
-    target = (cfg.get("stage") or {}).get("_target_")
-    return bool(target) and issubclass(hydra.utils.get_class(target), getattr(importlib.import_module(module), name))
+def family_of(cfg: DictConfig) -> str | None:
+    """The model family (src/specs) the experiment's `model` node configures, without importing its stage."""
+    return model_family(cfg.get("model") or {})
 
 
 def seed_llama_generate(cfg: DictConfig, mode: str, requests: list[dict], out: Path, device: torch.device,
@@ -171,27 +170,17 @@ def seed_llama_generate(cfg: DictConfig, mode: str, requests: list[dict], out: P
     from src.pipelines.conversation import Conversation, batches, safe_name
     from src.pipelines.seed_decode import build_decode_pipeline
     from src.pipelines.seed_llama import SEED_LLAMA_MODES, SeedDecodeOptions, SeedImages, SeedLlamaGenerator
-    from src.stages.inference import build_image_tokenizer, build_trained
-    from src.stages.seed_llama import SeedLlamaModule, SeedLlamaSFTModule
+    from src.specs.inference import build_image_tokenizer, build_seed_llama
 
     if mode not in SEED_LLAMA_MODES:
         raise ValueError(f"mode={mode}: a SEED-LLaMA experiment answers mode={'|'.join(SEED_LLAMA_MODES)}")
     decode = SeedDecodeOptions.of(cfg.get("seed_decode"))  # option mistakes fail before any model is built
-    stage_cfg = OmegaConf.to_container(cfg.stage, resolve=True)
-    ckpt, checkpoint = cfg.get("ckpt_path"), None
-    if ckpt:  # an SFT checkpoint rebuilds the pre-trained start it trained on
-        from src.utils.checkpoint import read_checkpoint
-
-        checkpoint = read_checkpoint(ckpt)
-        hp = checkpoint.get("hyper_parameters") or {}
-        if hp.get("init_from") and not stage_cfg.get("init_from"):
-            stage_cfg.update(init_from=hp["init_from"], pretrain_lora=hp.get("pretrain_lora", "merge"))
-    cls = SeedLlamaSFTModule if "init_from" in stage_cfg else SeedLlamaModule
-    stage = build_trained(cls, stage_cfg, ckpt, checkpoint).to(device, dtype)
+    # an SFT checkpoint rebuilds the pre-trained start it trained on
+    stage = build_seed_llama(OmegaConf.to_container(cfg.stage, resolve=True), cfg.get("ckpt_path")).to(device, dtype)
     it = cfg.image_tokenizer
     image_tokenizer = build_image_tokenizer(it.ckpt_path, it.experiment).to(device)
     fmt = cfg.generate.prompt_format
-    instruct = fmt == "instruct" or (fmt == "auto" and cls is SeedLlamaSFTModule)
+    instruct = fmt == "instruct" or (fmt == "auto" and stage.stage_name == "sft")
     # the instruction template the experiment trains with: `USER: ...\nASSISTANT:` (8B) or `[INST]` (14B)
     template = cfg.data.get("chat_format") if cfg.data.get("chat_format") in ("llama2", "vicuna") else "llama2"
     builder = SeedLlamaSequenceBuilder(stage.tokenizer, max_length=int(cfg.data.max_length), truncation="cut",
@@ -244,8 +233,8 @@ def seed_tokenizer_recon(cfg: DictConfig, mode: str, requests: list[dict], out: 
     from src.pipelines.conversation import safe_name
     from src.pipelines.seed_decode import build_decode_pipeline
     from src.pipelines.seed_llama import SeedDecodeOptions, SeedImages
-    from src.stages.inference import build_image_tokenizer, build_trained
-    from src.stages.seed_tokenizer import SeedTokenizerModule
+    from src.specs.inference import build_image_tokenizer
+    from src.specs.seed_tokenizer import SEED_TOKENIZER
 
     if mode != "recon":
         raise ValueError(f"mode={mode}: a SEED tokenizer experiment answers mode=recon (image -> codes -> image)")
@@ -253,7 +242,7 @@ def seed_tokenizer_recon(cfg: DictConfig, mode: str, requests: list[dict], out: 
     if cfg.get("ckpt_path"):
         tokenizer = build_image_tokenizer(cfg.ckpt_path, None, keys=("ckpt_path", "experiment"))
     else:
-        tokenizer = build_trained(SeedTokenizerModule, OmegaConf.to_container(cfg.stage, resolve=True))
+        tokenizer = SEED_TOKENIZER.build("stage2", OmegaConf.to_container(cfg.stage, resolve=True))
     tokenizer = tokenizer.to(device)
     images = SeedImages(tokenizer, functools.cache(lambda: build_decode_pipeline(tokenizer.decoder_cfg, device, dtype)),
                         decode)
@@ -301,8 +290,8 @@ def check_checkpoint_kinds(cfg: DictConfig, family: str) -> None:
 def generate(cfg: DictConfig) -> list[dict]:
     mode = cfg.mode
     spec = mode_of(mode)
-    seed_llama = stage_is(cfg, "src.stages.seed_llama", "SeedLlamaModule")
-    seed_tokenizer = stage_is(cfg, "src.stages.seed_tokenizer", "SeedTokenizerModule")
+    seed_llama = family_of(cfg) == "seed_llama"
+    seed_tokenizer = family_of(cfg) == "seed_tokenizer"
     if not (seed_llama or seed_tokenizer):
         check_experiment(cfg, mode)
     requests = load_requests(cfg.get("requests"), cfg.get("prompt"), cfg.get("image"), mode)

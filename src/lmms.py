@@ -97,7 +97,7 @@ class SeedX(lmms):
         from src.generate import exported_paths, inference_dtype, sequence_builder
         from src.generate import prompt_format as format_of  # not to shadow the `prompt_format` argument
         from src.pipelines.mllm import MLLMGenerator
-        from src.stages.inference import build_mllm
+        from src.specs.inference import build_mllm
 
         os.environ.setdefault("PROJECT_ROOT", str(CONF.parent))
         extra = [o for o in str(overrides or "").split(";") if o.strip()]

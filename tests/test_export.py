@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from src.export import export
 from src.pipelines.detok import SamplingOptions
-from src.stages.inference import build_detokenizer, build_mllm, image_decoder_of
+from src.specs.inference import build_detokenizer, build_mllm, image_decoder_of
 from tests.helpers import lean_checkpoint, perturb_trainable, tiny_run_cfg, trained_tiny_mllm
 
 pytestmark = pytest.mark.smoke

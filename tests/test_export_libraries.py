@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from src.export import export
 from src.pipelines.detok import SamplingOptions
-from src.stages.inference import build_detokenizer, image_decoder_of
+from src.specs.inference import build_detokenizer, image_decoder_of
 from tests.helpers import trained_tiny_detok_checkpoint, trained_tiny_mllm
 
 pytestmark = pytest.mark.smoke

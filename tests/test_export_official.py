@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from src.export import export
-from src.stages.inference import build_detokenizer
+from src.specs.inference import build_detokenizer
 from tests.helpers import tiny_run_cfg, trained_tiny_detok_checkpoint, trained_tiny_mllm
 
 pytestmark = pytest.mark.parity

@@ -19,7 +19,7 @@ from src.models.vocab import NUM_IMG_TOKENS_USED, image_token_ids
 from src.pipelines.conversation import MODES, Conversation, ConversationRunner, reply_pieces
 from src.pipelines.detok import SamplingOptions
 from src.pipelines.mllm import DecodingOptions, Generated, MLLMGenerator, next_tokens
-from src.stages.inference import build_mllm
+from src.specs.inference import build_mllm
 from tests.helpers import compose_cfg
 
 pytestmark = pytest.mark.smoke

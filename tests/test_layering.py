@@ -16,18 +16,20 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Entry points: `python -m src.<name>` modules (and the ones the design names for later).
 ENTRY_POINTS = ("train", "inspect", "bench", "generate", "eval", "export", "report", "demo")
-PACKAGES = ("models", "data", "stages", "pipelines", "callbacks", "utils", "evaluation")
+PACKAGES = ("models", "data", "specs", "stages", "pipelines", "callbacks", "utils", "evaluation")
 
 # layer -> layers it must not import. data may use plain model modules (src.models.vocab, ViT constants);
-# utils may import model config dataclasses.
+# utils may import model config dataclasses. specs (the model recipes, src/specs/base.py) sit between the
+# models/data/pipelines they assemble and the stages that train them.
 FORBIDDEN: dict[str, frozenset[str]] = {
-    "models": frozenset({"data", "stages", "pipelines", "callbacks", "entry"}),
-    "data": frozenset({"stages", "pipelines", "callbacks", "entry"}),
+    "models": frozenset({"data", "specs", "stages", "pipelines", "callbacks", "entry"}),
+    "data": frozenset({"specs", "stages", "pipelines", "callbacks", "entry"}),
+    "specs": frozenset({"stages", "callbacks", "entry"}),
     "stages": frozenset({"entry"}),
-    "pipelines": frozenset({"stages", "entry"}),
+    "pipelines": frozenset({"specs", "stages", "entry"}),
     "utils": frozenset({"stages", "entry"}),
     # benchmark files and scorers: pure functions, no model code
-    "evaluation": frozenset({"models", "stages", "pipelines", "callbacks", "entry"}),
+    "evaluation": frozenset({"models", "specs", "stages", "pipelines", "callbacks", "entry"}),
 }
 
 
@@ -126,3 +128,78 @@ def test_checker_catches_forbidden_edges():
 ])
 def test_layer_of(module, layer):
     assert layer_of(module) == layer
+
+
+# ---- inference builds from the model specs, never from a training stage --------------------------------------
+ROOT = SRC.parent
+# Entry points that build trained models for inference / export / feature precomputation: they go through
+# src/specs (the model recipe), so no training stage (LightningModule) is imported on their way.
+INFERENCE_ENTRY_POINTS = ("src.generate", "src.export", "src.export_official", "src.export_seed", "src.eval",
+                          "src.lmms", "data_prep.precompute_features")
+
+
+def module_file(module: str) -> Path | None:
+    """The file of a module of this repository (``src.x.y`` -> src/x/y.py or src/x/y/__init__.py), or None."""
+    base = ROOT.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def transitive_imports(start: str) -> dict[str, str]:
+    """Every repository module `start` imports, directly or through others (lazy imports included), each
+    with the module that imports it first (the chain is reported on failure)."""
+    seen: dict[str, str] = {start: ""}
+    todo = [start]
+    while todo:
+        module = todo.pop()
+        path = module_file(module)
+        if path is None:
+            continue
+        for _, target in imported_modules(path.read_text(), module, is_package=path.name == "__init__.py"):
+            if target.split(".")[0] not in ("src", "data_prep"):
+                continue
+            # `from src.x import name`: name is a module or a symbol of src.x; take what exists
+            found = target if module_file(target) else target.rpartition(".")[0]
+            parts = found.split(".")
+            for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ too
+                name = ".".join(parts[:i])
+                if name not in seen and module_file(name):
+                    seen[name] = module
+                    todo.append(name)
+    return seen
+
+
+def import_chain(seen: dict[str, str], module: str) -> str:
+    chain = [module]
+    while seen.get(chain[-1]):
+        chain.append(seen[chain[-1]])
+    return " <- ".join(chain)
+
+
+@pytest.mark.parametrize("entry", INFERENCE_ENTRY_POINTS)
+def test_inference_entry_points_import_no_stage(entry):
+    seen = transitive_imports(entry)
+    assert module_file(entry) is not None, entry
+    stages = sorted(m for m in seen if m == "src.stages" or m.startswith("src.stages."))
+    assert not stages, f"{entry} imports training stages: " + "; ".join(import_chain(seen, m) for m in stages)
+
+
+def test_transitive_imports_follow_lazy_and_package_imports():
+    """The walk itself: src.generate reaches the spec modules (through src.specs.inference) and the package
+    __init__ files on the way; a stage module reaches src.stages.base."""
+    seen = transitive_imports("src.generate")
+    assert {"src.specs.inference", "src.specs.seedx", "src.specs", "src"} <= set(seen)
+    assert "src.stages.base" in transitive_imports("src.stages.mllm_sft")
+
+
+def test_specs_import_no_lightning():
+    """The model recipes are plain torch: no Lightning import anywhere under src/specs."""
+    bad = []
+    for path in sorted((SRC / "specs").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in ("lightning", "pytorch_lightning")]
+    assert not bad, bad

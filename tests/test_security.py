@@ -45,7 +45,7 @@ def test_every_entry_point_refuses_a_malicious_checkpoint(tmp_path):
     """src.export and the inference builders (src.generate, src.eval, lmms-eval, SFT sampling) read through
     read_checkpoint: each refuses before building anything."""
     from src.export import export
-    from src.stages.inference import build_detokenizer, build_image_tokenizer, build_mllm
+    from src.specs.inference import build_detokenizer, build_image_tokenizer, build_mllm
 
     target = tmp_path / "pwned.txt"
     ckpt = str(_malicious_checkpoint(tmp_path / "evil.ckpt", target))

@@ -205,7 +205,7 @@ def test_tokenize_images_writes_the_codes_the_tokenizer_gives(tmp_path):
     from data_prep.tokenize_images import main
     from src.data.images import vit_view
     from src.data.records import load_image, read_jsonl
-    from src.stages.inference import build_image_tokenizer
+    from src.specs.inference import build_image_tokenizer
 
     main(["--experiment", "seed_tokenizer_v2_tiny", "--source", str(ROOT / "assets/sample/captions.jsonl"),
           "--source", str(ROOT / "assets/sample/sft_chat.jsonl"), "--out", str(tmp_path), "--device", "cpu"])

@@ -307,7 +307,7 @@ def test_seed_decode_defaults_are_the_released_unclip_settings(tmp_path):
 def test_draw_decodes_with_the_released_settings_by_default(tmp_path):
     from src.pipelines.seed_decode import build_decode_pipeline, decode_embeddings
     from src.pipelines.seed_llama import SeedImages
-    from src.stages.inference import build_image_tokenizer
+    from src.specs.inference import build_image_tokenizer
 
     tok = build_image_tokenizer(None, "seed_tokenizer_v2_tiny")
     pipe = build_decode_pipeline(tok.decoder_cfg, torch.device("cpu"), torch.float32)
@@ -366,7 +366,7 @@ def test_seed_tokenizer_exports_one_safetensors_file_with_the_released_names(tmp
     from data_prep.convert_seed_tokenizer import convert
     from src.data.images import vit_view
     from src.export import export
-    from src.stages.inference import build_image_tokenizer
+    from src.specs.inference import build_image_tokenizer
     from tests.helpers import trained_tiny_stage
 
     stage, ckpt = trained_tiny_stage("seed_tokenizer_v2_tiny", tmp_path)

@@ -282,7 +282,7 @@ def test_generate_recon_reconstructs_images_through_a_trained_tokenizer(tmp_path
 
     from src.data.images import vit_view
     from src.generate import generate
-    from src.stages.inference import build_image_tokenizer
+    from src.specs.inference import build_image_tokenizer
     from src.train import train
     from tests.conftest import ROOT
 

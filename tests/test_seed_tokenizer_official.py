@@ -277,7 +277,7 @@ def release(tmp_path_factory):
 
 @pytest.mark.smoke
 def test_converted_release_loads_with_every_key_and_lists_what_it_does_not_use(release):
-    from src.stages.inference import build_image_tokenizer
+    from src.specs.inference import build_image_tokenizer
 
     ckpt = torch.load(release["ckpt"], weights_only=False)
     stage = build_image_tokenizer(str(release["ckpt"]), None)
@@ -299,7 +299,7 @@ def test_converted_release_loads_with_every_key_and_lists_what_it_does_not_use(r
 
 @pytest.mark.smoke
 def test_codes_and_decoder_output_equal_the_reference_forward_of_the_release(release):
-    from src.stages.inference import build_image_tokenizer
+    from src.specs.inference import build_image_tokenizer
 
     stage = build_image_tokenizer(str(release["ckpt"]), None)
     pixels = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
@@ -318,7 +318,7 @@ def test_codes_and_decoder_output_equal_the_reference_forward_of_the_release(rel
 @pytest.mark.unit
 def test_causal_mask_eps_values_of_the_encode_path(release):
     """Query i sees queries 0..i only; EVA LayerNorms eps 1e-6, ln_vision 1e-5, every Q-Former LayerNorm 1e-12."""
-    from src.stages.inference import build_image_tokenizer
+    from src.specs.inference import build_image_tokenizer
 
     stage = build_image_tokenizer(str(release["ckpt"]), None)
     image = torch.randn(1, 17, EVA_W)

@@ -153,7 +153,7 @@ def test_merged_lora_rows_equal_the_folded_weight():
 
 
 def test_an_sft_checkpoint_rebuilds_for_generation_from_its_pretrained_start(pretrained, tmp_path):
-    from src.stages.inference import build_mllm
+    from src.specs.inference import build_mllm
     from src.stages.mllm_sft import MLLMSFTModule
 
     _, ckpt = pretrained

@@ -83,7 +83,7 @@ class SFTSamplesCallback(GeneratingCallback):
     def _image_decoder(self, pl_module):
         """The mode's de-tokenizer as a plain pipeline, built once (None, with the reason kept, if it cannot)."""
         if self._decoder is None and self._decoder_error is None:
-            from src.stages.inference import build_detokenizer, image_decoder_of
+            from src.specs.inference import build_detokenizer, image_decoder_of
 
             model = pl_module.hparams.get("model") or {}
             if model.get("detokenizer") is None:

@@ -1,7 +1,8 @@
 """What every stage shares: optimiser + schedule, param groups, logging, lean checkpoints.
 
-A stage subclass builds its models in `build_models(load_weights)` and turns a batch into a dict of
-losses in `compute_losses(batch)` (key "loss" is the one optimised). Nothing else is stage-specific.
+A stage is its family's model recipe (src/specs: how the towers are built, filled, frozen and sharded) plus
+`compute_losses(batch)`, which turns a batch into a dict of losses (key "loss" is the one optimised):
+`class Stage(FamilyRecipe, StageModule)`. Nothing else is stage-specific.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_
 
 from src.data.position import loader_generator
 from src.parallel import FSDP2Strategy, block_classes, parallelize, writes_sharded_checkpoints
-from src.utils.checkpoint_kind import FAMILY_KEY
+from src.utils.checkpoint_kind import FAMILY_KEY, STAGE_KEY
 from src.utils.constraints import Fraction, NonNegativeInt
-from src.utils.materialize import TensorSource, clean_name, materialize
-from src.utils.weights import RequiredPath, check_paths
+from src.utils.materialize import materialize
+from src.utils.weights import check_paths
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,6 @@ def build_lr_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int
 class StageModule(L.LightningModule):
     # Plain-dict constructor arguments and the dataclass that says which keys/values they take.
     config_schemas: ClassVar[dict[str, type]] = {"scheduler": SchedulerConfig}
-    checkpoint_family: ClassVar[str | None] = None  # which kind its checkpoints are (checkpoint_kind.py)
 
     def __init__(
         self,
@@ -94,54 +94,11 @@ class StageModule(L.LightningModule):
         self.progress = {"samples_seen": 0, "tokens_seen": 0}
         self._micro = (-1, 0)  # (step, micro-batch index) of the last training draw (step_generator)
 
-    # ---- what a stage implements -------------------------------------------------------------------
-    # Either `build_empty` + `weight_sources` (builds_empty = True: models on meta, then filled from their
-    # sources, shard by shard under FSDP2), or `build_models` directly (built and loaded in full).
-    builds_empty: ClassVar[bool] = False
-
-    def build_empty(self, load_weights: bool = True) -> None:
-        raise NotImplementedError
-
-    def weight_sources(self, load_weights: bool = True) -> dict[str, TensorSource]:
-        raise NotImplementedError
-
-    def build_models(self, load_weights: bool = True) -> None:
-        if not self.builds_empty:
-            raise NotImplementedError
-        self.build_empty(load_weights)
-        materialize(self, self.weight_sources(load_weights), "cpu", type(self).__name__)
-
-    def required_paths(self) -> list[RequiredPath]:
-        """Every local path `build_models(load_weights=True)` reads, from the model configs; checked all at
-        once before a run (src/utils/config.py) and before the build (configure_model)."""
-        return []
-
+    # ---- what a stage implements (the build, paths and towers: its recipe, src/specs/base.py) ----------
     def compute_losses(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     # ---- shared ---------------------------------------------------------------------------------------
-    # Block classes FSDP shards one by one (and checkpoints activations of); stages override.
-    fsdp_blocks: tuple[str, ...] = ()
-    # Methods other than forward that stages call on a sharded child (e.g. the VAE's encode/decode):
-    # FSDP2 must unshard around them as around forward.
-    fsdp_forward_methods: ClassVar[dict[str, tuple[str, ...]]] = {}
-    # Children FSDP2 gathers in their own dtype whatever strategy.fsdp2.param_dtype is (e.g. the VAE,
-    # whose encode must stay fp32).
-    fsdp_keep_dtype: tuple[str, ...] = ()
-    # Frozen towers: no gradients, and always in eval mode (Lightning's .train() would flip them).
-    frozen_towers: tuple[str, ...] = ()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for name in self.frozen_towers:
-            if hasattr(self, name):
-                getattr(self, name).eval()
-        return self
-
-    def freeze_towers(self) -> None:
-        for name in self.frozen_towers:
-            getattr(self, name).requires_grad_(False).eval()
-
     def configure_model(self) -> None:
         # Called by Lightning before fit/restore (under the strategy's init context, e.g. FSDP).
         if self._built:
@@ -268,10 +225,6 @@ class StageModule(L.LightningModule):
         else:
             self.log_dict(values, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
 
-    def report_modules(self) -> dict[str, nn.Module | nn.Parameter]:
-        """What `src.inspect` lists one row each for."""
-        return dict(self.named_children())
-
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
@@ -292,13 +245,12 @@ class StageModule(L.LightningModule):
     # Frozen towers (ViT, VAE, most of the UNet) come back from their weight paths on resume, so a
     # checkpoint holds only what trains (plus buffers). A 2.6B-param SDXL would otherwise be rewritten
     # at every save. `checkpoint_frozen: true` keeps everything.
-    def frozen_state_keys(self) -> set[str]:
-        return {clean_name(n) for n, p in self.named_parameters() if not p.requires_grad}
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["progress"] = dict(self.progress)
-        if self.checkpoint_family:  # so a checkpoint of the wrong kind is refused by name (checkpoint_kind.py)
-            checkpoint[FAMILY_KEY] = self.checkpoint_family
+        # The family and the stage in it by name: a checkpoint of the wrong kind is refused, and inference
+        # builds the right model without guessing (src/utils/checkpoint_kind.py, src/specs).
+        checkpoint[FAMILY_KEY] = self.spec.name
+        checkpoint[STAGE_KEY] = self.stage_name
         # Sharded (distributed) checkpoints load against the full module state as a template, and each
         # rank writes only its shard anyway: keep everything there.
         if self.checkpoint_frozen or writes_sharded_checkpoints(self._trainer.strategy if self._trainer else None):
@@ -309,18 +261,5 @@ class StageModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.progress.update(checkpoint.get("progress") or {})
-        state = checkpoint.get("state_dict")
-        if state is None:  # distributed checkpoint: the strategy loads the weights itself
-            return
-        own = self.state_dict()
-        unexpected = sorted(set(state) - set(own))
-        missing = sorted(k for k in own if k not in state and k not in self.frozen_state_keys())
-        if unexpected or missing:
-            raise RuntimeError(
-                "checkpoint does not match this model's config: "
-                f"missing trainable keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
-            )
-        # Fill frozen entries from the freshly built model so Lightning's strict load passes.
-        for k, v in own.items():
-            state.setdefault(k, v)
+        # Missing trainable / unexpected keys named; frozen entries filled so Lightning's strict load passes.
+        self.check_checkpoint(checkpoint)

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import torch
 
-from src.models.detokenizer import encode_posterior, widen_conv_in
+from src.models.detokenizer import encode_posterior
 from src.pipelines.detok import decode_latents
+from src.specs.detokenizer import DetokCondRecipe
 from src.stages.detok_pretrain import DetokPretrainModule
 from src.utils.constraints import Fraction
 
 
-class DetokCondModule(DetokPretrainModule):
+class DetokCondModule(DetokCondRecipe, DetokPretrainModule):
+    """Stage 2's drop draws, condition input and sampling; its models are the spec's (src/specs/detokenizer.py)."""
+
     def __init__(
         self,
         *args,
@@ -46,37 +49,6 @@ class DetokCondModule(DetokPretrainModule):
         self.cond_drop_rate = cond_drop_rate
         self.both_drop_rate = both_drop_rate
         self.image_guidance_scale = image_guidance_scale
-
-    def build_models(self, load_weights: bool = True) -> None:
-        # Checked before anything is built; `src.inspect` (load_weights=False) needs no weights at all.
-        needs_stage1 = self.require_stage1 and not self.detok_cfg.allow_random_init
-        if load_weights and needs_stage1 and not self.detok_cfg.adapter_weights:
-            raise ValueError(
-                "model.detokenizer.adapter_weights: stage 2 starts from a stage-1 checkpoint "
-                "(seedx_detok_pretrain's last.ckpt or the official first_stage pytorch_model.bin); set it"
-            )
-        super().build_models(load_weights)
-
-    def adapt_unet(self) -> None:
-        latent_channels = self.vae.config.latent_channels
-        if self.unet.config.in_channels == latent_channels:
-            widen_conv_in(self.unet, latent_channels)
-
-    def prepare_adapter_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # A stage-1 checkpoint has a 4-channel conv_in: copy it into the widened one, new channels zero.
-        conv = state.get("unet.conv_in.weight")
-        if conv is not None and conv.shape[1] < self.unet.conv_in.in_channels:
-            w, b = state.pop("unet.conv_in.weight"), state.pop("unet.conv_in.bias", None)
-            with torch.no_grad():
-                self.unet.conv_in.weight.zero_()
-                self.unet.conv_in.weight[:, : w.shape[1]].copy_(w)
-                if b is not None:
-                    self.unet.conv_in.bias.copy_(b)
-        return state
-
-    def set_trainable(self) -> None:
-        super().set_trainable()
-        self.unet.requires_grad_(True)
 
     @torch.no_grad()
     def condition_latents(self, batch: dict) -> torch.Tensor:

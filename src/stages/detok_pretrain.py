@@ -23,47 +23,26 @@ or `zeros`. The same tensor is the unconditional branch of sampling.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from src.models.detok_adapter import ResamplerXLV2
-from src.models.detokenizer import (
-    DetokenizerConfig,
-    build_noise_scheduler,
-    build_unet,
-    build_vae,
-    encode_posterior,
-    hold_decoder_in,
-    is_attention_kv,
-    load_adapter_checkpoint,
-)
-from src.models.qwen_vit import QwenViT, QwenViTConfig, build_vit
+from src.models.detokenizer import encode_posterior
 from src.pipelines.detok import decode_latents, denoise
+from src.specs.detokenizer import DetokConfig, DetokRecipe
 from src.stages.base import StageModule
 from src.utils.constraints import Fraction, PositiveInt
-from src.utils.materialize import seeded
-from src.utils.weights import RequiredPath, check_keys_and_shapes
 
 log = logging.getLogger(__name__)
 
-NEGATIVES = ("official", "zeros")
 NOISE_SEED_KEY = "detok_noise_seed"  # top-level checkpoint entry
 
 
-class DetokPretrainModule(StageModule):
-
-    checkpoint_family = "detokenizer"  # written into its checkpoints (src/utils/checkpoint_kind.py)
-    frozen_towers = ("vit", "vae")
-    fsdp_blocks = (
-        "src.models.qwen_vit.VisualAttentionBlock",
-        "diffusers.models.attention.BasicTransformerBlock",
-    )
-    fsdp_forward_methods: ClassVar[dict[str, tuple[str, ...]]] = {"vae": ("encode", "decode")}
-    fsdp_keep_dtype = ("vae",)  # latents are encoded in fp32 under strategy.fsdp2.param_dtype=bfloat16 too
+class DetokPretrainModule(DetokRecipe, StageModule):
+    """The losses, sampling probes and step of de-tokenizer stage 1; its models are the spec's
+    (src/specs/detokenizer.py)."""
 
     def __init__(
         self,
@@ -84,27 +63,13 @@ class DetokPretrainModule(StageModule):
         super().__init__(model, optimizer, scheduler, checkpoint_frozen, nonfinite_loss)
         if not 0.0 <= feature_drop_rate <= 1.0:
             raise ValueError(f"stage.feature_drop_rate must be in [0, 1], got {feature_drop_rate}")
-        if negative not in NEGATIVES:
-            raise ValueError(f"stage.negative must be one of {NEGATIVES}, got {negative!r}")
-        if frozen_dtype not in (None, "bf16"):
-            raise ValueError(f"stage.frozen_dtype must be null or 'bf16', got {frozen_dtype!r}")
         # Parse configs now: a config mistake fails before any model is built.
-        self.vit_cfg = QwenViTConfig(**model["vit"])
-        self.detok_cfg = DetokenizerConfig(**model["detokenizer"])
-        if self.detok_cfg.adapter_cfg.embedding_dim != self.vit_cfg.output_dim:
-            raise ValueError(
-                f"model.detokenizer.adapter.embedding_dim={self.detok_cfg.adapter_cfg.embedding_dim} must "
-                f"equal model.vit.output_dim={self.vit_cfg.output_dim}"
-            )
+        self.configure(DetokConfig.from_args(model, init_seed, negative, frozen_dtype))
         self.feature_drop_rate = feature_drop_rate
         self.noise_offset = noise_offset
         self.sample_steps = sample_steps
         self.guidance_scale = guidance_scale
-        self.init_seed = init_seed
         self.noise_seed = int(noise_seed)
-        self.negative = negative
-        self.frozen_dtype = frozen_dtype
-        self._negative: torch.Tensor | None = None  # cached; not a buffer, so never in a checkpoint
 
     def configure_model(self) -> None:
         if not self._built and self.frozen_dtype and self._trainer is not None:
@@ -125,86 +90,7 @@ class DetokPretrainModule(StageModule):
             raise ValueError("stage.frozen_dtype is for DDP: FSDP shards the frozen towers and computes them in "
                              "its param_dtype (strategy.fsdp2.param_dtype); set stage.frozen_dtype=null")
 
-    # ---- models -----------------------------------------------------------------------------------------
-    def build_models(self, load_weights: bool = True) -> None:
-        if load_weights:
-            self.detok_cfg.check_weights_present()
-        self.vit = self._build_vit(load_weights)
-        # Random-init towers (tiny twins) must be the same on every rank and after a resume.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.init_seed)
-            self.resampler = ResamplerXLV2(self.detok_cfg.adapter_cfg)
-            self.unet = build_unet(self.detok_cfg, load_weights)
-            self.vae = build_vae(self.detok_cfg, load_weights)
-        self.noise_scheduler = build_noise_scheduler(self.detok_cfg)
-        self.adapt_unet()
-        if load_weights and self.detok_cfg.adapter_weights:
-            self.load_adapter_weights(self.detok_cfg.adapter_weights)
-        self.set_trainable()
-        if self.frozen_dtype == "bf16":
-            # Frozen weights at half the bytes: the ViT whole, the VAE only where it decodes.
-            self.vit.to(torch.bfloat16)
-            hold_decoder_in(self.vae, torch.bfloat16)
-
-    def _build_vit(self, load_weights: bool) -> QwenViT:
-        """`model.vit.weights`, or (tiny twins) the random init of the "vit" tower seed: the same ViT the
-        MLLM stage builds from the same config and init seed, so its regression targets are the features
-        this de-tokenizer decodes."""
-        if not load_weights:  # inspect / meta-device builds: built where the caller builds, nothing read
-            with seeded(self.init_seed, "vit"):
-                return QwenViT(replace(self.vit_cfg, weights=None))
-        return build_vit(self.vit_cfg, self.detok_cfg.allow_random_init, self.init_seed)
-
-    def required_paths(self) -> list[RequiredPath]:
-        # Stage 2 (require_stage1) also starts from the stage-1 adapter checkpoint.
-        need_adapter = bool(getattr(self, "require_stage1", False))
-        return self.vit_cfg.required_paths(self.detok_cfg.allow_random_init) + self.detok_cfg.required_paths(need_adapter)
-
-    def build_frozen_encoders(self) -> dict[str, torch.nn.Module]:
-        """ViT and VAE exactly as `build_models(load_weights=True)` makes them (data_prep/precompute_features.py).
-
-        With SDXL weights the VAE needs nothing else; a random-init VAE (tiny twins) is drawn under
-        `init_seed` after the adapter and UNet, so then everything is built to replay those draws.
-        """
-        if not self.detok_cfg.pretrained_dir:
-            self.build_models(load_weights=True)
-            return {"vit": self.vit, "vae": self.vae}
-        self.detok_cfg.check_weights_present()
-        vae = build_vae(self.detok_cfg, load_weights=True)
-        return {"vit": self._build_vit(True), "vae": vae.requires_grad_(False).eval()}
-
-    def adapt_unet(self) -> None:
-        """Hook for stage 2 (conv_in widening); stage 1 uses the UNet as built."""
-
-    def load_adapter_weights(self, path: str) -> None:
-        """An official or our de-tokenizer checkpoint: every adapter (`resampler.*`) key must be in it, and
-        every key in it must be ours (`unet.*` ones replace the SDXL weights); a mismatch names the keys."""
-        state = self.prepare_adapter_state(load_adapter_checkpoint(path))
-        own = self.state_dict()
-        expected = {k: tuple(v.shape) for k, v in own.items() if k.startswith("resampler.") or k in state}
-        check_keys_and_shapes(expected, {k: tuple(v.shape) for k, v in state.items()},
-                              f"model.detokenizer.adapter_weights ({path}) does not match the de-tokenizer:", "checkpoint")
-        self.load_state_dict(state, strict=False)
-
-    def prepare_adapter_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Hook for stage 2 (a stage-1 checkpoint has a narrower conv_in)."""
-        return state
-
-    def set_trainable(self) -> None:
-        self.freeze_towers()
-        self.resampler.requires_grad_(True)
-        for name, p in self.unet.named_parameters():
-            p.requires_grad_(is_attention_kv(name))
-
     # ---- conditioning -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def vit_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Frozen ViT -> 256 tokens -> 1-D avg-pool to 64 (the MLLM's generation target)."""
-        return self.vit.pool_for_generation(self.vit(pixels.to(self._vit_dtype())))
-
-    def _vit_dtype(self) -> torch.dtype:
-        return next(self.vit.parameters()).dtype
-
     def batch_features(self, batch: dict) -> torch.Tensor:
         # Precomputed features (data_prep) skip the frozen ViT entirely.
         if "vit_features" in batch:
@@ -245,21 +131,6 @@ class DetokPretrainModule(StageModule):
     def drop_rates(self, drops: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
         """Realised fractions of the batch, logged as train/drop_*."""
         return {"drop_features": drops["features"].float().mean()}
-
-    def negative_features(self) -> torch.Tensor:
-        """(1, 64, D): what dropped features become, and the unconditional branch of sampling."""
-        if self._negative is None:
-            self._negative = self._compute_negative()
-        return self._negative
-
-    @torch.no_grad()
-    def _compute_negative(self) -> torch.Tensor:
-        if self.negative == "zeros":
-            tokens = self.vit_cfg.n_queries // self.vit_cfg.gen_pool_kernel
-            return torch.zeros(1, tokens, self.vit_cfg.output_dim, device=self.device, dtype=self._vit_dtype())
-        # Official SDXLAdapter: the ViT of a zero image tensor (zeros after normalisation), pooled 256 -> 64.
-        size = self.vit_cfg.image_size
-        return self.vit_features(torch.zeros(1, 3, size, size, device=self.device))
 
     def on_fit_start(self) -> None:
         # A sharded ViT all-gathers in forward: every rank computes the negative here, at the same point.

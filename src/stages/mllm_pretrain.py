@@ -13,39 +13,19 @@ all-reduce; the others encode a dummy view), see `src.parallel.same_call_count`.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
-from src.data.mllm import load_tokenizer
-from src.models.mllm import (
-    LORA_TARGETS,
-    AgentConfig,
-    LLMConfig,
-    SeedXMLLM,
-    agent_weight_sources,
-    apply_lora,
-    build_llm,
-    llm_weight_sources,
-)
-from src.models.qwen_vit import QwenViT, QwenViTConfig, build_vit, vit_weight_sources
+from src.models.mllm import LORA_TARGETS
 from src.models.vocab import NUM_SEEDX_TOKENS
 from src.parallel import same_call_count
+from src.specs.seedx import SeedXConfig, SeedXRecipe
 from src.stages.base import StageModule
 from src.utils.constraints import PositiveInt
 from src.utils.flops import mllm_step_flops
-from src.utils.materialize import TensorSource, empty_init, prefixed
-from src.utils.weights import RequiredPath, missing_weights_error
 
 
-class MLLMPretrainModule(StageModule):
-
-    checkpoint_family = "seedx_mllm"  # written into its checkpoints (src/utils/checkpoint_kind.py)
-    frozen_towers = ("vit",)
-    fsdp_blocks = (
-        "transformers.models.llama.modeling_llama.LlamaDecoderLayer",
-        "src.models.qwen_vit.VisualAttentionBlock",
-    )
+class MLLMPretrainModule(SeedXRecipe, StageModule):
+    """The losses and step of SEED-X pre-training; its models are the spec's (src/specs/seedx.py)."""
 
     def __init__(
         self,
@@ -61,63 +41,7 @@ class MLLMPretrainModule(StageModule):
     ) -> None:
         super().__init__(model, optimizer, scheduler, checkpoint_frozen, nonfinite_loss)
         # Parse and cross-check configs first: a mistake fails before any model is built.
-        self.vit_cfg = QwenViTConfig(**model["vit"])
-        self.llm_cfg = LLMConfig(**model["llm"])
-        self.agent_cfg = AgentConfig(**model["agent"])
-        self.agent_cfg.check_against(
-            self.llm_cfg.config["hidden_size"], self.vit_cfg.output_dim, self.vit_cfg.n_queries
-        )
-        self.lora_cfg = dict(lora or {"enabled": False})
-        if self.lora_cfg.get("enabled") and full_finetune:
-            raise ValueError("stage.lora.enabled and stage.full_finetune are both true: pick one")
-        self.full_finetune = full_finetune
-        self.vit_chunk_size = vit_chunk_size
-        self.init_seed = init_seed
-        self.tokenizer = None
-
-    # ---- models -------------------------------------------------------------------------------------
-    builds_empty = True
-
-    def build_empty(self, load_weights: bool = True) -> None:
-        """ViT, LLM (+ LoRA) and agent with parameters on meta, trainability set; reads no weights."""
-        self._vocab = None
-        if load_weights:
-            if not self.llm_cfg.weights and not self.llm_cfg.allow_random_init:
-                raise missing_weights_error("model.llm.weights", "a local Llama-2-chat HF folder")
-            self.tokenizer = load_tokenizer(self.llm_cfg.tokenizer_path, "model.llm.tokenizer")
-            self._vocab = len(self.tokenizer)
-        with empty_init():
-            self.vit = QwenViT(self.vit_cfg)
-            llm = build_llm(self.llm_cfg, self._vocab, folder_config=load_weights)
-            llm.requires_grad_(self.full_finetune)
-            if self.lora_cfg.get("enabled"):
-                llm = apply_lora(
-                    llm, self.lora_cfg["r"], self.lora_cfg["alpha"], self.lora_cfg["dropout"],
-                    self.lora_cfg.get("targets") or LORA_TARGETS,
-                )
-            self.mllm = SeedXMLLM(llm, self.agent_cfg)
-        self.freeze_towers()
-
-    def weight_sources(self, load_weights: bool = True) -> dict[str, TensorSource]:
-        """Every parameter's initial value: local weight files (read shard by shard) or its tower's own seeded
-        random init (stage.init_seed), so every rank and every resume starts from the same model."""
-        allow_random = self.llm_cfg.allow_random_init
-        vit_cfg = self.vit_cfg if load_weights else replace(self.vit_cfg, weights=None)
-        vit = vit_weight_sources(vit_cfg, allow_random or not load_weights, self.init_seed)
-        llm = llm_weight_sources(self.mllm.llm, self.llm_cfg, self._vocab, load_weights, self.init_seed)
-        width = self.mllm.llm.get_input_embeddings().weight.shape[1]
-        agent_cfg = self.agent_cfg if load_weights else replace(self.agent_cfg, weights=None)
-        agent = agent_weight_sources(agent_cfg, width, self.init_seed)
-        return {**prefixed(vit, "vit."), **prefixed(llm, "mllm.llm."), **prefixed(agent, "mllm.")}
-
-    def required_paths(self) -> list[RequiredPath]:
-        return (self.vit_cfg.required_paths(self.llm_cfg.allow_random_init) + self.llm_cfg.required_paths()
-                + self.agent_cfg.required_paths())
-
-    def build_frozen_encoders(self) -> dict[str, torch.nn.Module]:
-        """The frozen ViT exactly as `build_models(load_weights=True)` makes it (its own tower seed, then
-        `model.vit.weights`), without the LLM: for data_prep/precompute_features.py."""
-        return {"vit": build_vit(self.vit_cfg, self.llm_cfg.allow_random_init, self.init_seed)}
+        self.configure(SeedXConfig.from_args(model, lora, full_finetune, vit_chunk_size, init_seed))
 
     def memory_estimate(self, world_size: int, micro_batch: int, seq_len: int, activation_checkpointing: bool):
         """Per-GPU memory under a sharded strategy (src/utils/memory.py); call after build_models."""
@@ -138,14 +62,6 @@ class MLLMPretrainModule(StageModule):
             vocab=self.mllm.llm.get_input_embeddings().weight.shape[0],
             activation_checkpointing=activation_checkpointing,
         )
-
-    def report_modules(self) -> dict:
-        m = self.mllm
-        out = {"vit": self.vit, "mllm.llm": m.llm, "mllm.input_resampler": m.input_resampler,
-               "mllm.output_resampler": m.output_resampler}
-        if self.agent_cfg.add_patch_pos:
-            out["mllm.patch_pos_embed"] = m.patch_pos_embed
-        return out
 
     # ---- loss ---------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -20,33 +20,26 @@ differs. Three starts:
   HF folder `pretrained/seed_x/llm`, `model.agent.weights` the agent `.bin`, `model.vit.weights`), exactly as
   `src.generate` loads them.
 
-All of this happens in `weight_sources`, so under FSDP2 each rank still reads only its shards; a resume
-rebuilds the same start and then loads the run's own checkpoint over it.
+The start is the model spec's (src/specs/seedx.py `SeedXSFTRecipe`); all of it happens in `weight_sources`,
+so under FSDP2 each rank still reads only its shards; a resume rebuilds the same start and then loads the run's own checkpoint over it.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from pathlib import Path
+from typing import Literal
 
+from src.specs.pretrained_start import PRETRAIN_LORA_MODES, MergedLoRA
+from src.specs.seedx import SeedXSFTRecipe
 from src.stages.mllm_pretrain import MLLMPretrainModule
-from src.stages.pretrained_start import PRETRAIN_LORA_MODES, MergedLoRA, PretrainedStart
 
 
-class MLLMSFTModule(PretrainedStart, MLLMPretrainModule):
+class MLLMSFTModule(SeedXSFTRecipe, MLLMPretrainModule):
+    """Pre-training's losses and step; the start (stage.init_from, pretrain_lora) is the spec's."""
 
-    init_from_family = "seedx_mllm"  # what stage.init_from must be (checked before any build)
-    init_from_what = "a seedx_pretrain checkpoint (.ckpt or sharded dir) or src.export folder"
-
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, init_from: str | None = None, pretrain_lora: Literal["merge", "keep"] = "merge",
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        root = Path(self.init_from) if self.init_from else None
-        self.init_from_export = bool(root and (root / "llm").is_dir() and (root / "agent").is_dir())
-        if self.init_from_export:  # a `python -m src.export` folder: its parts are the weight paths
-            self.llm_cfg = replace(self.llm_cfg, weights=str(root / "llm"), tokenizer=str(root / "llm"), adapter=None,
-                                   allow_random_init=False)
-            self.agent_cfg = replace(self.agent_cfg, weights=str(root / "agent" / "model.safetensors"))
-            self.vit_cfg = replace(self.vit_cfg, weights=str(root / "vit" / "model.safetensors"))
+        self.configure_start(init_from, pretrain_lora)
 
 
 __all__ = ["PRETRAIN_LORA_MODES", "MLLMSFTModule", "MergedLoRA"]

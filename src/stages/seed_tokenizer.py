@@ -21,40 +21,23 @@ its codebook), and the counts restart. `train/batch_perplexity` is this rank's b
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import re
 
 import torch
 
-from src.models.causal_qformer import CausalQFormer
-from src.models.eva_vit import EvaViTConfig, build_eva_vit, encode
-from src.models.qformer_pretrain import QFormerPretrainConfig
-from src.models.seed_codec import SeedCodec, SeedCodecConfig
-from src.models.seed_decoder import SeedDecoderConfig, build_target_encoder
 from src.models.vq import perplexity, usage_stats
+from src.specs.seed_tokenizer import TEXT_FFN, SeedTokenizerConfig, SeedTokenizerRecipe
 from src.stages.base import StageModule
-from src.stages.seed_qformer import EVA_BLOCK, QFORMER_LAYER
-from src.utils.checkpoint import checkpoint_tensors, read_checkpoint
 from src.utils.constraints import NonNegativeFloat, NonNegativeInt
-from src.utils.materialize import seeded
-from src.utils.weights import RequiredPath, check_keys_and_shapes
 
 log = logging.getLogger(__name__)
 
-STAGE1_PREFIX = "blip2.qformer."  # where a seed_tokenizer_qformer checkpoint keeps the Q-Former
-# where a tokenizer checkpoint (ours or converted) keeps them
-TOKENIZER_PREFIXES = ("qformer.", "codec.")
-# stage 1's text feed-forward branch: the stage-2 Q-Former has none (the released one deleted it)
-TEXT_FFN = re.compile(r"\.encoder\.layer\.\d+\.(intermediate|output)\.")
+__all__ = ["TEXT_FFN", "SeedTokenizerModule"]
 
 
-class SeedTokenizerModule(StageModule):
-
-    checkpoint_family = "seed_tokenizer"  # written into its checkpoints (src/utils/checkpoint_kind.py)
-    init_from_family = "seed_qformer"  # what stage.init_from must be (checked before any build)
-    frozen_towers = ("vit", "qformer", "target")
-    fsdp_blocks = (EVA_BLOCK, QFORMER_LAYER)
+class SeedTokenizerModule(SeedTokenizerRecipe, StageModule):
+    """The losses and codebook-usage logging of SEED tokenizer stage 2; its models are the spec's
+    (src/specs/seed_tokenizer.py)."""
 
     def __init__(self, model: dict, optimizer, scheduler: dict | None = None, checkpoint_frozen: bool = False,
                  nonfinite_loss: str = "skip", init_from: str | None = None, vq_weight: NonNegativeFloat = 5.0,
@@ -62,101 +45,17 @@ class SeedTokenizerModule(StageModule):
                  usage_window: NonNegativeInt = 1000, dead_code_reset: bool = False, init_seed: int = 0,
                  noise_seed: int = 0, weights_in_checkpoint: bool = False) -> None:
         super().__init__(model, optimizer, scheduler, checkpoint_frozen, nonfinite_loss)
-        self.vit_cfg = EvaViTConfig(**model["eva_vit"])
-        qf = QFormerPretrainConfig(**model["qformer"])
-        self.allow_random_qformer = qf.allow_random_init
-        self.qf_cfg = dataclasses.replace(qf.qformer_cfg, text_input=False)
-        self.codec_cfg = SeedCodecConfig(**model["seed_codec"])
-        self.decoder_cfg = SeedDecoderConfig(**model["seed_decoder"])
-        self.codec_cfg.check(self.qf_cfg.hidden_size, self.decoder_cfg.num_tokens)
-        self.weights_in_checkpoint = bool(weights_in_checkpoint)
-        if self.qf_cfg.encoder_hidden_size != self.vit_cfg.width:
-            raise ValueError(f"model.qformer.qformer.encoder_hidden_size={self.qf_cfg.encoder_hidden_size} must "
-                             f"equal model.eva_vit.width={self.vit_cfg.width}")
-        size = self.decoder_cfg.encoder_image_size  # the target encoder sees the ViT's view
-        if size is not None and size != self.vit_cfg.image_size:
-            raise ValueError(f"model.seed_decoder.image_encoder.image_size={size} must equal "
-                             f"model.eva_vit.image_size={self.vit_cfg.image_size} (both encode the same view)")
+        # Parse configs now: a config mistake fails before any model is built.
+        self.configure(SeedTokenizerConfig.from_args(model, init_from, init_seed, weights_in_checkpoint))
         for key, w in (("vq_weight", vq_weight), ("recon_weight", recon_weight), ("gen_weight", gen_weight)):
             if w < 0:
                 raise ValueError(f"stage.{key} must be >= 0, got {w}")
-        self.init_from = init_from
         self.weights = {"vq": vq_weight, "recon": recon_weight, "gen": gen_weight}
         self.usage_window = usage_window
         self.dead_code_reset = dead_code_reset
-        self.init_seed = init_seed
         self.noise_seed = int(noise_seed)
 
-    def required_paths(self) -> list[RequiredPath]:
-        own = [] if self.weights_in_checkpoint else [
-            *self.vit_cfg.required_paths(),
-            RequiredPath("stage.init_from", "a seed_tokenizer_qformer checkpoint (.ckpt or sharded dir)",
-                         self.init_from, "file", required=not self.allow_random_qformer)]
-        return [*own, *self.decoder_cfg.required_paths()]
-
-    # ---- models -----------------------------------------------------------------------------------------
-    def build_models(self, load_weights: bool = True) -> None:
-        from_files = load_weights and not self.weights_in_checkpoint
-        self.vit = build_eva_vit(self.vit_cfg, from_files, self.init_seed)
-        with seeded(self.init_seed, "qformer"):
-            self.qformer = CausalQFormer(self.qf_cfg)
-        with seeded(self.init_seed, "seed_codec"):
-            self.codec = SeedCodec(self.codec_cfg, self.qf_cfg.hidden_size, self.qf_cfg.num_queries,
-                                   self.decoder_cfg.num_tokens, self.decoder_cfg.embed_dim)
-        if from_files and self.init_from:
-            self.load_stage1(self.init_from)
-        self.target = build_target_encoder(self.decoder_cfg, load_weights, self.init_seed)
-        self.freeze_towers()
-
-    def training_only_modules(self) -> dict:
-        """What only training needs (src.inspect reports the tokenizer without it): the target encoder."""
-        return {"target": self.target}
-
-    def load_stage1(self, path: str) -> None:
-        """The causal Q-Former (with ln_vision and query tokens) of a seed_tokenizer_qformer checkpoint (its
-        text FFN dropped), or the Q-Former and codec of a tokenizer checkpoint holding its frozen tensors (a
-        converted release, or ours with checkpoint_frozen): training continues from its codebook and decoder."""
-        checkpoint = read_checkpoint(path, "stage.init_from")
-        tensors = checkpoint_tensors(path, checkpoint, "stage.init_from")
-        if any(k.startswith(STAGE1_PREFIX) for k in tensors):
-            parts = {"qformer": {k.removeprefix(STAGE1_PREFIX): v for k, v in tensors.items()
-                                 if k.startswith(STAGE1_PREFIX) and not TEXT_FFN.search(k)}}
-            what = "a seed_tokenizer_qformer"
-        else:
-            parts = {p[:-1]: {k.removeprefix(p): v for k, v in tensors.items() if k.startswith(p)}
-                     for p in TOKENIZER_PREFIXES}
-            what = "a seed_tokenizer (or converted)"
-        for name, state in parts.items():
-            module = getattr(self, name)
-            own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-            check_keys_and_shapes(own, {k: tuple(v.shape) for k, v in state.items()},
-                                  f"stage.init_from ({path}) is not {what} checkpoint of this model.{name}:",
-                                  "checkpoint")
-            module.load_state_dict(state)
-            log.info("stage.init_from=%s: %s loaded (%d tensors)", path, name, len(state))
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("state_dict")
-        if self.weights_in_checkpoint and state is not None:
-            # nothing else filled the frozen towers: every tokenizer tensor must be there (the target
-            # encoder comes from model.seed_decoder)
-            missing = sorted(k for k in self.state_dict() if k not in state and not k.startswith("target."))
-            if missing:
-                raise RuntimeError(f"checkpoint (weights_in_checkpoint) lacks {len(missing)} tokenizer tensors: "
-                                   + ", ".join(missing))
-        super().on_load_checkpoint(checkpoint)
-
     # ---- loss ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def causal_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels (B, 3, 224, 224) -> the frozen causal Q-Former's 32 embeddings (B, 32, 768)."""
-        return self.qformer(encode(self.vit, pixels))
-
-    @torch.no_grad()
-    def codes_of(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels -> the image's discrete codes (B, 32): what data_prep writes for SEED-LLaMA."""
-        return self.codec.codes_of(self.causal_embeddings(pixels))
-
     def compute_losses(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
         pixels = batch["pixels"]
         with torch.no_grad():
@@ -194,6 +93,3 @@ class SeedTokenizerModule(StageModule):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast(weight.data, src=0)  # one codebook on every rank: rank 0's draw
         return moved
-
-    def report_modules(self) -> dict:
-        return {"vit": self.vit, "qformer": self.qformer, "codec": self.codec, "target": self.target}

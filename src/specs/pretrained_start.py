@@ -1,7 +1,7 @@
-"""Start a stage from a pre-trained checkpoint of the same model family (`stage.init_from`), for SFT stages.
+"""Start a model from a pre-trained checkpoint of the same model family (`stage.init_from`), for SFT stages.
 
-A mixin in front of a stage that builds `self.mllm.llm` empty (`builds_empty`) and fills it from
-`weight_sources` (SEED-X's `MLLMPretrainModule`, SEED-LLaMA's `SeedLlamaModule`). The checkpoint's trained
+A recipe mixin (src/specs/base.py) in front of a recipe that builds `self.mllm.llm` empty (`builds_empty`) and
+fills it from `weight_sources` (SEED-X's `SeedXRecipe`, SEED-LLaMA's `SeedLlamaRecipe`). The checkpoint's trained
 tensors replace the initial ones; its LoRA is, by `stage.pretrain_lora`, folded into the frozen base weights
 (`merge`, default: W + B·A·α/r, row by row) under a fresh task LoRA, or kept as a second frozen adapter that
 stays active under the task adapter (`keep`). Towers not in the checkpoint (frozen ViT, LLM base) come from
@@ -60,9 +60,8 @@ class PretrainedStart:
     # What `stage.init_from` takes, for the missing-path message.
     init_from_what = "a pre-training checkpoint of this model (.ckpt or sharded dir)"
 
-    def __init__(self, *args, init_from: str | None = None, pretrain_lora: Literal["merge", "keep"] = "merge",
-                 **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def configure_start(self, init_from: str | None = None, pretrain_lora: Literal["merge", "keep"] = "merge") -> None:
+        """After the family's own configs are parsed: where the weights start."""
         if pretrain_lora not in PRETRAIN_LORA_MODES:
             raise ValueError(f"stage.pretrain_lora must be one of {PRETRAIN_LORA_MODES}, got {pretrain_lora!r}")
         self.init_from = init_from
@@ -74,7 +73,7 @@ class PretrainedStart:
         own = RequiredPath("stage.init_from", self.init_from_what, self.init_from, "file", required=False)
         return [*super().required_paths(), own]
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
+    def check_checkpoint(self, checkpoint: dict) -> None:
         # A lean SFT checkpoint holds what trained, not the merged base it trained on: loading it over a model
         # built from another start would be silently wrong.
         hp = checkpoint.get("hyper_parameters") or {}
@@ -84,7 +83,7 @@ class PretrainedStart:
         if hp.get("init_from") and hp.get("pretrain_lora", "merge") != self.pretrain_lora:
             raise RuntimeError(f"this SFT checkpoint was trained with stage.pretrain_lora={hp.get('pretrain_lora')}, "
                                f"not {self.pretrain_lora}")
-        super().on_load_checkpoint(checkpoint)
+        super().check_checkpoint(checkpoint)
 
     # ---- the pre-trained start ----------------------------------------------------------------------------
     def pretrained(self) -> tuple[dict, dict[str, torch.Tensor]] | None:

@@ -1,0 +1,245 @@
+"""The de-tokenizer's spec: frozen ViT and VAE, the perceiver adapter (`resampler`) and the SDXL UNet.
+
+Stage 1 (`DetokRecipe`) trains the adapter and the UNet's to_k/to_v; stage 2 (`DetokCondRecipe`) widens
+`conv_in` 4 -> 8 for the condition image's latent and trains the whole UNet, starting from a stage-1
+adapter checkpoint. Attribute names (`resampler`, `unet`) equal the official SDXLAdapter's, so official
+checkpoints load into the state dict as they are. `DetokModel` / `DetokCondModel` are the plain models
+inference builds (`image_decoder()`); src/stages/detok_pretrain.py and detok_cond.py add the losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+from torch import nn
+
+from src.models.detok_adapter import ResamplerXLV2
+from src.models.detokenizer import (
+    DetokenizerConfig,
+    build_noise_scheduler,
+    build_unet,
+    build_vae,
+    hold_decoder_in,
+    is_attention_kv,
+    load_adapter_checkpoint,
+    widen_conv_in,
+)
+from src.models.qwen_vit import QwenViT, QwenViTConfig, build_vit
+from src.pipelines.detok import ImageDecoder
+from src.specs.base import ModelSpec, Recipe
+from src.utils.materialize import seeded
+from src.utils.weights import RequiredPath, check_keys_and_shapes
+
+NEGATIVES = ("official", "zeros")
+
+
+@dataclass
+class DetokConfig:
+    """The typed model config of a de-tokenizer stage: `model.{vit,detokenizer}` and the stage's model arguments."""
+
+    vit: QwenViTConfig
+    detokenizer: DetokenizerConfig
+    init_seed: int = 0
+    negative: Literal["official", "zeros"] = "official"
+    frozen_dtype: Literal["bf16"] | None = None
+
+    @classmethod
+    def from_args(cls, model: dict, init_seed: int = 0, negative: str = "official",
+                  frozen_dtype: str | None = None) -> DetokConfig:
+        """Parse and cross-check: a mistake fails before any model is built."""
+        if negative not in NEGATIVES:
+            raise ValueError(f"stage.negative must be one of {NEGATIVES}, got {negative!r}")
+        if frozen_dtype not in (None, "bf16"):
+            raise ValueError(f"stage.frozen_dtype must be null or 'bf16', got {frozen_dtype!r}")
+        cfg = cls(QwenViTConfig(**model["vit"]), DetokenizerConfig(**model["detokenizer"]), init_seed, negative,
+                  frozen_dtype)
+        if cfg.detokenizer.adapter_cfg.embedding_dim != cfg.vit.output_dim:
+            raise ValueError(
+                f"model.detokenizer.adapter.embedding_dim={cfg.detokenizer.adapter_cfg.embedding_dim} must "
+                f"equal model.vit.output_dim={cfg.vit.output_dim}"
+            )
+        return cfg
+
+
+class DetokRecipe(Recipe):
+    stage_name = "stage1"
+
+    def configure(self, cfg: DetokConfig) -> None:
+        self.vit_cfg, self.detok_cfg = cfg.vit, cfg.detokenizer
+        self.init_seed = cfg.init_seed
+        self.negative = cfg.negative
+        self.frozen_dtype = cfg.frozen_dtype
+        self._negative: torch.Tensor | None = None  # cached; not a buffer, so never in a checkpoint
+
+    def build_models(self, load_weights: bool = True) -> None:
+        if load_weights:
+            self.detok_cfg.check_weights_present()
+        self.vit = self._build_vit(load_weights)
+        # Random-init towers (tiny twins) must be the same on every rank and after a resume.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.init_seed)
+            self.resampler = ResamplerXLV2(self.detok_cfg.adapter_cfg)
+            self.unet = build_unet(self.detok_cfg, load_weights)
+            self.vae = build_vae(self.detok_cfg, load_weights)
+        self.noise_scheduler = build_noise_scheduler(self.detok_cfg)
+        self.adapt_unet()
+        if load_weights and self.detok_cfg.adapter_weights:
+            self.load_adapter_weights(self.detok_cfg.adapter_weights)
+        self.set_trainable()
+        if self.frozen_dtype == "bf16":
+            # Frozen weights at half the bytes: the ViT whole, the VAE only where it decodes.
+            self.vit.to(torch.bfloat16)
+            hold_decoder_in(self.vae, torch.bfloat16)
+
+    def _build_vit(self, load_weights: bool) -> QwenViT:
+        """`model.vit.weights`, or (tiny twins) the random init of the "vit" tower seed: the same ViT the
+        MLLM stage builds from the same config and init seed, so its regression targets are the features
+        this de-tokenizer decodes."""
+        if not load_weights:  # inspect / meta-device builds: built where the caller builds, nothing read
+            with seeded(self.init_seed, "vit"):
+                return QwenViT(replace(self.vit_cfg, weights=None))
+        return build_vit(self.vit_cfg, self.detok_cfg.allow_random_init, self.init_seed)
+
+    def required_paths(self) -> list[RequiredPath]:
+        # Stage 2 (require_stage1) also starts from the stage-1 adapter checkpoint.
+        need_adapter = bool(getattr(self, "require_stage1", False))
+        return self.vit_cfg.required_paths(self.detok_cfg.allow_random_init) + self.detok_cfg.required_paths(need_adapter)
+
+    def build_frozen_encoders(self) -> dict[str, torch.nn.Module]:
+        """ViT and VAE exactly as `build_models(load_weights=True)` makes them (data_prep/precompute_features.py).
+
+        With SDXL weights the VAE needs nothing else; a random-init VAE (tiny twins) is drawn under
+        `init_seed` after the adapter and UNet, so then everything is built to replay those draws.
+        """
+        if not self.detok_cfg.pretrained_dir:
+            self.build_models(load_weights=True)
+            return {"vit": self.vit, "vae": self.vae}
+        self.detok_cfg.check_weights_present()
+        vae = build_vae(self.detok_cfg, load_weights=True)
+        return {"vit": self._build_vit(True), "vae": vae.requires_grad_(False).eval()}
+
+    def adapt_unet(self) -> None:
+        """Hook for stage 2 (conv_in widening); stage 1 uses the UNet as built."""
+
+    def load_adapter_weights(self, path: str) -> None:
+        """An official or our de-tokenizer checkpoint: every adapter (`resampler.*`) key must be in it, and
+        every key in it must be ours (`unet.*` ones replace the SDXL weights); a mismatch names the keys."""
+        state = self.prepare_adapter_state(load_adapter_checkpoint(path))
+        own = self.state_dict()
+        expected = {k: tuple(v.shape) for k, v in own.items() if k.startswith("resampler.") or k in state}
+        check_keys_and_shapes(expected, {k: tuple(v.shape) for k, v in state.items()},
+                              f"model.detokenizer.adapter_weights ({path}) does not match the de-tokenizer:", "checkpoint")
+        self.load_state_dict(state, strict=False)
+
+    def prepare_adapter_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hook for stage 2 (a stage-1 checkpoint has a narrower conv_in)."""
+        return state
+
+    def set_trainable(self) -> None:
+        self.freeze_towers()
+        self.resampler.requires_grad_(True)
+        for name, p in self.unet.named_parameters():
+            p.requires_grad_(is_attention_kv(name))
+
+    # ---- conditioning -------------------------------------------------------------------------------
+    def _vit_dtype(self) -> torch.dtype:
+        return next(self.vit.parameters()).dtype
+
+    @torch.no_grad()
+    def vit_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frozen ViT -> 256 tokens -> 1-D avg-pool to 64 (the MLLM's generation target)."""
+        return self.vit.pool_for_generation(self.vit(pixels.to(self._vit_dtype())))
+
+    def negative_features(self) -> torch.Tensor:
+        """(1, 64, D): what dropped features become, and the unconditional branch of sampling."""
+        if self._negative is None:
+            self._negative = self._compute_negative()
+        return self._negative
+
+    @torch.no_grad()
+    def _compute_negative(self) -> torch.Tensor:
+        device = next(self.vit.parameters()).device
+        if self.negative == "zeros":
+            tokens = self.vit_cfg.n_queries // self.vit_cfg.gen_pool_kernel
+            return torch.zeros(1, tokens, self.vit_cfg.output_dim, device=device, dtype=self._vit_dtype())
+        # Official SDXLAdapter: the ViT of a zero image tensor (zeros after normalisation), pooled 256 -> 64.
+        size = self.vit_cfg.image_size
+        return self.vit_features(torch.zeros(1, 3, size, size, device=device))
+
+    def image_decoder(self) -> ImageDecoder:
+        """The plain sampling pipeline of the built de-tokenizer (its unconditional branch included)."""
+        return ImageDecoder(self.resampler, self.unet, self.vae, self.noise_scheduler.config,
+                            self.negative_features(), self.detok_cfg.resolution)
+
+
+class DetokCondRecipe(DetokRecipe):
+    """Stage 2: the condition image's latent concatenated to the noisy latent (InstructPix2Pix)."""
+
+    stage_name = "stage2"
+    require_stage1 = True
+
+    def build_models(self, load_weights: bool = True) -> None:
+        # Checked before anything is built; `src.inspect` (load_weights=False) needs no weights at all.
+        needs_stage1 = self.require_stage1 and not self.detok_cfg.allow_random_init
+        if load_weights and needs_stage1 and not self.detok_cfg.adapter_weights:
+            raise ValueError(
+                "model.detokenizer.adapter_weights: stage 2 starts from a stage-1 checkpoint "
+                "(seedx_detok_pretrain's last.ckpt or the official first_stage pytorch_model.bin); set it"
+            )
+        super().build_models(load_weights)
+
+    def adapt_unet(self) -> None:
+        latent_channels = self.vae.config.latent_channels
+        if self.unet.config.in_channels == latent_channels:
+            widen_conv_in(self.unet, latent_channels)
+
+    def prepare_adapter_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # A stage-1 checkpoint has a 4-channel conv_in: copy it into the widened one, new channels zero.
+        conv = state.get("unet.conv_in.weight")
+        if conv is not None and conv.shape[1] < self.unet.conv_in.in_channels:
+            w, b = state.pop("unet.conv_in.weight"), state.pop("unet.conv_in.bias", None)
+            with torch.no_grad():
+                self.unet.conv_in.weight.zero_()
+                self.unet.conv_in.weight[:, : w.shape[1]].copy_(w)
+                if b is not None:
+                    self.unet.conv_in.bias.copy_(b)
+        return state
+
+    def set_trainable(self) -> None:
+        super().set_trainable()
+        self.unet.requires_grad_(True)
+
+
+class DetokModel(DetokRecipe, nn.Module):
+    """A stage-1 de-tokenizer for inference (`vit`, `resampler`, `unet`, `vae`), state dict keys as the stage's."""
+
+    def __init__(self, model: dict, init_seed: int = 0, negative: str = "official",
+                 frozen_dtype: str | None = None) -> None:
+        nn.Module.__init__(self)
+        self.configure(DetokConfig.from_args(model, init_seed, negative, frozen_dtype))
+
+
+class DetokCondModel(DetokCondRecipe, DetokModel):
+    """A stage-2 de-tokenizer for inference; its checkpoint holds the trained adapter, so no stage-1 file is needed."""
+
+    require_stage1 = False
+
+
+def _stage_by_args(hparams: dict) -> str:
+    """Legacy path (no `stage_name` in the checkpoint): stage 2's constructor takes the condition-image drop rate."""
+    return "stage2" if "cond_drop_rate" in hparams else "stage1"
+
+
+DETOKENIZER = ModelSpec(
+    name="detokenizer",
+    config_classes={"vit": QwenViTConfig, "detokenizer": DetokenizerConfig},
+    stages={"stage1": DetokModel, "stage2": DetokCondModel},
+    frozen=("vit", "vae"),
+    fsdp_blocks=("src.models.qwen_vit.VisualAttentionBlock", "diffusers.models.attention.BasicTransformerBlock"),
+    fsdp_forward_methods={"vae": ("encode", "decode")},
+    fsdp_keep_dtype=("vae",),  # latents are encoded in fp32 under strategy.fsdp2.param_dtype=bfloat16 too
+    stage_by_args=_stage_by_args,
+)
+DetokRecipe.spec = DETOKENIZER
