@@ -143,10 +143,14 @@ def same_call_count(module: nn.Module, n: int, device: torch.device | str = "cpu
 
 
 
-def fsdp_strategy(blocks: list[str], activation_checkpointing: bool = True, **kwargs):
-    """Lightning FSDPStrategy with wrap/checkpoint policies given as class paths (yaml-friendly)."""
+def fsdp_strategy(blocks: list[str] | None, activation_checkpointing: bool = True, **kwargs):
+    """Lightning FSDPStrategy with wrap/checkpoint policies given as class paths (yaml-friendly). `blocks`
+    null (conf/strategy/fsdp.yaml): `src.train` passes the stage's model spec's block classes instead."""
     from lightning.pytorch.strategies import FSDPStrategy
 
+    if not blocks:
+        raise ValueError("strategy.blocks: no block classes to wrap; src.train fills them from the stage's model "
+                         "spec (ModelSpec.fsdp_blocks), or list class paths")
     classes = set(block_classes(blocks))
     return FSDPStrategy(
         auto_wrap_policy=classes,

@@ -50,6 +50,16 @@ def train(cfg: DictConfig, overrides=(), choices=None,
             lock.release()
 
 
+def instantiate_strategy(node: DictConfig | None, module):
+    """The trainer's strategy; a strategy node with `blocks: null` (strategy=fsdp) wraps the block classes the
+    stage's model spec names (src/specs), so no second list of them lives in conf/."""
+    if not node:
+        return "auto"
+    if "blocks" in node and node.blocks is None:
+        return hydra.utils.instantiate(node, blocks=list(module.spec.fsdp_blocks))
+    return hydra.utils.instantiate(node)
+
+
 def _fit(cfg: DictConfig, out: Path, overrides, choices, multirun_dir: str | None):
     L.seed_everything(cfg.seed, workers=True)
 
@@ -58,7 +68,7 @@ def _fit(cfg: DictConfig, out: Path, overrides, choices, multirun_dir: str | Non
     callbacks = instantiate_named(cfg.get("callbacks"))
     configure_wandb(cfg, list(overrides), choices, multirun_dir)  # name, group, tags; a resume's run id
     loggers = instantiate_named(cfg.get("logger"))
-    strategy = hydra.utils.instantiate(cfg.strategy) if cfg.get("strategy") else "auto"
+    strategy = instantiate_strategy(cfg.get("strategy"), module)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy)
 
     if trainer.is_global_zero:

@@ -154,7 +154,7 @@ def test_merged_lora_rows_equal_the_folded_weight():
 
 def test_an_sft_checkpoint_rebuilds_for_generation_from_its_pretrained_start(pretrained, tmp_path):
     from src.specs.inference import build_mllm
-    from src.stages.mllm_sft import MLLMSFTModule
+    from src.specs.seedx import SeedXSFTRecipe
 
     _, ckpt = pretrained
     sft = _sft(tmp_path, ckpt)
@@ -167,7 +167,7 @@ def test_an_sft_checkpoint_rebuilds_for_generation_from_its_pretrained_start(pre
     experiment_stage = OmegaConf.to_container(tiny_run_cfg("seedx_sft_edit_tiny", tmp_path).stage)
     for stage_cfg in (torch.load(path, weights_only=False)["hyper_parameters"], experiment_stage):
         rebuilt = build_mllm(stage_cfg, str(path))
-        assert isinstance(rebuilt, MLLMSFTModule)
+        assert isinstance(rebuilt, SeedXSFTRecipe) and rebuilt.stage_name == "sft"  # the SFT model (src/specs)
         torch.testing.assert_close(_logits(rebuilt, ids), _logits(sft, ids), rtol=1e-5, atol=1e-5)
     # a resume that forgot init_from would build another base under the trained LoRA: refused, naming the key
     fresh = hydra.utils.instantiate(tiny_run_cfg("seedx_sft_edit_tiny", tmp_path / "x").stage, _convert_="all")
