@@ -72,8 +72,15 @@ def test_batched_kv_cache_decoding_equals_full_forward_greedy(mllm):
     samples = [prompt(builder, "What is in the photo?", ["chelsea.jpg"]), prompt(builder, "Hi")]
     assert len(samples[0]["input_ids"]) != len(samples[1]["input_ids"])  # left padding is exercised
     batched = gen.generate(samples, DecodingOptions(max_new_tokens=6))
+    # the reference: the training stage's full-forward probe, holding the same weights as the spec's model
+    import hydra
+
+    reference = hydra.utils.instantiate(cfg.stage, _convert_="all")
+    reference.build_models(load_weights=True)
+    reference.load_state_dict(stage.state_dict())
+    reference.eval()
     for sample, got in zip(samples, batched):
-        ref = stage.generate_text(stage_batch(builder, sample, stage), max_new_tokens=6)
+        ref = reference.generate_text(stage_batch(builder, sample, stage), max_new_tokens=6)
         assert got.token_ids == ref
 
 

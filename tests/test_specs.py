@@ -122,5 +122,5 @@ def test_strategy_fsdp_wraps_the_spec_blocks(tmp_path):
     module = hydra.utils.instantiate(cfg.stage, _convert_="all")
     strategy = instantiate_strategy(cfg.strategy, module)
     policy = strategy.kwargs["auto_wrap_policy"]
-    assert set(policy) == set(block_classes(list(module.spec.fsdp_blocks)))
+    assert set(policy._module_classes) == set(block_classes(list(module.spec.fsdp_blocks)))
     assert "timm.models.eva.EvaBlock" in module.spec.fsdp_blocks  # the SEED blocks the old yaml list lacked
