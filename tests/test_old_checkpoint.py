@@ -27,14 +27,10 @@ def test_the_old_checkpoint_holds_the_position_the_new_code_reads():
     assert ckpt["global_step"] == 3
     assert ckpt["MLLMDataModule"]["epoch"] == 0 and ckpt["MLLMDataModule"]["consumed"] == 12
 
-    from src.data.mllm import MLLMDataModule
-
-    state = dict(ckpt["MLLMDataModule"])
-    dm = MLLMDataModule.__new__(MLLMDataModule)  # only the position part: no tokenizer needed
     from src.data.position import ResumableDataModule
 
-    ResumableDataModule.__init__(dm)
-    dm.load_state_dict(state)
+    dm = ResumableDataModule()  # the position part every record datamodule shares
+    dm.load_state_dict(dict(ckpt["MLLMDataModule"]))
     assert (dm._epoch, dm._start) == (0, 12)
 
 
