@@ -254,6 +254,17 @@ def test_the_data_position_not_lightnings_epoch_says_where_a_stopped_run_goes_on
     assert dm.train_sampler.epoch == 1
 
 
+def test_a_position_restored_after_the_loader_drew_is_refused():
+    from src.data.detok import DetokDataModule
+
+    dm = DetokDataModule(train_sources=[{"path": str(CAPTIONS), "kind": "jsonl"}], batch_size=4, seed=3)
+    dm.setup("fit")
+    state = dm.state_dict()
+    next(iter(dm.train_dataloader()))  # a loader built and drawn from before the checkpoint came back
+    with pytest.raises(RuntimeError, match="before the checkpoint's data position was restored"):
+        dm.load_state_dict(state)
+
+
 def test_no_code_touches_lightnings_private_loop_state():
     """Issue 28 item 2: resume keeps no hand on Lightning's loops (`grep` of its Must-show)."""
     import re

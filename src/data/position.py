@@ -126,6 +126,7 @@ class ResumableDataModule(L.LightningDataModule):
         self._local = 0  # samples this rank consumed since then
         self._resumed_from: dict | None = None  # state loaded from a checkpoint, until an iteration applies it
         self._stream_started = False  # a streamed set got its start position (later epochs: the library's)
+        self._drawn = False  # a training iteration has begun (a position restored after that would be lost)
 
     # ---- the position ------------------------------------------------------------------------------
     def _world(self) -> tuple[int, int]:
@@ -161,6 +162,10 @@ class ResumableDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state or "consumed" not in state:
             return  # a checkpoint from before exact resume: start the epoch over
+        if self._drawn:
+            raise RuntimeError("resume: the training loader drew batches before the checkpoint's data position "
+                               "was restored (something iterated it early, e.g. trainer.estimated_stepping_batches "
+                               "in configure_optimizers: use src.data.position.planned_steps)")
         self._epoch, self._start, self._local = int(state["epoch"]), int(state["consumed"]), 0
         self._resumed_from = dict(state)
         if self.train_sampler is not None:
@@ -210,6 +215,7 @@ class ResumableDataModule(L.LightningDataModule):
             sampler.apply()  # a streamed set: the library starts there itself, then counts its epochs
             self._stream_started = True
         self._resumed_from = None
+        self._drawn = True
         return loader_generator(self.seed, self._epoch, self._start, rank)
 
     def train_loader(self, dataset, batch_size: int) -> EpochLoader:
