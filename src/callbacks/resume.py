@@ -1,8 +1,8 @@
 """Exact resume of a run that *stopped* (``trainer.max_steps``, ``max_time``, ``should_stop``, SIGTERM).
 
-- Resuming: a checkpoint written after the run stopped mid-epoch (Lightning counts the epoch as ended then)
-  is reopened before Lightning restores its loops (:func:`src.utils.checkpoint.reopen_stopped_epoch`), so
-  the epoch goes on where it stopped and the losses match an uninterrupted run.
+- Resuming: the data position is the datamodule's (``src/data/position.py``), not Lightning's epoch: a
+  checkpoint written after the run stopped mid-epoch (Lightning counts its epoch as ended then) goes on
+  with the rest of that data epoch, and the losses match an uninterrupted run.
 - SIGTERM (what SLURM sends before preemption or at the time limit): Lightning's signal handler only sets
   a flag; at the next step boundary Lightning raises ``SIGTERMException``. Here, ``on_exception`` then
   writes ``last.ckpt`` of every ``ModelCheckpoint(save_last=True)`` (same path, atomic: the strategy's
@@ -21,8 +21,6 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from src.utils.checkpoint import reopen_stopped_epoch
-
 log = logging.getLogger(__name__)
 
 
@@ -30,12 +28,6 @@ class ExactResume(L.Callback):
     def __init__(self) -> None:
         self._stepped_to: int | None = None  # global step after the last training batch of this run
         self._saved_at: int | None = None  # global step of the last checkpoint written in this run
-
-    # ---- resume --------------------------------------------------------------------------------------
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        if reopen_stopped_epoch(checkpoint):
-            log.info("resume: the checkpoint's run stopped mid-epoch %d (step %s): going on with that epoch",
-                     checkpoint.get("epoch"), checkpoint.get("global_step"))
 
     # ---- bookkeeping ---------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -231,7 +231,7 @@ class DetokDataModule(ResumableDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_sampler is None:  # streamed shards: no sampler, no position
             return self._loader(self.train_set, self.batch_size, generator=self.fixed_generator())
-        return self._loader(self.train_set, self.batch_size, **self.train_loader_kwargs())
+        return self.train_loader(self.train_set, self.batch_size)
 
     def val_dataloader(self):
         if self.val_set is None:

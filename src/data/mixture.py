@@ -1,7 +1,9 @@
 """Weighted mixture of datasets: a torch ``Sampler`` over a ``ConcatDataset`` of the sources.
 
-For epoch ``e`` the source of each of the ``num_samples`` positions is drawn i.i.d. with the normalised
-weights; source ``k`` is then walked through its own permutation (``offset_k + perm[j]``; in order with
+For epoch ``e`` source ``k`` gets exactly its share ``num_samples * w_k / sum(w)`` of the positions (rounded
+as the streaming library rounds its ``proportion``, :meth:`MixtureSampler.shares`: the in-memory and the
+streamed path take the same number of samples of each source an epoch), spread over the epoch by a seeded permutation; source
+``k`` is then walked through its own permutation (``offset_k + perm[j]``; in order with
 ``shuffle=False``), a fresh permutation each time it is exhausted (cycling). Everything is a pure function of
 ``(seed, epoch)``: this is the *global order* of the epoch, the same on every rank and every resume. One
 source with ``num_samples == size`` is a plain seeded permutation (the de-tokenizer's map-style data).
@@ -107,10 +109,26 @@ class MixtureSampler(Sampler[int]):
         self.epoch = int(state["epoch"])
         self._consumed = self._start = min(max(int(state.get("consumed", 0)), 0), self.num_samples)
 
+    def shares(self) -> np.ndarray:
+        """Positions of each source in an epoch: ``floor(num_samples * p_k)``, the shortfall one each to
+        sources drawn without replacement by ``default_rng(seed)``: the streaming library's own rounding
+        (``Stream.apply_weights``), so a streamed and an in-memory mixture take the same counts; only sources
+        with weight > 0 are drawn (the library would also draw a weight-0 stream)."""
+        counts = np.floor(self.probs * self.num_samples).astype(np.int64)
+        shortfall = self.num_samples - int(counts.sum())
+        if shortfall:
+            positive = np.flatnonzero(self.probs > 0)
+            if len(positive) == len(self.sizes):  # exactly the library's draw
+                picked = np.random.default_rng(self.seed).choice(len(self.sizes), shortfall, False)
+            else:
+                picked = positive[np.random.default_rng(self.seed).choice(len(positive), shortfall, False)]
+            counts[picked] += 1
+        return counts
+
     def indices(self, epoch: int) -> np.ndarray:
         """All ``num_samples`` dataset indices of ``epoch`` (a pure function of seed and epoch)."""
         rng = np.random.default_rng([self.seed, epoch, _SOURCE_STREAM])
-        choice = rng.choice(len(self.sizes), size=self.num_samples, p=self.probs)
+        choice = rng.permutation(np.repeat(np.arange(len(self.sizes)), self.shares()))
         out = np.empty(self.num_samples, dtype=np.int64)
         for k, size in enumerate(self.sizes):
             where = np.flatnonzero(choice == k)

@@ -176,7 +176,7 @@ class MLLMDataModule(ResumableDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
-        return self._loader(self.train_set, self.batch_size, **self.train_loader_kwargs())
+        return self.train_loader(self.train_set, self.batch_size)
 
     def val_dataloader(self):
         if self.builder is None:

@@ -7,31 +7,43 @@ position below is counted the same way and handed to the library), made distribu
 world size from the trainer; ``trainer.use_distributed_sampler`` is off, because Lightning's
 ``DistributedSampler`` wrapping cannot start mid-epoch nor remap a position to another world size).
 
-The position is ``(epoch, consumed)``, ``consumed`` counted in *global* samples of the epoch's global order.
-It is what the model consumed, not what the DataLoader (workers, prefetch) already drew: every training
-batch that reaches the model (``on_before_batch_transfer`` while training; batches whose samples were all
-bad count too: those positions were passed) moves it by ``world_size x samples in the batch``. Lightning
-checkpoints it through ``state_dict`` / ``load_state_dict`` and restores it before the training loader is
-built, so the sampler starts exactly there.
+The position is ``(epoch, consumed)``: the *data* epoch and ``consumed`` counted in *global* samples of that
+epoch's global order. It is what the model consumed, not what the DataLoader (workers, prefetch) already
+drew: every training batch that reaches the model (``on_before_batch_transfer`` while training; batches
+whose samples were all bad count too: those positions were passed) moves it by ``world_size x samples in
+the batch``; when the epoch's share is used up, the next batch starts the next data epoch. Lightning
+checkpoints it through the datamodule's public ``state_dict`` / ``load_state_dict``.
 
-Resuming on another world size or batch size: the sampler maps the global position by itself; Lightning's
-per-epoch batch counter (restored in the old run's units) is shifted so that the epoch ends where the data
-ends (``_remap_batch_progress``). RNG: the loader gets its own generator seeded from (seed, epoch, position,
-rank), so creating an iterator never draws from the global torch RNG, and DataLoader workers (seeded from
-that generator by Lightning's ``seed_everything(workers=True)``) are reproducible; per-sample randomness in
-the data path must not come from worker RNG at all (builders hash ``(seed, id)`` where they draw).
+The data owns the epoch, Lightning's loop state is never read or edited:
+
+- the training loader (:class:`EpochLoader`) has no length, so Lightning ends its epoch when the data of
+  the current data epoch runs out (it pre-fetches one batch to see the end), whatever its own restored
+  batch counter says (that counter is in the old run's units after a resume on another world or batch
+  size);
+- the loader applies the position when its first batch is drawn, not when it is built: strategies that
+  restore after setup (FSDP) get the restored position too;
+- the sampler's epoch is set from the position at that moment, so Lightning's ``set_epoch`` (its own epoch
+  count) does not move the data. A run that *stopped* (``max_steps``, ``should_stop``) is counted by
+  Lightning as a finished epoch; resumed, Lightning opens its next epoch and the loader serves the rest of
+  the stopped data epoch there: the data and losses are those of an uninterrupted run, and
+  ``trainer.current_epoch`` is one ahead of the data epoch from then on (``max_epochs`` counts Lightning's).
+
+RNG: the loader gets its own generator seeded from (seed, epoch, position, rank), so creating an iterator
+never draws from the global torch RNG, and DataLoader workers (seeded from that generator by Lightning's
+``seed_everything(workers=True)``) are reproducible; per-sample randomness in the data path must not come
+from worker RNG at all (builders hash ``(seed, id)`` where they draw).
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
+import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader
 
 from src.data.mixture import MixtureSampler
@@ -39,7 +51,7 @@ from src.data.stream import StreamOrder, StreamSettings, open_stream
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ResumableDataModule", "loader_generator"]
+__all__ = ["EpochLoader", "ResumableDataModule", "loader_generator", "planned_steps"]
 
 
 def loader_generator(*key: int) -> torch.Generator:
@@ -48,17 +60,73 @@ def loader_generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed % 2**63)
 
 
+class EpochLoader(DataLoader):
+    """The training DataLoader: one iteration is the rest of the current data epoch.
+
+    ``begin`` (the datamodule's) runs when the first batch of an iteration is drawn: it puts the sampler at
+    the data position and returns the generator for that iteration. No ``__len__``: Lightning then ends its
+    epoch when this iteration ends (see the module docstring); :meth:`ResumableDataModule.batches_per_epoch`
+    is the epoch's length for a schedule."""
+
+    def __init__(self, *args, begin: Callable[[], torch.Generator], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._begin = begin
+
+    def __len__(self) -> int:
+        raise TypeError("EpochLoader has no length: an epoch ends where its data ends (src/data/position.py)")
+
+    def __iter__(self) -> Iterator[Any]:
+        return _LazyIterator(self)
+
+    def _start(self):
+        self.generator = self._begin()
+        return super().__iter__()
+
+
+class _LazyIterator:
+    def __init__(self, loader: EpochLoader) -> None:
+        self._loader, self._it = loader, None
+
+    def __iter__(self) -> _LazyIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._it is None:
+            self._it = self._loader._start()
+        return next(self._it)
+
+
+def planned_steps(trainer) -> int:
+    """Optimizer steps the run will take (a schedule's horizon): ``trainer.max_steps``, or ``max_epochs`` whole
+    epochs of the datamodule's data when that is fewer (what Lightning's ``estimated_stepping_batches``
+    gives, without building the training loader before a checkpoint is restored)."""
+    max_steps, max_epochs = int(trainer.max_steps), trainer.max_epochs
+    by_epochs = math.inf
+    datamodule = getattr(trainer, "datamodule", None)
+    if max_epochs is not None and int(max_epochs) >= 0 and isinstance(datamodule, ResumableDataModule):
+        batches = datamodule.batches_per_epoch()
+        if batches is not None:
+            by_epochs = math.ceil(batches / int(trainer.accumulate_grad_batches)) * max(int(max_epochs), 1)
+    if max_steps != -1:
+        return int(min(max_steps, by_epochs))
+    if math.isinf(by_epochs):  # not our datamodule: Lightning's estimate (it builds the training loader)
+        return int(trainer.estimated_stepping_batches)
+    return int(by_epochs)
+
+
 class ResumableDataModule(L.LightningDataModule):
     """Subclasses set ``self.train_sampler`` (a MixtureSampler), ``self.batch_size`` and ``self.seed``, and
-    build their training loader with ``self.train_loader_kwargs()``."""
+    build their training loader with :meth:`train_loader`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.train_sampler: MixtureSampler | StreamOrder | None = None
-        self._epoch = 0  # epoch of the tracked position
+        self._epoch = 0  # data epoch of the tracked position
         self._start = 0  # global position where this process began consuming that epoch
         self._local = 0  # samples this rank consumed since then
-        self._resumed_from: dict | None = None  # state loaded from a checkpoint, until the loader applies it
+        self._resumed_from: dict | None = None  # state loaded from a checkpoint, until an iteration applies it
+        self._stream_started = False  # a streamed set got its start position (later epochs: the library's)
+        self._drawn = False  # a training iteration has begun (a position restored after that would be lost)
 
     # ---- the position ------------------------------------------------------------------------------
     def _world(self) -> tuple[int, int]:
@@ -76,6 +144,13 @@ class ResumableDataModule(L.LightningDataModule):
             return 0
         return self.train_sampler.position(self._start, self._local)
 
+    def batches_per_epoch(self) -> int | None:
+        """Training batches of one whole data epoch on each rank (None before ``setup``)."""
+        if self.train_sampler is None:
+            return None
+        self.train_sampler.set_distributed(*self._world())
+        return -(-self.train_sampler.local_length(0) // int(self.batch_size))
+
     def state_dict(self) -> dict[str, Any]:
         _, world = self._world()
         state = {"epoch": int(self._epoch), "consumed": int(self.consumed()), "world_size": world,
@@ -87,26 +162,14 @@ class ResumableDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state or "consumed" not in state:
             return  # a checkpoint from before exact resume: start the epoch over
+        if self._drawn:
+            raise RuntimeError("resume: the training loader drew batches before the checkpoint's data position "
+                               "was restored (something iterated it early, e.g. trainer.estimated_stepping_batches "
+                               "in configure_optimizers: use src.data.position.planned_steps)")
         self._epoch, self._start, self._local = int(state["epoch"]), int(state["consumed"]), 0
         self._resumed_from = dict(state)
         if self.train_sampler is not None:
             self._check_compatible(state)
-            # Lightning warns that a plain DataLoader cannot resume mid-epoch; this one does.
-            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch",
-                                    category=PossibleUserWarning)
-        self._drop_early_train_loader()
-
-    def _drop_early_train_loader(self) -> None:
-        """Strategies that restore after setup (FSDP, ModelParallel) have built the training loader already
-        (``estimated_stepping_batches`` in ``configure_optimizers``) and prefetched from the epoch's start:
-        let the fit loop build it again, from the restored position."""
-        fit_loop = getattr(self._trainer_or_none(), "fit_loop", None)
-        if fit_loop is None or getattr(fit_loop, "_combined_loader", None) is None:
-            return
-        fetcher = getattr(fit_loop, "_data_fetcher", None)
-        if fetcher is not None:
-            fetcher.teardown()
-        fit_loop._combined_loader = None
 
     def _check_compatible(self, state: dict[str, Any]) -> None:
         sampler = self.train_sampler
@@ -116,36 +179,50 @@ class ResumableDataModule(L.LightningDataModule):
                             "different order now", key, state[key], getattr(sampler, key), state["consumed"],
                             state["epoch"])
 
+    def _roll_over(self) -> None:
+        """When this rank's share of the current data epoch is used up, the position is the next epoch's start."""
+        sampler = self.train_sampler
+        if self._local >= sampler.local_length(self._start):
+            self._epoch, self._start, self._local = self._epoch + 1, 0, 0
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self._trainer_or_none()
         if trainer is not None and trainer.training and self.train_sampler is not None:
-            epoch = int(trainer.current_epoch)
-            if epoch != self._epoch:  # a new epoch starts at its beginning
-                self._epoch, self._start, self._local = epoch, 0, 0
+            self.train_sampler.set_distributed(*self._world())
+            self._roll_over()  # the first batch of a new data epoch
             self._local += self.batch_size  # position() clamps the (smaller) last batch of an epoch
         return batch
 
     # ---- the loader --------------------------------------------------------------------------------
-    def train_loader_kwargs(self) -> dict[str, Any]:
-        """Sampler (distributed, at the resumed position) and generator for the training DataLoader."""
+    def _begin_iteration(self) -> torch.Generator:
+        """Put the sampler at the position (an iteration is the rest of the current data epoch); the
+        generator of this iteration. Runs when the iteration's first batch is drawn."""
         sampler = self.train_sampler
-        assert sampler is not None, "setup() must create self.train_sampler first"
         rank, world = self._world()
         sampler.set_distributed(rank, world)
         if self._resumed_from is not None:
             self._check_compatible(self._resumed_from)
-            sampler.load_state_dict({"epoch": self._epoch, "consumed": self._start})
-            self._remap_batch_progress(self._resumed_from)
-            self._resumed_from = None
-        else:
-            sampler.set_epoch(self._epoch)
-        start = sampler._start
-        kwargs = {"generator": loader_generator(self.seed, sampler.epoch, start, rank)}
-        if isinstance(sampler, StreamOrder):
-            sampler.apply()  # a streamed set: the library starts there itself (no sampler)
-        else:
-            kwargs["sampler"] = sampler
-        return kwargs
+            if self._resumed_from.get("world_size") not in (None, world) or \
+                    self._resumed_from.get("batch_size") not in (None, int(self.batch_size)):
+                log.info("resume: data position %d of epoch %d was written with world size %s, batch size %s; "
+                         "going on with %d and %d", self._start, self._epoch, self._resumed_from.get("world_size"),
+                         self._resumed_from.get("batch_size"), world, int(self.batch_size))
+        # begin where the model stopped consuming: the rest of this epoch, or the next epoch's start
+        self._start, self._local = self.consumed(), 0
+        self._roll_over()
+        sampler.load_state_dict({"epoch": self._epoch, "consumed": self._start})
+        if isinstance(sampler, StreamOrder) and (self._resumed_from is not None or not self._stream_started):
+            sampler.apply()  # a streamed set: the library starts there itself, then counts its epochs
+            self._stream_started = True
+        self._resumed_from = None
+        self._drawn = True
+        return loader_generator(self.seed, self._epoch, self._start, rank)
+
+    def train_loader(self, dataset, batch_size: int) -> EpochLoader:
+        """The training DataLoader (sampler: the position's; the library's order for a streamed set)."""
+        assert self.train_sampler is not None, "setup() must create self.train_sampler first"
+        sampler = None if isinstance(self.train_sampler, StreamOrder) else self.train_sampler
+        return EpochLoader(dataset, begin=self._begin_iteration, **self._loader_kwargs(batch_size, sampler))
 
     def open_train_stream(self, stream: StreamSettings, sources: list, build, *, weighted: bool,
                           epoch_size: int | None = None, shuffle: bool = True, draws: bool = False):
@@ -165,49 +242,18 @@ class ResumableDataModule(L.LightningDataModule):
             cache_dir=stream.cache_dir, num_canonical_nodes=stream.num_canonical_nodes, world=world, draws=draws)
         return dataset
 
-    def _remap_batch_progress(self, state: dict[str, Any]) -> None:
-        """Make Lightning's restored per-epoch batch counter agree with this world and batch size.
-
-        Lightning counts the batches of the current epoch in the old run's units and ends the epoch when
-        that count reaches ``len(loader)``. With another world or batch size the old count is not this
-        run's: set it to (batches of a whole epoch) - (batches left from the resumed position). All
-        counters move by the same amount, so Lightning's restart bookkeeping is unchanged. A no-op when
-        neither changed."""
-        trainer = self._trainer_or_none()
-        if trainer is None or self.train_sampler is None:
-            return
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if int(trainer.current_epoch) != self._epoch:
-            return
-        sampler, bs = self.train_sampler, int(self.batch_size)
-        whole = -(-sampler.local_length(0) // bs)
-        left = -(-sampler.local_length(self._start) // bs)
-        current = epoch_loop.batch_progress.current
-        delta = (whole - left) - int(current.ready)
-        if delta == 0:
-            return
-        log.info("resume: data position %d of epoch %d (written with world size %s, batch size %s) is batch "
-                 "%d of %d here", self._start, self._epoch, state.get("world_size"), state.get("batch_size"),
-                 whole - left, whole)
-        for field in ("ready", "started", "processed", "completed"):
-            if hasattr(current, field):
-                setattr(current, field, max(int(getattr(current, field)) + delta, 0))
-
     def collate_fn(self):
         """The batch collate function (a plain callable, so DataLoader workers never pickle the datamodule)."""
         raise NotImplementedError
 
+    def _loader_kwargs(self, batch_size: int, sampler=None) -> dict[str, Any]:
+        return {"batch_size": batch_size, "sampler": sampler,
+                "shuffle": False,  # order comes from the sampler (training) or the dataset (validation, shards)
+                "num_workers": self.num_workers, "collate_fn": self.collate_fn(),
+                "persistent_workers": self.num_workers > 0}
+
     def _loader(self, dataset, batch_size: int, sampler=None, generator=None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            shuffle=False,  # order comes from the sampler (training) or the dataset (validation, shards)
-            num_workers=self.num_workers,
-            collate_fn=self.collate_fn(),
-            persistent_workers=self.num_workers > 0,
-            generator=generator,
-        )
+        return DataLoader(dataset, generator=generator, **self._loader_kwargs(batch_size, sampler))
 
     def fixed_generator(self) -> torch.Generator:
         """For loaders without a position (validation, streamed shards): never draw from the global RNG."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
-from src.data.position import loader_generator
+from src.data.position import loader_generator, planned_steps
 from src.parallel import FSDP2Strategy, block_classes, parallelize, writes_sharded_checkpoints
 from src.utils.checkpoint_kind import FAMILY_KEY, STAGE_KEY
 from src.utils.constraints import Fraction, NonNegativeInt
@@ -231,7 +231,7 @@ class StageModule(L.LightningModule):
     def configure_optimizers(self):
         wd = float(getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0))
         optimizer = self.optimizer_factory(param_groups(self.trainable_named_parameters(), wd))
-        total = int(self.trainer.estimated_stepping_batches) if self.trainer else 1
+        total = planned_steps(self.trainer) if self.trainer else 1
         sched = build_lr_scheduler(
             optimizer,
             self.scheduler_cfg.get("name", "cosine"),

@@ -6,7 +6,6 @@ A crash (even SIGKILL) before the rename leaves the previous checkpoint untouche
 ``.<name>.*.tmp`` may remain. Sharded (torch.distributed.checkpoint) directories: every rank writes into
 ``.<name>.tmp/``, then rank 0 swaps it in with :func:`replace_dir` (see ``src.parallel.FSDP2Strategy``).
 
-:func:`reopen_stopped_epoch` makes a checkpoint of a run that stopped mid-epoch resume mid-epoch.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ __all__ = [
     "checkpoint_tensors",
     "fsync_dir",
     "read_checkpoint",
-    "reopen_stopped_epoch",
     "replace_dir",
 ]
 
@@ -156,46 +154,6 @@ def replace_dir(src: str | Path, dst: str | Path) -> None:
         else:
             old.unlink()
     fsync_dir(dst.parent)
-
-
-def reopen_stopped_epoch(checkpoint: dict[str, Any]) -> bool:
-    """Mark the epoch of a checkpoint written after a *stopped* run as unfinished again; True if it did.
-
-    Lightning (2.6) ends the epoch whenever training stops: at ``trainer.max_steps``, when ``should_stop``
-    is set (``trainer.max_time``'s Timer, early stopping) or on SIGTERM, its fit loop still counts the
-    epoch as processed and completed before ``on_train_end``, so a ``last.ckpt`` written then says "epoch
-    done" although its last batch never came. Resumed with a larger ``max_steps``, Lightning would start a
-    new epoch (the sampler too), skipping the rest of this one. Such a checkpoint is recognised by its
-    epoch counters (ready == started == processed, completed == processed or one less, as written in
-    ``on_train_epoch_end``) together with a batch counter that ran batches but never reached the last one
-    (``is_last_batch`` false). Its epoch counters are set back to those of a checkpoint written mid-epoch
-    (ready == started, processed == completed == started - 1), which Lightning restores as "restarted mid
-    epoch": the epoch goes on from the restored batch count and data position. The batch and optimiser
-    counters are left as written (after the step completed: Lightning's "restarted on last"). An epoch
-    that really ended (its last batch, ``limit_train_batches`` reached: ``is_last_batch`` is true then)
-    is left alone: the resume starts the next epoch, as before.
-
-    This edits Lightning's own checkpoint layout (``loops.fit_loop.epoch_progress`` and
-    ``epoch_loop.batch_progress``, Lightning 2.6): call it on the loaded checkpoint before the loops are
-    restored (a callback's ``on_load_checkpoint``, :class:`src.callbacks.resume.ExactResume`)."""
-    fit = (checkpoint.get("loops") or {}).get("fit_loop") or {}
-    epochs, batches = fit.get("epoch_progress"), fit.get("epoch_loop.batch_progress")
-    if not epochs or not batches or batches.get("is_last_batch", True):
-        return False
-    if int(batches.get("current", {}).get("ready", 0)) <= 0:
-        return False  # no batch of this epoch ran: nothing to go on with
-    counters = [epochs.get("total") or {}, epochs.get("current") or {}]
-    for c in counters:
-        if not all(k in c for k in ("ready", "started", "processed", "completed")):
-            return False
-        ended = c["ready"] == c["started"] == c["processed"] >= 1
-        if not (ended and c["processed"] - c["completed"] in (0, 1)):
-            return False
-    for c in counters:
-        c["processed"] = c["completed"] = c["started"] - 1
-    if "epoch" in checkpoint:
-        checkpoint["epoch"] = counters[1]["completed"]  # trainer.current_epoch, as Lightning writes it
-    return True
 
 
 # ---- reading ------------------------------------------------------------------------------------------
