@@ -26,6 +26,7 @@ from data_prep.precompute_features import main as precompute
 from src.data.feature_shards import KEYS, SHARDS
 from src.data.features import FORMAT, MANIFEST, FeatureStore, open_writer, record_path
 from src.data.records import BadSample
+from src.inspect import feature_store_stats
 from src.train import train
 from tests.helpers import CONF, tiny_run_cfg
 
@@ -197,6 +198,10 @@ def test_shard_and_file_layouts_hold_the_same_entries(stores, tmp_path):
     assert compared >= 5
     # the same bytes per entry either way (the shard index and json column cost about what file headers do)
     assert mds.stats()["bytes_per_sample"] == pytest.approx(files.stats()["bytes_per_sample"], rel=0.02)
+    # src.inspect reports it for the configured store
+    cfg = tiny_run_cfg(MLLM, tmp_path / "inspect", [f"data.features_dir={stores[MLLM]}"])
+    assert feature_store_stats(cfg) == mds.stats()
+    assert feature_store_stats(tiny_run_cfg(MLLM, tmp_path / "none")) is None
 
 
 def test_damaged_shards_and_unknown_ids_are_counted_skips(stores, tmp_path):

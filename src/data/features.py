@@ -241,7 +241,8 @@ class FeatureStore:
         return RecordFeatures(tensors, meta, where, self.tokens, self.dim)
 
     def stats(self) -> dict[str, Any]:
-        """What the store holds and costs: entries, bytes on disk (data files), bytes per entry, dtypes."""
+        """What the store holds and costs: entries (skip markers included), bytes on disk (data files), bytes
+        per entry, dtypes, and parts that could not be read."""
         if self.layout == "mds":
             n, size = self.entries.samples, self.entries.bytes
         else:
