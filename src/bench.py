@@ -152,8 +152,11 @@ def _identity(x):
     return x
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def _to_device(batch, device: torch.device):
+    """A batch (src/data/batch.py dataclass, or a dict) with its tensors on ``device``, as Lightning moves it."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(batch, device)
 
 
 def _clock(device: torch.device, sync: bool) -> float:
