@@ -26,9 +26,12 @@ What is stored, per record (layout: ``src/data/features.py``):
 
 Records whose image cannot be used are stored as a marker with the reason (the run skips them with the
 same reason it would give with pixels); read-time skips (bad json lines) have no id and are only counted.
-Per-record files are written atomically; ``--skip-existing`` resumes, ``--shard i/n`` splits the records
-across n processes (by record-key hash); ``--dtype bfloat16`` halves the store (the default float32 keeps
-training bit-comparable with the encoder run inline on CPU). Under ``trainer.precision=bf16-mixed`` the
+``--layout mds`` (default) packs the entries into MDS shards, one part per process, published when the
+process finishes; ``--layout files`` writes one file per record, atomically. ``--skip-existing`` resumes
+(adds a part / files holding only the records the store lacks), ``--shard i/n`` splits the records across
+n processes (by record-key hash); ``--dtype bfloat16`` (or ``float16``) halves the ViT features and
+``--vae-dtype`` the VAE posteriors (the default float32 keeps training bit-comparable with the encoders run
+inline on CPU); ``python -m src.inspect experiment=E data.features_dir=DIR`` prints the bytes per sample. Under ``trainer.precision=bf16-mixed`` the
 ViT runs under bf16 autocast as it does in training; the VAE encodes in fp32 always, as in training.
 """
 
@@ -47,7 +50,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from src.data.features import FORMAT, MANIFEST, record_key, record_path, write_record
+from src.data.features import FORMAT, LAYOUTS, MANIFEST, FeatureStore, open_writer, record_key, record_path
 from src.data.records import (
     ORIENTATION_KEY,
     BadSample,
@@ -181,10 +184,10 @@ class DetokJob(Job):
 # ---------------------------------------------------------------------------------------------- encode
 class Encoder:
     def __init__(self, towers: dict, device: torch.device, precision: str, dtype: torch.dtype,
-                 vit_chunk: int, vae_chunk: int):
+                 vit_chunk: int, vae_chunk: int, vae_dtype: torch.dtype = torch.float32):
         self.vit = towers["vit"].to(device)
         self.vae = towers["vae"].to(device) if "vae" in towers else None
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.vae_dtype = device, dtype, vae_dtype
         self.vit_chunk, self.vae_chunk = vit_chunk, vae_chunk
         self.autocast = precision.startswith("bf16")
 
@@ -216,7 +219,8 @@ class Encoder:
             moments = torch.cat([encode_posterior(self.vae, c.to(self.device)).parameters
                                  for c in flat.split(self.vae_chunk)])
             for (it, key, _), m in zip(vae_in, moments):
-                it["tensors"][key] = m.float().cpu().clone()  # the VAE runs in fp32 (SDXL overflows in half)
+                # the VAE runs in fp32 (SDXL overflows in half); its posterior is stored in --vae-dtype
+                it["tensors"][key] = m.float().to("cpu", self.vae_dtype).clone()
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -228,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--source-name", default=None, help="source name for --source (default: file stem)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="stored ViT feature dtype")
+    ap.add_argument("--vae-dtype", default="float32", choices=sorted(DTYPES), help="stored VAE posterior dtype")
+    ap.add_argument("--layout", default="mds", choices=LAYOUTS, help="MDS shards, or one file per record")
+    ap.add_argument("--shard-bytes", type=int, default=1 << 27, help="MDS shard size limit (--layout mds)")
     ap.add_argument("--precision", default=None, help="default: the experiment's trainer.precision")
     ap.add_argument("--batch-views", type=int, default=64, help="ViT views per forward")
     ap.add_argument("--records-per-step", type=int, default=16)
@@ -258,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     towers = module.build_frozen_encoders()
     precision = str(args.precision or cfg.trainer.precision)
     encoder = Encoder(towers, torch.device(args.device), precision, DTYPES[args.dtype], args.batch_views,
-                      max(1, args.batch_views // 4))
+                      max(1, args.batch_views // 4), DTYPES[args.vae_dtype])
     shard_i, shard_n = (int(x) for x in args.shard.split("/"))
 
     if args.source:
@@ -277,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     manifest = {
         "format": FORMAT, "kind": job.kind, "experiment": args.experiment, "overrides": args.overrides,
         **job.expect(), "tokens": int(vit_cfg["n_queries"]), "dim": int(vit_cfg["output_dim"]),
-        "dtype": args.dtype, "precision": precision, "vit": vit_cfg, "init_seed": getattr(module, "init_seed", None),
+        "dtype": args.dtype, "vae_dtype": args.vae_dtype, "layout": args.layout, "precision": precision, "vit": vit_cfg, "init_seed": getattr(module, "init_seed", None),
         "vae_scaling_factor": (float(towers["vae"].config.scaling_factor) if "vae" in towers else None),
         "sources": [s.path for s in sources],
     }
@@ -288,6 +295,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     counts: Counter[str] = Counter()
     t0 = time.time()
+    # --skip-existing in the shard layout: the ids already stored (any part) are skipped
+    existing = (FeatureStore(out).entries.index if args.skip_existing and args.layout == "mds" else None)
+    writer = open_writer(out, args.layout, shard_i, shard_n, adding=args.skip_existing, shard_bytes=args.shard_bytes)
+
+    def stored(r: dict) -> bool:
+        if existing is not None:
+            return record_key(r["source"], r["id"]) in existing
+        return record_path(out, r["source"], r["id"]).is_file()
 
     def todo(src: SourceConfig) -> Iterator[dict]:
         """Prepared records of `src` for this worker; counts travel as {"count": key} items (workers
@@ -303,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             elif not record_images(r):
                 yield {"count": "no_image"}  # text-only: nothing to encode, the datamodule needs no entry
-            elif args.skip_existing and record_path(out, r["source"], r["id"]).is_file():
+            elif args.skip_existing and stored(r):
                 yield {"count": "existing"}
             else:
                 yield job.prepare(r)
@@ -323,10 +338,10 @@ def main(argv: list[str] | None = None) -> dict:
         for it in pending:
             r = it["record"]
             if "skipped" in it:
-                write_record(out, r["source"], r["id"], {}, [], skipped=it["skipped"])
+                writer.write(r["source"], r["id"], {}, [], skipped=it["skipped"])
                 counts[f"skipped/{it['skipped']['reason']}"] += 1
             else:
-                write_record(out, r["source"], r["id"], it["tensors"], it["images"])
+                writer.write(r["source"], r["id"], it["tensors"], it["images"])
                 counts["written"] += 1
         pending.clear()
 
@@ -342,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         if len(pending) >= args.records_per_step:
             flush()
     flush()
+    writer.close()
     stats = {"counts": dict(sorted(counts.items())), "seconds": round(time.time() - t0, 2), "shard": args.shard}
     (out / f"stats-{shard_i}-of-{shard_n}.json").write_text(json.dumps(stats, indent=1))
     print(json.dumps({"out": str(out), **stats}))

@@ -23,6 +23,9 @@ the size's overrides; random init, the tiny tokenizer, the bundled sample data):
     MLLMGenerator / tokens/s of transformers ``generate`` on the same `small` Llama (same prompts, greedy, same
     length), and images/s of our de-tokenizer denoising loop / the same steps through diffusers'
     StableDiffusionXLPipeline (tiny de-tokenizer twin). Goal >= 1.0 each.
+(h) ``feature_store_vs_live`` (src/bench_features.py, CPU, ``--features-size``, default small): samples/s of
+    the MLLM training step fed ViT features from a feature store in MDS shards (bf16) / the same step on the
+    same samples fed pixels through the frozen ViT; with the store's bytes per sample. Goal >= 1.0.
 (f) ``data_samples_per_s_per_worker_fullres``: one loader worker on experiment=seedx_pretrain's data path
     (448 px views, all grids) over the bundled photos at their own sizes: data.num_workers per GPU must be
     at least the model's samples/s per GPU over this.
@@ -123,6 +126,7 @@ GOALS: dict[str, tuple[str, float | None]] = {
     "data_samples_per_s_per_worker_fullres": ("report", None),
     "generate_vs_hf": (">=", 1.0),
     "detok_vs_diffusers": (">=", 1.0),
+    "feature_store_vs_live": (">=", 1.0),
 }
 
 log = logging.getLogger(__name__)
@@ -148,8 +152,11 @@ def _identity(x):
     return x
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def _to_device(batch, device: torch.device):
+    """A batch (src/data/batch.py dataclass, or a dict) with its tensors on ``device``, as Lightning moves it."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(batch, device)
 
 
 def _clock(device: torch.device, sync: bool) -> float:
@@ -371,6 +378,7 @@ def run_bench(
     init_size: str | None = "1b",
     init_world: int = 2,
     libraries: bool = True,
+    features_size: str | None = "small",
 ) -> dict[str, Any]:
     if steps < 1 or trials < 1 or warmup < 0:
         raise ValueError("--steps and --trials must be >= 1, --warmup >= 0")
@@ -392,14 +400,14 @@ def run_bench(
             return _run(out, steps=steps, trials=trials, warmup=warmup, device=device, size=size,
                         data_batches=data_batches, n_groups=groups, peak_flops=peak_flops,
                         overrides=list(overrides), with_monitor=with_monitor, init_size=init_size,
-                        init_world=init_world, libraries=libraries)
+                        init_world=init_world, libraries=libraries, features_size=features_size)
     finally:
         torch.set_num_threads(old_threads)
         pl_log.setLevel(old_level)
 
 
 def _run(out: Path, *, steps, trials, warmup, device, size, data_batches, n_groups, peak_flops, overrides,
-         with_monitor, init_size, init_world, libraries) -> dict[str, Any]:
+         with_monitor, init_size, init_world, libraries, features_size=None) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfg = compose_bench_cfg(out, size, device, overrides)
     L.seed_everything(int(cfg.seed), verbose=False)
@@ -493,6 +501,8 @@ def _run(out: Path, *, steps, trials, warmup, device, size, data_batches, n_grou
         result.update(measure_init(init_size, init_world, workdir=out))
     if libraries:
         result.update(library_ratios(out, rounds=min(trials, 5)))
+    if features_size:
+        result.update(feature_store_ratio(out / "features", features_size, rounds=min(trials, 3)))
     result["wall_s"] = time.perf_counter() - t_start
     write_report(out, result)
     return result
@@ -504,6 +514,14 @@ def library_ratios(out: Path, rounds: int = 5) -> dict[str, Any]:
 
     return {**generate_vs_hf(compose_bench_cfg(out / "generate", "small", "cpu"), rounds=rounds),
             **detok_vs_diffusers(compose_detok(out / "detok"), rounds=rounds)}
+
+
+def feature_store_ratio(out: Path, size: str, rounds: int = 3) -> dict[str, Any]:
+    """(h): the MLLM step fed a feature store in shards / fed pixels through the frozen ViT (src/bench_features.py)."""
+    from src.bench_features import feature_store_vs_live
+
+    cfg = compose_bench_cfg(out, size, "cpu")
+    return feature_store_vs_live(cfg, EXPERIMENT, SIZES[size], out, rounds=rounds)
 
 
 def _mean(xs) -> float:
@@ -530,6 +548,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         ("data_samples_per_s_per_worker_fullres", "one loader worker, full-size any-res path, photos at own size"),
         ("generate_vs_hf", "tokens/s, our MLLMGenerator / transformers generate (same Llama, prompts, greedy)"),
         ("detok_vs_diffusers", "images/s, our denoise loop / diffusers SDXL pipeline loop (same steps)"),
+        ("feature_store_vs_live", "MLLM step samples/s, fed stored ViT features (MDS shards) / fed pixels via the ViT"),
     ]
     lines = ["| metric | value | goal | met | what |", "|---|---|---|---|---|"]
     for key, what in rows:
@@ -550,6 +569,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         ("model_flops_per_step", "analytic, src/utils/flops.py"), ("model_tflops_per_s", "Lightning step"),
         ("init_peak_rss_gb_per_rank", "src/bench_init.py, fsdp2 over init_world gloo ranks"),
         ("full_model_gb", "init_size's parameters + buffers"), ("init_build_s", "meta build + shard + fill"),
+        ("feature_store_bytes_per_sample", "feature store in shards, src/bench_features.py"),
+        ("feature_store_data_samples_per_s", "samples built from the store by id (one process)"),
+        ("feature_live_data_samples_per_s", "samples built from pixels (one process)"),
     )
     for key, what in details:
         lines.append(f"| {key} | {_fmt(result.get(key))} | | | {what} |")
@@ -575,7 +597,8 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
             "model_tflops_per_s", "init_peak_rss_gb_per_rank", "full_model_gb", "init_rss_over_full",
             "data_samples_per_s_per_worker_fullres", "generate_vs_hf", "detok_vs_diffusers",
             "generate_ours_tokens_per_s", "generate_hf_tokens_per_s", "detok_ours_images_per_s",
-            "detok_diffusers_images_per_s", "device", "size")
+            "detok_diffusers_images_per_s", "feature_store_vs_live", "feature_store_samples_per_s",
+            "feature_live_samples_per_s", "feature_store_bytes_per_sample", "device", "size")
     return {k: (None if isinstance(result.get(k), float) and not math.isfinite(result[k]) else result.get(k))
             for k in keys}
 
@@ -597,6 +620,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--init-world", type=int, default=2, help="gloo processes of the sharded build")
     p.add_argument("--no-init", action="store_true", help="skip the sharded-build memory measurement")
     p.add_argument("--no-libraries", action="store_true", help="skip generate_vs_hf and detok_vs_diffusers")
+    p.add_argument("--features-size", choices=sorted(SIZES), default="small",
+                   help="model size of feature_store_vs_live (src/bench_features.py)")
+    p.add_argument("--no-features", action="store_true", help="skip feature_store_vs_live")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. data.num_workers=2")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -604,7 +630,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        threads=a.threads, data_batches=a.data_batches, peak_flops=a.peak_flops,
                        overrides=a.overrides, with_monitor=not a.no_monitor,
                        init_size=None if a.no_init else a.init_size, init_world=a.init_world,
-                       libraries=not a.no_libraries)
+                       libraries=not a.no_libraries, features_size=None if a.no_features else a.features_size)
     print(markdown_table(result))
     print(f"wrote {Path(a.out) / 'bench.json'} and {Path(a.out) / 'bench.md'}")
     print(json.dumps(headline(result)))

@@ -254,13 +254,13 @@ def detok_step(size: str, device: str, out: Path, warmup: int, steps: int) -> di
             "unet_params_b": sum(p.numel() for p in module.unet.parameters()) / 1e9, "loss_last": losses[-1]}
 
 
-def _detok_batch(cfg) -> tuple[dict, int]:
+def _detok_batch(cfg) -> tuple[Any, int]:
     import hydra
 
     dm = hydra.utils.instantiate(cfg.data)
     dm.setup("fit")
     for batch in dm.train_dataloader():
-        n = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+        n = batch.batch_size
         if n:
             return batch, int(n)
     raise RuntimeError("the de-tokenizer train loader yielded no sample")

@@ -2,10 +2,12 @@
 
 No weights are read and no memory is allocated. Prints total and trainable parameters per top-level
 module, an analytic memory estimate per GPU, then one JSON line: {"experiment", "total", "trainable",
-"modules": {name: {total, trainable}}, "memory_per_gpu_gib": {...}}. The estimate is, under a sharded
+"modules": {name: {total, trainable}}, "memory_per_gpu_gib": {...}, "feature_store": {...}}. The estimate is, under a sharded
 strategy (FSDP, FSDP2, DeepSpeed), the stage's own peak estimate if it has one; otherwise (DDP, one
 device) the model state every GPU holds: weights by trainable/frozen in their dtypes, gradients, DDP
 buckets, AdamW states (src/utils/memory.py), so e.g. `stage.frozen_dtype=bf16` shows in frozen_weights.
+With `data.features_dir=DIR` (a store of data_prep/precompute_features.py) it also reports the store: layout,
+entries, bytes on disk and bytes per sample, the stored dtypes, and any part it could not read.
 """
 
 from __future__ import annotations
@@ -87,6 +89,16 @@ def memory_estimate(module, cfg: DictConfig) -> dict | None:
     return module.memory_estimate(world, cfg.data.batch_size, cfg.data.max_length, ac).as_gib()
 
 
+def feature_store_stats(cfg: DictConfig) -> dict | None:
+    """The configured feature store's size (``FeatureStore.stats``), or None without one."""
+    root = (cfg.get("data") or {}).get("features_dir")
+    if not root:
+        return None
+    from src.data.features import FeatureStore
+
+    return FeatureStore(root).stats()
+
+
 def format_table(counts: dict) -> str:
     rows = [f"{'module':<28}{'total':>18}{'trainable':>18}"]
     for name, c in counts["modules"].items():
@@ -111,6 +123,13 @@ def main(cfg: DictConfig) -> None:
         what = "peak memory" if is_sharded(cfg) else "model state (replicated, activations not included)"
         print(f"estimated {what} per GPU (GiB, analytic): " + json.dumps(memory))
         counts["memory_per_gpu_gib"] = memory
+    store = feature_store_stats(cfg)
+    if store:
+        per = store["bytes_per_sample"]
+        print(f"feature store ({store['layout']}, {store['dtype']} ViT / {store['vae_dtype']} VAE): "
+              f"{store['entries']:,} entries, {store['bytes']:,} bytes, "
+              f"{'n/a' if per is None else f'{per:,.0f}'} bytes per sample")
+        counts["feature_store"] = store
     print(json.dumps({"experiment": cfg.get("task_name"), **counts}))
 
 

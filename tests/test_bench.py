@@ -152,7 +152,7 @@ def test_bench_runs_and_writes_its_keys(tmp_path, capsys):
     from src.bench import main
 
     main(["--out", str(tmp_path), "--steps", "2", "--trials", "1", "--warmup", "1", "--data-batches", "2",
-          "--peak-flops", "1e11", "--init-size", "tiny"])
+          "--peak-flops", "1e11", "--init-size", "tiny", "--no-features"])  # features: its own test below
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     saved = json.loads((tmp_path / "bench.json").read_text())
     for key in ("lightning_vs_bare", "data_vs_model", "packed_vs_padded", "mfu", "lightning_step_s",
@@ -165,3 +165,17 @@ def test_bench_runs_and_writes_its_keys(tmp_path, capsys):
     assert saved["init_local_model_gb_per_rank"] < 0.55 * saved["full_model_gb"]
     table = (tmp_path / "bench.md").read_text()
     assert "lightning_vs_bare" in table and "<= 1.05" in table and ">= 3" in table and "<= 0.75" in table
+
+
+@pytest.mark.smoke
+def test_feature_store_vs_live_runs_at_tiny_size(tmp_path):
+    """The bench key exists and is finite (its value is measured by `make bench`, never asserted)."""
+    from src.bench import EXPERIMENT, compose_bench_cfg
+    from src.bench_features import feature_store_vs_live
+
+    cfg = compose_bench_cfg(tmp_path, "tiny", "cpu")
+    result = feature_store_vs_live(cfg, EXPERIMENT, [], tmp_path, rounds=1, steps=1, warmup=0)
+    for key in ("feature_store_vs_live", "feature_store_samples_per_s", "feature_live_samples_per_s",
+                "feature_store_bytes_per_sample"):
+        assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, key
+    assert result["feature_store_batch_size"] == cfg.data.batch_size

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from data_prep.precompute_features import Encoder
+from src.data.batch import DetokBatch
 from src.inspect import build_on_meta, memory_estimate
 from src.pipelines.detok import denoise
 from tests.helpers import compose_cfg, tiny_run_cfg
@@ -113,7 +114,7 @@ def test_bf16_autocast_keeps_latents_fp32_live_and_precomputed_alike(stage1):
     module, batch = stage1
     pixels = batch["vae_pixels"]
     with torch.no_grad():
-        reference = module.batch_latents({"vae_pixels": pixels}, torch.Generator().manual_seed(5))
+        reference = module.batch_latents(DetokBatch(vae_pixels=pixels), torch.Generator().manual_seed(5))
     # The feature store's posterior, written by data_prep under bf16-mixed as a bf16 run would write it.
     encoder = Encoder({"vit": module.vit, "vae": module.vae}, torch.device("cpu"), "bf16-mixed", torch.float32,
                       vit_chunk=64, vae_chunk=16)
@@ -121,8 +122,8 @@ def test_bf16_autocast_keeps_latents_fp32_live_and_precomputed_alike(stage1):
     encoder.encode(items)
     moments = torch.stack([it["tensors"]["vae.0"] for it in items])
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        live = module.batch_latents({"vae_pixels": pixels}, torch.Generator().manual_seed(5))
-        stored = module.batch_latents({"vae_moments": moments}, torch.Generator().manual_seed(5))
+        live = module.batch_latents(DetokBatch(vae_pixels=pixels), torch.Generator().manual_seed(5))
+        stored = module.batch_latents(DetokBatch(vae_moments=moments), torch.Generator().manual_seed(5))
         noisy, _ = unet_inputs(module, batch)
     assert live.dtype == stored.dtype == noisy.dtype == torch.float32
     torch.testing.assert_close(live, reference)  # an encode in bf16 is off by ~1e-2
@@ -160,14 +161,14 @@ def test_drop_intervals_are_disjoint_and_rates_are_over_conditioned_samples(stag
     monkeypatch.setattr(module, "both_drop_rate", 0.2)
     monkeypatch.setattr(module, "cond_drop_rate", 0.3)
     u = torch.tensor([0.05, 0.15, 0.35, 0.7, 0.05, 0.15])
-    batch = {"has_cond": torch.tensor([True, True, True, True, False, False])}
+    batch = DetokBatch(has_cond=torch.tensor([True, True, True, True, False, False]))
     drops = module.drop_masks(u, batch)
     assert drops["features"].tolist() == [True, True, False, False, True, True]
     assert drops["image"].tolist() == [False, True, True, False, False, True]
     rates = {k: float(v) for k, v in module.drop_rates(drops, batch).items()}
     assert rates == {"drop_features": 0.25, "drop_image": 0.25, "drop_both": 0.25}  # the 4 conditioned ones
-    many = module.drop_masks(torch.rand(20000, generator=torch.Generator().manual_seed(0)), {})
-    rates = module.drop_rates(many, {"has_cond": torch.ones(20000, dtype=torch.bool)})
+    many = module.drop_masks(torch.rand(20000, generator=torch.Generator().manual_seed(0)), DetokBatch())
+    rates = module.drop_rates(many, DetokBatch(has_cond=torch.ones(20000, dtype=torch.bool)))
     for key, want in (("drop_features", 0.1), ("drop_both", 0.2), ("drop_image", 0.3)):
         assert abs(float(rates[key]) - want) < 0.01, (key, rates)
 

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import lightning as L
 
+from src.data.batch import batch_meta
+
 
 class TooManyBadSamples(RuntimeError):
     pass
 
 
 class BadSampleLogger(L.Callback):
-    """Reads `batch["skipped"]` (SkippedSample list) and `batch["batch_size"]` from every training batch.
+    """Reads `batch.skipped` (SkippedSample list) and `batch.batch_size` from every training batch.
 
     Logs `data/skipped/<reason>` and `data/skipped/total`, appends each to `<output_dir>/bad_samples.jsonl`
     (reason, source, id, where, detail), and raises once at least `min_seen` samples were seen and the
@@ -44,8 +46,9 @@ class BadSampleLogger(L.Callback):
         return sum(self.by_reason.values())
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        skipped = batch.get("skipped", []) if isinstance(batch, dict) else []
-        self.seen += int(batch.get("batch_size", 0)) + len(skipped) if isinstance(batch, dict) else 0
+        meta = batch_meta(batch)
+        skipped = meta.skipped
+        self.seen += meta.batch_size + len(skipped)
         if skipped:
             self._record(trainer, skipped)
         if self.skipped:

@@ -31,7 +31,7 @@ class SampleImagesCallback(PeriodicCallback):
             if not loader:
                 return None
             for batch in loader:
-                if batch.get("batch_size", 0):
+                if batch.batch_size:
                     self._batch = batch
                     break
         return self._batch
@@ -41,9 +41,7 @@ class SampleImagesCallback(PeriodicCallback):
         batch = self._fixed_batch(trainer)
         if batch is None:
             return None
-        n = min(self.num_samples, batch["batch_size"])
-        batch = {k: v[:n] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()}
-        batch["batch_size"] = n
+        batch = batch.head(min(self.num_samples, batch.batch_size))
         batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
         was_training = pl_module.training
         pl_module.eval()

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import lightning as L
 
+from src.data.batch import batch_meta
+
 
 def batch_ids(batch) -> tuple[list[str], list[str]]:
-    if not isinstance(batch, dict):
-        return [], []
-    ids = batch.get("ids", batch.get("id", [])) or []
-    skipped = [str(s.id) for s in batch.get("skipped", []) or []]
-    return [str(i) for i in ids], skipped
+    meta = batch_meta(batch)
+    return [str(i) for i in meta.ids], [str(s.id) for s in meta.skipped]
 
 
 class SeenSamplesLogger(L.Callback):

@@ -2,7 +2,8 @@
 
 A record gives a *target* image (the generated image of an edit triplet, else the record's first image)
 and, for edit triplets, a *condition* image (the first non-generated image). Bad samples never raise:
-they come back as `{"skipped": SkippedSample}` and the collate moves them to `batch["skipped"]`, where
+they come back as `{"skipped": SkippedSample}` and the collate moves them to `batch.skipped` (a
+:class:`~src.data.batch.DetokBatch`), where
 BadSampleLogger counts and reports them.
 
 With ``features_dir`` (a de-tokenizer store of ``data_prep/precompute_features.py``, layout in
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from src.data.batch import Batch, DetokBatch
 from src.data.images import IMAGE_FITS, vae_view, vit_view
 from src.data.mixture import MixtureSampler
 from src.data.position import ResumableDataModule
@@ -138,18 +140,18 @@ class ShardDataset(IterableDataset):
             yield self.build(record)
 
 
-def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
+def collate_samples(samples: list[dict[str, Any]], batch_type: type[Batch] = DetokBatch) -> Batch:
+    """Samples -> a ``batch_type`` (:class:`~src.data.batch.DetokBatch`; tensors stacked, other values
+    listed; skipped samples in ``skipped``)."""
     good = [s for s in samples if "skipped" not in s]
-    batch: dict[str, Any] = {
-        "skipped": [s["skipped"] for s in samples if "skipped" in s],
-        "batch_size": len(good),
-    }
-    if not good:
-        return batch
-    for key in good[0]:
+    fields: dict[str, Any] = {}
+    for key in good[0] if good else ():
+        if key in ("id", "source"):
+            continue
         values = [s[key] for s in good]
-        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    return batch
+        fields[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch_type(ids=[s["id"] for s in good], sources=[s["source"] for s in good], batch_size=len(good),
+                      skipped=[s["skipped"] for s in samples if "skipped" in s], **fields)
 
 
 class DetokDataModule(ResumableDataModule):

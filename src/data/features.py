@@ -5,12 +5,16 @@ the de-tokenizer, the VAE encoder) on every step. The store is keyed by record, 
 datamodule (random access through its mixture sampler) and the de-tokenizer datamodule (jsonl, folders
 or shards) look a record up by its ``(source, id)`` without scanning anything.
 
-Layout (one safetensors file per record; random access, atomic writes, mmap reads)::
+Two layouts, named by the manifest's ``layout`` (``precompute_features --layout``); the reader is the same:
+
+* ``mds`` (the default): entries packed into MDS shards, read by id (``src/data/feature_shards.py``).
+* ``files``: one safetensors file per record (random access, atomic writes, mmap reads; a store written
+  before layouts existed is this one)::
 
     DIR/manifest.json                       what wrote the store; checked against the run at setup
     DIR/records/<h[:2]>/<h>.safetensors     h = sha1("<source>\\0<id>") hex, one file per record
 
-A record file holds, for its ``k``-th image item (``record_images`` order, 0-based):
+An entry holds, for its ``k``-th image item (``record_images`` order, 0-based):
 
 * ``cmp.<k>``  (n_views, T, D)  ViT output of the item's comprehension views, in the MLLM builder's view
   order (dynamic-resolution tiles row-major, then the global view): for items that are not ``generate``.
@@ -31,7 +35,8 @@ them, so no image is decoded at train time; a missing ``orientation`` reads as 1
 the store was written is stored as a marker with ``"skipped": {"reason", "detail"}`` and no tensors, so the
 run skips it with the same reason it would have had with pixels (``corrupt_image``, ``missing_file``, ...).
 
-T = ``model.vit.n_queries`` (256), D = ``model.vit.output_dim``; dtype as written (``--dtype``).
+T = ``model.vit.n_queries`` (256), D = ``model.vit.output_dim``; dtypes as written (``--dtype`` for the ViT
+features, ``--vae-dtype`` for the VAE posteriors; the stages compute in their own dtype whatever is stored).
 
 Skip reasons added here: ``missing_features`` (no file for the record) and ``bad_features`` (unreadable
 file, missing key, wrong shape or view count).
@@ -54,7 +59,9 @@ from src.data.records import BadSample
 FORMAT = "seedx-features/2"
 MANIFEST = "manifest.json"
 
-__all__ = ["FORMAT", "FeatureStore", "RecordFeatures", "record_key", "record_path", "write_record"]
+__all__ = ["FORMAT", "LAYOUTS", "FeatureStore", "RecordFeatures", "RecordFileWriter", "open_writer", "record_key",
+           "record_path", "write_record"]
+LAYOUTS = ("mds", "files")
 
 
 def record_key(source: str, rid: str) -> str:
@@ -80,6 +87,59 @@ def write_record(root: str | Path, source: str, rid: str, tensors: dict[str, tor
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"record": json.dumps(meta)})
     os.replace(tmp, path)
     return path
+
+
+class RecordFileWriter:
+    """The ``files`` layout's writer, with the interface of ``feature_shards.ShardWriter``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def write(self, source: str, rid: str, tensors: dict[str, torch.Tensor], images: list[dict | None],
+              skipped: dict | None = None) -> None:
+        write_record(self.root, source, rid, tensors, images, skipped=skipped)
+
+    def close(self) -> Path:
+        return self.root
+
+
+def open_writer(root: str | Path, layout: str, shard_i: int = 0, shard_n: int = 1, adding: bool = False,
+                shard_bytes: int = 1 << 27):
+    """A writer of ``layout`` for the process handling records ``hash % shard_n == shard_i``; ``adding``:
+    keep what the store already holds (``--skip-existing``)."""
+    if layout == "files":
+        return RecordFileWriter(root)
+    if layout == "mds":
+        from src.data.feature_shards import ShardWriter, part_name
+
+        return ShardWriter(root, part_name(root, shard_i, shard_n, fresh=adding), size_limit=shard_bytes)
+    raise ValueError(f"feature store layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+class _FileEntries:
+    """The ``files`` layout's read side (same ``read`` as ``feature_shards.ShardEntries``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.problems: list[str] = []
+
+    def read(self, source: str, rid: str) -> tuple[dict[str, torch.Tensor], dict, str]:
+        from safetensors import safe_open
+
+        path = record_path(self.root, source, rid)
+        if not path.is_file():
+            raise BadSample("missing_features", f"no entry {path} for {source}/{rid}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["record"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        except Exception as e:  # noqa: BLE001 - truncated / corrupt file, bad json: one bad entry, not a crash
+            raise BadSample("bad_features", f"{path}: {type(e).__name__}: {e}") from None
+        return tensors, meta, str(path)
+
+    def size(self) -> tuple[int, int]:
+        files = list((self.root / "records").glob("*/*.safetensors"))
+        return len(files), sum(f.stat().st_size for f in files)
 
 
 class RecordFeatures:
@@ -155,30 +215,41 @@ class FeatureStore:
                              f"data_prep/precompute_features.py for this experiment")
         self.tokens = int(self.manifest["tokens"])
         self.dim = int(self.manifest["dim"])
+        self.layout = self.manifest.get("layout", "files")  # stores written before layouts are per-record files
+        if self.layout == "mds":
+            from src.data.feature_shards import ShardEntries
+
+            self.entries = ShardEntries(self.root)
+        elif self.layout == "files":
+            self.entries = _FileEntries(self.root)
+        else:
+            raise ValueError(f"{key}={root}: manifest layout {self.layout!r}, expected one of {LAYOUTS}")
 
     def empty_views(self) -> torch.Tensor:
         return torch.zeros(0, self.tokens, self.dim, dtype=getattr(torch, self.manifest.get("dtype", "float32")))
 
     def load(self, record: dict) -> RecordFeatures:
-        """The record's entry, or ``BadSample`` (``missing_features``, ``bad_features`` or the reason the
-        record was skipped with when the store was written)."""
-        from safetensors import safe_open
-
-        path = record_path(self.root, record["source"], record["id"])
-        if not path.is_file():
-            raise BadSample("missing_features", f"no entry {path} for {record['source']}/{record['id']}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["record"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-        except Exception as e:  # noqa: BLE001 - truncated / corrupt file, bad json: one bad entry, not a crash
-            raise BadSample("bad_features", f"{path}: {type(e).__name__}: {e}") from None
-        if meta.get("id") != record["id"] or meta.get("source") != record["source"]:
-            raise BadSample("bad_features", f"{path} holds {meta.get('source')}/{meta.get('id')}")
+        """The record's entry, by its ``(source, id)``, or ``BadSample`` (``missing_features``,
+        ``bad_features`` or the reason the record was skipped with when the store was written)."""
+        tensors, meta, where = self.entries.read(record["source"], record["id"])
+        if not isinstance(meta, dict) or meta.get("id") != record["id"] or meta.get("source") != record["source"]:
+            got = f"{meta.get('source')}/{meta.get('id')}" if isinstance(meta, dict) else repr(meta)[:80]
+            raise BadSample("bad_features", f"{where} holds {got}")
         skipped = meta.get("skipped")
         if skipped:
             raise BadSample(str(skipped.get("reason", "bad_features")), str(skipped.get("detail", "")))
-        return RecordFeatures(tensors, meta, str(path), self.tokens, self.dim)
+        return RecordFeatures(tensors, meta, where, self.tokens, self.dim)
+
+    def stats(self) -> dict[str, Any]:
+        """What the store holds and costs: entries (skip markers included), bytes on disk (data files), bytes
+        per entry, dtypes, and parts that could not be read."""
+        if self.layout == "mds":
+            n, size = self.entries.samples, self.entries.bytes
+        else:
+            n, size = self.entries.size()
+        return {"layout": self.layout, "entries": n, "bytes": size,
+                "bytes_per_sample": (size / n) if n else None, "dtype": self.manifest.get("dtype"),
+                "vae_dtype": self.manifest.get("vae_dtype", "float32"), "problems": list(self.entries.problems)}
 
 
 def _norm(value: Any) -> Any:

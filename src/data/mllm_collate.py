@@ -14,8 +14,8 @@ order their spans appear in the batch, row by row, so the k-th True of ``ids_cmp
 (b, l)) is token ``k % 64`` of the ``k // 64``-th cmp view; the same for gen. ``ids`` / ``sources`` follow
 that sample order too (in packing mode it differs from the input order).
 
-Skipped samples (``{"skipped": SkippedSample}``) go to ``batch["skipped"]``; a batch of only bad samples is
-still a valid batch with ``batch_size`` 0 and empty tensors.
+A batch is an :class:`~src.data.batch.MLLMBatch`. Skipped samples (``{"skipped": SkippedSample}``) go to
+``batch.skipped``; a batch of only bad samples is still a valid batch with ``batch_size`` 0 and empty tensors.
 
 Samples built from precomputed features carry ``vit_features`` and so does their batch (``(N, T, D)``, same
 view order); ``feature_shape=(T, D)`` makes a batch without samples ``vit_features`` of shape ``(0, T, D)``
@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from src.data.batch import MLLMBatch
 from src.data.mllm_sequence import IGNORE_INDEX
 from src.data.records import SkippedSample
 
@@ -73,7 +74,7 @@ class MLLMCollator:
         self.vit_image_size = int(vit_image_size)
         self.feature_shape = tuple(feature_shape) if feature_shape is not None else None
 
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, samples: list[dict[str, Any]]) -> MLLMBatch:
         skipped: list[SkippedSample] = [s["skipped"] for s in samples if "skipped" in s]
         good: list[dict[str, Any]] = []
         for s in samples:
@@ -129,26 +130,25 @@ class MLLMCollator:
             size = self._view_size(ordered)
             views = [s[view_key] for s in ordered]
             empty = torch.zeros(0, 3, size, size)
-        batch: dict[str, Any] = {
-            "input_ids": input_ids,
-            "labels": labels,
-            "position_ids": position_ids,
-            "attention_mask": None if self.packing else attention_mask,
-            "ids_cmp_mask": ids_cmp_mask,
-            "ids_gen_mask": ids_gen_mask,
-            view_key: torch.cat(views) if views else empty,
-            "embeds_cmp_mask": self._cat([s["embeds_cmp_mask"] for s in ordered], torch.bool),
-            "embeds_gen_mask": self._cat([s["embeds_gen_mask"] for s in ordered], torch.bool),
-            "patch_positions": (torch.cat([s["patch_positions"] for s in ordered]).reshape(-1, 2).float()
-                                if ordered else torch.zeros(0, 2)),
-            "ids": [s["id"] for s in ordered],
-            "sources": [s["source"] for s in ordered],
-            "batch_size": len(ordered),
-            "num_tokens": int(attention_mask.sum()),
-            "skipped": skipped,
-            "truncated": sum(bool(s.get("truncated", False)) for s in ordered),
-        }
-        return batch
+        return MLLMBatch(
+            input_ids=input_ids,
+            labels=labels,
+            position_ids=position_ids,
+            attention_mask=None if self.packing else attention_mask,
+            ids_cmp_mask=ids_cmp_mask,
+            ids_gen_mask=ids_gen_mask,
+            **{view_key: torch.cat(views) if views else empty},
+            embeds_cmp_mask=self._cat([s["embeds_cmp_mask"] for s in ordered], torch.bool),
+            embeds_gen_mask=self._cat([s["embeds_gen_mask"] for s in ordered], torch.bool),
+            patch_positions=(torch.cat([s["patch_positions"] for s in ordered]).reshape(-1, 2).float()
+                             if ordered else torch.zeros(0, 2)),
+            ids=[s["id"] for s in ordered],
+            sources=[s["source"] for s in ordered],
+            batch_size=len(ordered),
+            num_tokens=int(attention_mask.sum()),
+            skipped=skipped,
+            truncated=sum(bool(s.get("truncated", False)) for s in ordered),
+        )
 
     def _view_size(self, samples: list[dict[str, Any]]) -> int:
         for s in samples:

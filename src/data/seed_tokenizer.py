@@ -16,6 +16,7 @@ de-tokenizer datamodule's.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Any
 
@@ -25,7 +26,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from src.data.detok import DetokDataModule, split_target_condition
+from src.data.batch import SeedTokenizerBatch
+from src.data.detok import DetokDataModule, collate_samples, split_target_condition
 from src.data.images import CLIP_MEAN, CLIP_STD, vit_view
 from src.data.records import BadSample, SkippedSample, load_image, record_text
 from src.utils.constraints import PositiveInt
@@ -100,6 +102,9 @@ class SeedTokenizerDataModule(DetokDataModule):
                                                self.build.max_aspect_ratio)
         self.build = CaptionedImageBuilder(image_size, require_caption, self.build.min_size,
                                            self.build.max_aspect_ratio, int(self.seed) if augment else None)
+
+    def collate_fn(self):
+        return functools.partial(collate_samples, batch_type=SeedTokenizerBatch)
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
+from src.data.batch import Batch, batch_meta
 from src.data.position import loader_generator, planned_steps
 from src.parallel import FSDP2Strategy, block_classes, parallelize, writes_sharded_checkpoints
 from src.utils.checkpoint_kind import FAMILY_KEY, STAGE_KEY
@@ -123,13 +124,13 @@ class StageModule(L.LightningModule):
             child_opts = replace(opts, param_dtype=None) if name in self.fsdp_keep_dtype else opts
             parallelize(child, blocks, mesh, child_opts, forward_methods=self.fsdp_forward_methods.get(name, ()))
 
-    def batch_size_of(self, batch: dict) -> int:
-        return int(batch.get("batch_size", 0))
+    def batch_size_of(self, batch: Batch) -> int:
+        return batch_meta(batch).batch_size
 
     # ---- throughput (src/callbacks/throughput.py) ---------------------------------------------------
     def tokens_of(self, batch: dict) -> int | None:
         """Non-pad tokens of a batch (None when the stage has no token stream)."""
-        n = batch.get("num_tokens") if isinstance(batch, dict) else None
+        n = batch.get("num_tokens") if isinstance(batch, (dict, Batch)) else None
         return None if n is None else int(n)
 
     def flops_per_batch(self, batch: dict) -> float | torch.Tensor | None:
@@ -191,8 +192,8 @@ class StageModule(L.LightningModule):
             "rank": int(self.global_rank),
             "loss": {k: float(v.detach()) for k, v in losses.items()},
             "this_rank_nonfinite": local,
-            "sources": sorted(set(batch.get("sources") or batch.get("source") or [])),
-            "ids": list(batch.get("ids") or batch.get("id") or []),
+            "sources": sorted(set(batch_meta(batch).sources)),
+            "ids": list(batch_meta(batch).ids),
         }
         log.warning("non-finite loss at step %d: %s", report["step"], json.dumps(report))
         if self._trainer is not None:

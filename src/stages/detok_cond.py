@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from src.models.detokenizer import encode_posterior
+from src.data.batch import DetokBatch
 from src.pipelines.detok import decode_latents
 from src.specs.detokenizer import DetokCondRecipe
 from src.stages.detok_pretrain import DetokPretrainModule
@@ -51,20 +51,17 @@ class DetokCondModule(DetokCondRecipe, DetokPretrainModule):
         self.image_guidance_scale = image_guidance_scale
 
     @torch.no_grad()
-    def condition_latents(self, batch: dict) -> torch.Tensor:
+    def condition_latents(self, batch: DetokBatch) -> torch.Tensor:
         # Unscaled mode of the posterior: the InstructPix2Pix convention (DESIGN: mode, unscaled).
-        if "cond_vae_moments" in batch:  # precomputed posterior (data.features_dir): its mean is the mode
-            cond = batch["cond_vae_moments"].float().chunk(2, dim=1)[0]
-        else:
-            cond = encode_posterior(self.vae, batch["cond_pixels"]).mode()
-        return cond * batch["has_cond"].view(-1, 1, 1, 1).to(cond)
+        cond = self.frozen_inputs().posterior(batch, cond=True).mode()  # stored or encoded now
+        return cond * batch.has_cond.view(-1, 1, 1, 1).to(cond)
 
-    def drop_masks(self, u: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+    def drop_masks(self, u: torch.Tensor, batch: DetokBatch) -> dict[str, torch.Tensor]:
         f, b, c = self.feature_drop_rate, self.both_drop_rate, self.cond_drop_rate
         return {"features": u < f + b, "image": (u >= f) & (u < f + b + c)}
 
-    def drop_rates(self, drops: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
-        has = batch["has_cond"].bool().cpu()
+    def drop_rates(self, drops: dict[str, torch.Tensor], batch: DetokBatch) -> dict[str, torch.Tensor]:
+        has = batch.has_cond.bool().cpu()
         n = int(has.sum())
         if n == 0:
             return {}
@@ -75,19 +72,19 @@ class DetokCondModule(DetokCondRecipe, DetokPretrainModule):
             "drop_both": (feat & img & has).sum() / n,
         }
 
-    def unet_extra_input(self, batch: dict, drops: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    def unet_extra_input(self, batch: DetokBatch, drops: dict[str, torch.Tensor] | None) -> torch.Tensor:
         cond = self.condition_latents(batch)
         if drops is not None:
             cond = cond * (~drops["image"]).view(-1, 1, 1, 1).to(cond)
         return cond
 
     @torch.no_grad()
-    def sample_images(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def sample_images(self, batch: DetokBatch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """{'condition', 'target', 'generated'} in [0, 1]; 3-branch CFG (features, condition image)."""
         cond = self.condition_latents(batch)
         latents = self.generate_latents(batch, generator, cond_latents=cond)
-        if "cond_pixels" in batch:
-            condition = (batch["cond_pixels"].float().cpu() + 1) / 2
+        if not batch.stored_features:
+            condition = (batch.cond_pixels.float().cpu() + 1) / 2
         else:  # precomputed latents: the VAE reconstruction of the condition
             condition = decode_latents(self.vae, cond * self.vae.config.scaling_factor).cpu()
         return {

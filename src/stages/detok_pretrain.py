@@ -5,8 +5,9 @@ Attribute names (`resampler`, `unet`) equal the official SDXLAdapter's, so offic
 load into this module's state dict as they are.
 
 Precomputed inputs (`data.features_dir`, data_prep/precompute_features.py) skip both frozen encoders:
-`batch["vit_features"]` is the ViT output (B, 256, D), pooled here as the ViT path pools it, and
-`batch["vae_moments"]` the VAE posterior (mean, logvar), sampled here as a live encode is sampled.
+`batch.vit_features` is the ViT output (B, 256, D), pooled here as the ViT path pools it, and
+`batch.vae_moments` the VAE posterior (mean, logvar), sampled here as a live encode is sampled
+(`src.data.batch.FrozenInputs` decides between stored and live).
 The VAE always encodes in fp32, outside bf16 autocast; latents, noise and the eps target stay fp32.
 
 Randomness of a training step (drop draws, latent sample, noise, noise offset, timesteps) comes from a
@@ -27,8 +28,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from src.data.batch import DetokBatch, FrozenInputs
 from src.models.detokenizer import encode_posterior
 from src.pipelines.detok import decode_latents, denoise
 from src.specs.detokenizer import DetokConfig, DetokRecipe
@@ -91,44 +92,46 @@ class DetokPretrainModule(DetokRecipe, StageModule):
                              "its param_dtype (strategy.fsdp2.param_dtype); set stage.frozen_dtype=null")
 
     # ---- conditioning -------------------------------------------------------------------------------
-    def batch_features(self, batch: dict) -> torch.Tensor:
-        # Precomputed features (data_prep) skip the frozen ViT entirely.
-        if "vit_features" in batch:
-            return self.vit.pool_for_generation(batch["vit_features"].to(self._vit_dtype()))
-        return self.vit_features(batch["vit_pixels"])
+    def frozen_inputs(self) -> FrozenInputs:
+        """Stored features (data.features_dir) or the frozen towers on the batch's pixels."""
+        return FrozenInputs(self._vit_on_pixels, lambda px: encode_posterior(self.vae, px), dtype=self._vit_dtype)
 
-    def batch_latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    @torch.no_grad()
+    def _vit_on_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vit(pixels.to(self._vit_dtype()))
+
+    def batch_features(self, batch: DetokBatch) -> torch.Tensor:
+        """The target's ViT tokens pooled to the MLLM's generation target, from stored features or pixels."""
+        return self.vit.pool_for_generation(self.frozen_inputs().vit(batch))
+
+    def batch_latents(self, batch: DetokBatch, generator: torch.Generator | None = None) -> torch.Tensor:
         """Scaled fp32 VAE latents of the target, sampled from a precomputed posterior or one encoded now
         (the same draw from `generator` either way)."""
-        if "vae_moments" in batch:
-            posterior = DiagonalGaussianDistribution(batch["vae_moments"].float())
-        else:
-            with torch.no_grad():
-                posterior = encode_posterior(self.vae, batch["vae_pixels"])
+        posterior = self.frozen_inputs().posterior(batch)
         return posterior.sample(generator=generator) * self.vae.config.scaling_factor
 
-    def batch_originals(self, batch: dict) -> torch.Tensor:
+    def batch_originals(self, batch: DetokBatch) -> torch.Tensor:
         """Targets in [0, 1] for sample grids; from precomputed latents, their VAE reconstruction (posterior mean)."""
-        if "vae_pixels" in batch:
-            return (batch["vae_pixels"].float().cpu() + 1) / 2
-        mean = batch["vae_moments"].float().chunk(2, dim=1)[0]
+        if not batch.stored_features:
+            return (batch.vae_pixels.float().cpu() + 1) / 2
+        mean = batch.vae_moments.float().chunk(2, dim=1)[0]
         return decode_latents(self.vae, mean * self.vae.config.scaling_factor).cpu()
 
-    def time_ids(self, batch: dict) -> torch.Tensor:
+    def time_ids(self, batch: DetokBatch) -> torch.Tensor:
         res = self.detok_cfg.resolution
-        target = torch.tensor([res, res], device=self.device).expand(len(batch["original_size"]), 2)
-        return torch.cat([batch["original_size"], batch["crop_top_left"], target], dim=1).float()
+        target = torch.tensor([res, res], device=self.device).expand(len(batch.original_size), 2)
+        return torch.cat([batch.original_size, batch.crop_top_left, target], dim=1).float()
 
-    def unet_extra_input(self, batch: dict, drops: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
+    def unet_extra_input(self, batch: DetokBatch, drops: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
         """Channels concatenated to the noisy latents (stage 2); stage 1 has none."""
         return None
 
     # ---- randomness and classifier-free-guidance dropout ----------------------------------------------
-    def drop_masks(self, u: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+    def drop_masks(self, u: torch.Tensor, batch: DetokBatch) -> dict[str, torch.Tensor]:
         """Which samples lose which condition, from one uniform draw `u` per sample."""
         return {"features": u < self.feature_drop_rate}
 
-    def drop_rates(self, drops: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
+    def drop_rates(self, drops: dict[str, torch.Tensor], batch: DetokBatch) -> dict[str, torch.Tensor]:
         """Realised fractions of the batch, logged as train/drop_*."""
         return {"drop_features": drops["features"].float().mean()}
 
@@ -158,7 +161,7 @@ class DetokPretrainModule(DetokRecipe, StageModule):
         super().on_load_checkpoint(checkpoint)
 
     # ---- loss --------------------------------------------------------------------------------------
-    def compute_losses(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
+    def compute_losses(self, batch: DetokBatch, split: str) -> dict[str, torch.Tensor]:
         # CPU draws, then moved: the same stream on any device.
         generator = self.step_generator(split)
         feats = self.batch_features(batch)
@@ -201,7 +204,7 @@ class DetokPretrainModule(DetokRecipe, StageModule):
 
     # ---- sampling (used by the sampling callback and pipelines) ------------------------------------------
     @torch.no_grad()
-    def generate_latents(self, batch: dict, generator=None, cond_latents=None) -> torch.Tensor:
+    def generate_latents(self, batch: DetokBatch, generator=None, cond_latents=None) -> torch.Tensor:
         return denoise(
             self.resampler,
             self.unet,
@@ -218,7 +221,7 @@ class DetokPretrainModule(DetokRecipe, StageModule):
         )
 
     @torch.no_grad()
-    def sample_images(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def sample_images(self, batch: DetokBatch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Reconstruct the batch's images from their ViT features: {'original', 'reconstruction'} in [0, 1]."""
         latents = self.generate_latents(batch, generator)
         return {

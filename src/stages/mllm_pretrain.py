@@ -2,7 +2,7 @@
 
 The frozen ViT encodes every view (tiles + global) of the batch; comprehension views feed the input
 resampler, generation targets give the avg-pooled 64 x 4096 regression target. Precomputed features
-(`batch["vit_features"]`, `data.features_dir`) skip the ViT.
+(`batch.vit_features`, `data.features_dir`) skip the ViT (`src.data.batch.FrozenInputs` decides).
 
 Ranks whose batches differ in modality (FSDP2): every rank runs every sharded module every step. The
 resamplers take a zero-weight dummy pass when a batch has nothing for them (SeedXMLLM); the frozen ViT
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from src.data.batch import FrozenInputs, MLLMBatch
 from src.models.mllm import LORA_TARGETS
 from src.models.vocab import NUM_SEEDX_TOKENS
 from src.parallel import same_call_count
@@ -64,12 +65,17 @@ class MLLMPretrainModule(SeedXRecipe, StageModule):
         )
 
     # ---- loss ---------------------------------------------------------------------------------------
+    def frozen_inputs(self) -> FrozenInputs:
+        return FrozenInputs(self._vit_on_pixels, dtype=lambda: next(self.vit.parameters()).dtype)
+
     @torch.no_grad()
-    def image_embeds(self, batch: dict) -> torch.Tensor:
+    def image_embeds(self, batch: MLLMBatch) -> torch.Tensor:
+        """(N, T, D) ViT outputs of the batch's views: stored (data.features_dir) or encoded now."""
+        return self.frozen_inputs().vit(batch)
+
+    @torch.no_grad()
+    def _vit_on_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         dtype = next(self.vit.parameters()).dtype
-        if "vit_features" in batch:
-            return batch["vit_features"].to(dtype)
-        pixels = batch["vit_pixels"]
         chunks = list(pixels.split(self.vit_chunk_size)) if pixels.shape[0] else []
         # Sharded ViT: as many calls as the busiest rank (each call all-gathers), agreed on before the
         # first one; the extra calls encode a dummy view.
@@ -81,23 +87,23 @@ class MLLMPretrainModule(SeedXRecipe, StageModule):
             return pixels.new_zeros(0, self.vit_cfg.n_queries, self.vit_cfg.output_dim, dtype=dtype)
         return torch.cat(out)
 
-    def compute_losses(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
+    def compute_losses(self, batch: MLLMBatch, split: str) -> dict[str, torch.Tensor]:
         out = self.mllm(
-            input_ids=batch["input_ids"],
-            labels=batch["labels"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
-            ids_cmp_mask=batch["ids_cmp_mask"],
-            ids_gen_mask=batch["ids_gen_mask"],
+            input_ids=batch.input_ids,
+            labels=batch.labels,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            ids_cmp_mask=batch.ids_cmp_mask,
+            ids_gen_mask=batch.ids_gen_mask,
             image_embeds=self.image_embeds(batch),
-            embeds_cmp_mask=batch["embeds_cmp_mask"],
-            embeds_gen_mask=batch["embeds_gen_mask"],
-            patch_positions=batch["patch_positions"],
+            embeds_cmp_mask=batch.embeds_cmp_mask,
+            embeds_gen_mask=batch.embeds_gen_mask,
+            patch_positions=batch.patch_positions,
         )
         return {"loss": out["loss"], "loss_ce": out["loss_ce"], "loss_mse": out["loss_mse"]}
 
     # ---- throughput ---------------------------------------------------------------------------------
-    def flops_per_batch(self, batch: dict):
+    def flops_per_batch(self, batch: MLLMBatch):
         """Model FLOPs of a training step (src/utils/flops.py: LoRA-aware Llama + ViT + resamplers)."""
         if self.lora_cfg.get("enabled"):
             trainable, r = "lora", int(self.lora_cfg["r"])
@@ -115,22 +121,22 @@ class MLLMPretrainModule(SeedXRecipe, StageModule):
 
     # ---- probes (sampling callback) ---------------------------------------------------------------
     @torch.no_grad()
-    def generate_text(self, batch: dict, max_new_tokens: int = 32) -> list[int]:
+    def generate_text(self, batch: MLLMBatch, max_new_tokens: int = 32) -> list[int]:
         """Greedy continuation of one prompt sample (batch of 1).
 
         Full forward passes through `self.mllm` (no KV cache): slower than `generate`, but it goes through
         the root module's forward, so it works when FSDP2 has sharded the model (probes are short).
         """
-        ids = batch["input_ids"]
-        cmp_mask, gen_mask = batch["ids_cmp_mask"], batch["ids_gen_mask"]
+        ids = batch.input_ids
+        cmp_mask, gen_mask = batch.ids_cmp_mask, batch.ids_gen_mask
         feats = self.image_embeds(batch)
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         new: list[int] = []
         for _ in range(max_new_tokens):
             logits = self.mllm(
                 input_ids=ids, ids_cmp_mask=cmp_mask, ids_gen_mask=gen_mask, image_embeds=feats,
-                embeds_cmp_mask=batch["embeds_cmp_mask"], embeds_gen_mask=batch["embeds_gen_mask"],
-                patch_positions=batch["patch_positions"],
+                embeds_cmp_mask=batch.embeds_cmp_mask, embeds_gen_mask=batch.embeds_gen_mask,
+                patch_positions=batch.patch_positions,
             )["logits"]
             token = int(logits[0, -1].argmax())
             new.append(token)

@@ -38,9 +38,12 @@ SEED-X MLLM step (``mllm_step_flops``), with T non-pad tokens, s_i the length of
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from src.data.batch import MLLMBatch
 
 # Per-GPU *dense* (no 2:4 sparsity) bf16/fp16 tensor-core peaks, matched as substrings of the lower-cased
 # torch.cuda.get_device_name(); first match wins (more specific names first). Sources: NVIDIA datasheets
@@ -177,7 +180,7 @@ def sequence_stats(batch: Mapping[str, Any], pad_token_id: int | None) -> tuple[
     position_ids at every sample and at the row's pad tail; pad tokens (= pad_token_id) count for nothing.
     Tensor ops only, so no host sync on CUDA; T comes from the collator's python `num_tokens` when present.
     """
-    mask = batch.get("attention_mask")
+    mask = batch.get("attention_mask")  # an MLLMBatch, or its fields in a dict
     if mask is not None:
         lens = mask.sum(1)
     else:
@@ -195,7 +198,7 @@ def sequence_stats(batch: Mapping[str, Any], pad_token_id: int | None) -> tuple[
 
 
 def mllm_step_flops(
-    batch: Mapping[str, Any],
+    batch: MLLMBatch,
     *,
     llm_config: Mapping[str, Any],
     vocab_size: int | None,
@@ -210,14 +213,12 @@ def mllm_step_flops(
     tokens, sum_sq = sequence_stats(batch, pad_token_id)
     llm = llama_train_flops(llm_config, tokens, sum_sq, vocab_size=vocab_size, lora_r=lora_r,
                             lora_targets=lora_targets, trainable=trainable)
-    if "vit_features" in batch or "vit_pixels" not in batch:
-        n_views = 0  # precomputed features: the ViT does not run
-    else:
-        n_views = int(batch["vit_pixels"].shape[0])
+    # precomputed features (data.features_dir): the ViT does not run
+    n_views = 0 if batch.stored_features else batch.n_views
     vit = n_views * vit_forward_flops(vit_cfg)
     in_cfg, out_cfg = agent_cfg.input_cfg, agent_cfg.output_cfg
     r_in = resampler_forward_flops(in_cfg.num_queries, vit_cfg.n_queries, in_cfg.embed_dim, in_cfg.kv_dim)
     r_out = resampler_forward_flops(out_cfg.num_queries, out_cfg.num_queries, out_cfg.embed_dim, out_cfg.kv_dim)
-    n_cmp = batch["embeds_cmp_mask"].sum().to(torch.float64)
-    n_gen = batch["embeds_gen_mask"].sum().to(torch.float64)
+    n_cmp = batch.embeds_cmp_mask.sum().to(torch.float64)
+    n_gen = batch.embeds_gen_mask.sum().to(torch.float64)
     return llm + vit + 3 * r_in * n_cmp + 3 * r_out * n_gen
