@@ -31,14 +31,15 @@ The stage is rebuilt from the checkpoint's own hyper-parameters (what it was tra
 
 from __future__ import annotations
 
+import src.bootstrap  # noqa: F401  (environment defaults: before any library reads them)
+
+# isort: split
+
 import copy
 import json
 import logging
-import os
 import sys
 from pathlib import Path
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 from safetensors.torch import save_file

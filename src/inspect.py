@@ -10,10 +10,11 @@ buckets, AdamW states (src/utils/memory.py), so e.g. `stage.frozen_dtype=bf16` s
 
 from __future__ import annotations
 
-import json
-import os
+import src.bootstrap  # noqa: F401  (environment defaults: before any library reads them)
 
-os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# isort: split
+
+import json
 
 import hydra
 import torch
