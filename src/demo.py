@@ -159,6 +159,9 @@ def write_report(out: Path, results: dict[str, dict], seconds: float) -> Path:
 
 
 def main(argv: list[str]) -> None:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return
     out = ROOT / "outputs" / "demo"
     for a in argv:
         if a.startswith("out="):
