@@ -1,5 +1,6 @@
 """`python -m src.export ckpt_path=<.ckpt|sharded dir> out=DIR [detok_ckpt_path=<.ckpt>] [base=PATH]
-[dtype=bf16|fp16|fp32]`: trained weights in the formats people load, no code of ours needed to read them:
+[dtype=bf16|fp16|fp32]`: trained weights in the formats people load, no code of ours needed to read them.
+A Hydra app (conf/export.yaml, typed by ExportConfig below; `--help` lists the outputs):
 
     DIR/llm/          merged Hugging Face Llama (safetensors, config with pad_token_id, a clean tokenizer with
                       the SEED-X tokens and chat template): `AutoModelForCausalLM.from_pretrained(DIR/llm)`,
