@@ -26,12 +26,13 @@ Parts (rows), in order:
 
 from __future__ import annotations
 
+import src.bootstrap  # noqa: F401  (environment defaults: before any library reads them)
+
+# isort: split
+
 import os
 
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
 import contextlib
@@ -205,7 +206,8 @@ def mllm_step(bench_size: str, variant: str, device: str, out: Path, warmup: int
     """The MLLM step under FSDP2 on one rank (see the module docstring)."""
     import hydra
 
-    from src.bench import _to_device, compose_bench_cfg
+    from src.bench import _to_device
+    from src.bench_config import compose_bench_cfg
     from src.utils.flops import device_peak_flops
 
     ckpt, compile_blocks = VARIANTS[variant]
@@ -267,7 +269,7 @@ def _detok_batch(cfg) -> tuple[Any, int]:
 
 
 def decode(batch: int, bench_size: str, device: str, out: Path, new_tokens: int, cache: dict) -> dict[str, Any]:
-    from src.bench import compose_bench_cfg
+    from src.bench_config import compose_bench_cfg
     from src.bench_generation import build_generator, decode_tokens_per_s
 
     if "gen" not in cache:

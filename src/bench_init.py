@@ -47,7 +47,7 @@ def _reset_peak_rss() -> bool:
 
 
 def _stage_cfg(size: str, weights: Path | None):
-    from src.bench import compose_bench_cfg
+    from src.bench_config import compose_bench_cfg
 
     extra = [] if weights is None else [f"model.llm.weights={weights / 'llm'}",
                                         f"model.vit.weights={weights / 'vit.pt'}", "model.llm.allow_random_init=false"]
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rank, world, port, size, weights, out = argv[1:7]
         worker(int(rank), int(world), int(port), size, weights, out)
         return {}
-    from src.bench import SIZES
+    from src.bench_config import SIZES
 
     p = argparse.ArgumentParser(prog="python -m src.bench_init", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="1b")

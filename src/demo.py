@@ -8,6 +8,10 @@ what it is. Random-init tiny twins after a few steps: this proves shapes and plu
 
 from __future__ import annotations
 
+import src.bootstrap  # noqa: F401  (environment defaults: before any library reads them)
+
+# isort: split
+
 import csv
 import json
 import os
@@ -16,10 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
@@ -158,6 +159,9 @@ def write_report(out: Path, results: dict[str, dict], seconds: float) -> Path:
 
 
 def main(argv: list[str]) -> None:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return
     out = ROOT / "outputs" / "demo"
     for a in argv:
         if a.startswith("out="):

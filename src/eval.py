@@ -16,14 +16,12 @@ the scores and a Table of samples with their images (offline unless WANDB_MODE=o
 
 from __future__ import annotations
 
+import src.bootstrap  # noqa: F401  (environment defaults: before any library reads them)
+
+# isort: split
+
 import json
 import logging
-import os
-
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from pathlib import Path
 
 import hydra

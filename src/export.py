@@ -1,5 +1,6 @@
 """`python -m src.export ckpt_path=<.ckpt|sharded dir> out=DIR [detok_ckpt_path=<.ckpt>] [base=PATH]
-[dtype=bf16|fp16|fp32]`: trained weights in the formats people load, no code of ours needed to read them:
+[dtype=bf16|fp16|fp32]`: trained weights in the formats people load, no code of ours needed to read them.
+A Hydra app (conf/export.yaml, typed by ExportConfig below; `--help` lists the outputs):
 
     DIR/llm/          merged Hugging Face Llama (safetensors, config with pad_token_id, a clean tokenizer with
                       the SEED-X tokens and chat template): `AutoModelForCausalLM.from_pretrained(DIR/llm)`,
@@ -31,16 +32,21 @@ The stage is rebuilt from the checkpoint's own hyper-parameters (what it was tra
 
 from __future__ import annotations
 
+import src.bootstrap  # noqa: F401  (environment defaults: before any library reads them)
+
+# isort: split
+
 import copy
 import json
 import logging
-import os
-import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
+import hydra
 import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
 from safetensors.torch import save_file
 
 from src import export_official, export_seed
@@ -226,6 +232,8 @@ def export(ckpt_path: str | None, out: str | Path, detok_ckpt_path: str | None =
         raise ValueError("give ckpt_path= (an MLLM checkpoint) and/or detok_ckpt_path= (a de-tokenizer one)")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    if chat_format not in CHAT_FORMATS:
+        raise ValueError(f"chat_format={chat_format!r}: expected one of {', '.join(sorted(CHAT_FORMATS))}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if ckpt_path:
@@ -246,25 +254,28 @@ def export(ckpt_path: str | None, out: str | Path, detok_ckpt_path: str | None =
     return out
 
 
-def main(argv: list[str]) -> None:
-    args = {}
-    for a in argv:
-        key, eq, value = a.partition("=")
-        if not eq or key not in ("ckpt_path", "out", "detok_ckpt_path", "base", "dtype", "official", "chat_format"):
-            raise SystemExit(f"usage: python -m src.export ckpt_path=<.ckpt|dir> out=DIR [detok_ckpt_path=<.ckpt>] "
-                             f"[base=PATH] [dtype=bf16|fp16|fp32] [official=true] [chat_format=vicuna|llama2] "
-                             f"(got {a!r})")
-        args[key] = value
-    if "out" not in args:
-        raise SystemExit("out=DIR is required")
-    logging.basicConfig(level=logging.INFO)
-    official = args.get("official", "false").lower()
-    if official not in ("true", "false"):
-        raise SystemExit(f"official= must be true or false, got {args['official']!r}")
-    export(args.get("ckpt_path"), args["out"], args.get("detok_ckpt_path"), base=args.get("base"),
-           dtype=args.get("dtype", "bf16"), official=official == "true",
-           chat_format=args.get("chat_format", "llama2"))
+@dataclass
+class ExportConfig:
+    """The typed fields of conf/export.yaml (its values and comments live there): a value of the wrong type
+    (`official=maybe`) fails in Hydra's composition, naming the key, before any checkpoint is read."""
+
+    out: str = MISSING
+    ckpt_path: Optional[str] = None  # noqa: UP045  (OmegaConf reads typing.Optional, not `str | None`)
+    detok_ckpt_path: Optional[str] = None  # noqa: UP045
+    base: Optional[str] = None  # noqa: UP045
+    dtype: str = "bf16"
+    official: bool = False
+    chat_format: str = "llama2"
+
+
+ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export.yaml")
+def main(cfg: DictConfig) -> None:
+    export(cfg.ckpt_path, cfg.out, cfg.detok_ckpt_path, base=cfg.base, dtype=cfg.dtype, official=cfg.official,
+           chat_format=cfg.chat_format)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

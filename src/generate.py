@@ -7,15 +7,13 @@ plain modules to src/pipelines and write `results.jsonl` + PNGs under `paths.out
 
 from __future__ import annotations
 
+import src.bootstrap  # noqa: F401  (environment defaults: before any library reads them)
+
+# isort: split
+
 import functools
 import json
 import logging
-import os
-
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from pathlib import Path
 
 import hydra

@@ -12,10 +12,11 @@ entries, bytes on disk and bytes per sample, the stored dtypes, and any part it 
 
 from __future__ import annotations
 
-import json
-import os
+import src.bootstrap  # noqa: F401  (environment defaults: before any library reads them)
 
-os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# isort: split
+
+import json
 
 import hydra
 import torch

@@ -15,13 +15,12 @@ only (SEED-X, SEED-LLaMA). Like a fine-tuning framework's tokenisation debug vie
 
 from __future__ import annotations
 
+import src.bootstrap  # noqa: F401  (environment defaults: before any library reads them)
+
+# isort: split
+
 import json
-import os
 import sys
-
-os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -225,6 +225,9 @@ def report(root: str | Path, metric: str | None = None, curve: str = "train/loss
 
 
 def main(argv: list[str]) -> None:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{USAGE}\n\n{__doc__}")
+        return
     if not argv or "=" in argv[0]:
         raise SystemExit(USAGE)
     opts = {}

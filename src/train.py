@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+import src.bootstrap  # noqa: F401  (environment defaults: before any library reads them)
+
+# isort: split
+
 import logging
-import os
-
-os.environ.setdefault("WANDB_MODE", "offline")  # W&B never needs a login unless the user opts in
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from pathlib import Path
 from typing import Any
 

@@ -114,3 +114,30 @@ def test_detokenizer_export_reloads_to_identical_outputs(experiment, kind, tmp_p
         outs.append([im.tobytes() for im in dec.decode(feats, SamplingOptions(steps=2), torch.Generator().manual_seed(0),
                                                       conditions=cond)])
     assert outs[0] == outs[1]
+
+
+@pytest.mark.slow  # one `python -m src.export` process (imports torch, transformers, diffusers, peft)
+def test_export_command_line_writes_what_export_writes(trained_mllm, tmp_path):
+    """`python -m src.export` is a Hydra app with the old key names: run from an empty folder, it writes the
+    same files and tensors as export() into `out` only (no Hydra run folder, no .hydra/ beside it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    _, ckpt, expected = trained_mllm
+    work = tmp_path / "cwd"
+    work.mkdir()
+    out = tmp_path / "E"
+    subprocess.run([sys.executable, "-m", "src.export", f"ckpt_path={ckpt}", f"out={out}", "dtype=fp32",
+                    "official=false"], cwd=work, env={**os.environ, "PYTHONPATH": str(root)}, check=True,
+                   capture_output=True)
+    assert list(work.iterdir()) == []
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(expected) for p in expected.rglob("*") if p.is_file())
+    for part in ("agent/model.safetensors", "vit/model.safetensors"):
+        got, want = load_file(out / part), load_file(expected / part)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
