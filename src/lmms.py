@@ -190,11 +190,11 @@ class SeedX(lmms):
                       "labels": torch.cat([sample["labels"], torch.tensor(cont)]),
                       "ids_cmp_mask": torch.cat([sample["ids_cmp_mask"], pad]),
                       "ids_gen_mask": torch.cat([sample["ids_gen_mask"], pad])}
-            batch = self.stage.transfer_batch_to_device(collate([sample]), self.device, 0)
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in collate([sample]).items()}
             logits = self.stage.mllm(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 ids_cmp_mask=batch["ids_cmp_mask"], ids_gen_mask=batch["ids_gen_mask"],
-                image_embeds=self.stage.image_embeds(batch), embeds_cmp_mask=batch["embeds_cmp_mask"],
+                image_embeds=self.generator.encode_views(batch["vit_pixels"]), embeds_cmp_mask=batch["embeds_cmp_mask"],
                 embeds_gen_mask=batch["embeds_gen_mask"], patch_positions=batch["patch_positions"])["logits"][0]
             # the logits at position t predict token t + 1: the continuation's tokens are the last n
             pred = torch.log_softmax(logits[-n - 1:-1].float(), dim=-1)

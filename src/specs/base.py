@@ -172,6 +172,15 @@ class Recipe:
             state.setdefault(k, v)
 
 
+class SpecModel(nn.Module):
+    """Base of a spec's plain inference models (`ModelSpec.stages` values, mixed after their recipe)."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where its weights are (pipelines move their inputs there), as a LightningModule's `device` says."""
+        return next(self.parameters()).device
+
+
 def _sharded_state(module: nn.Module, path: Path, key: str) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
 

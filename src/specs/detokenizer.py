@@ -28,7 +28,7 @@ from src.models.detokenizer import (
 )
 from src.models.qwen_vit import QwenViT, QwenViTConfig, build_vit
 from src.pipelines.detok import ImageDecoder
-from src.specs.base import ModelSpec, Recipe
+from src.specs.base import ModelSpec, Recipe, SpecModel
 from src.utils.materialize import seeded
 from src.utils.weights import RequiredPath, check_keys_and_shapes
 
@@ -212,7 +212,7 @@ class DetokCondRecipe(DetokRecipe):
         self.unet.requires_grad_(True)
 
 
-class DetokModel(DetokRecipe, nn.Module):
+class DetokModel(DetokRecipe, SpecModel):
     """A stage-1 de-tokenizer for inference (`vit`, `resampler`, `unet`, `vae`), state dict keys as the stage's."""
 
     def __init__(self, model: dict, init_seed: int = 0, negative: str = "official",

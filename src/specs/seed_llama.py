@@ -18,7 +18,7 @@ from src.data.mllm import load_tokenizer
 from src.models.mllm import LORA_TARGETS, LLMConfig, apply_lora, build_llm, check_new_rows, llm_weight_sources
 from src.models.seed_llama import SeedLlama
 from src.models.vocab import NUM_IMAGE_CODES, SEED_LLAMA_TOKENS, add_seed_llama_tokens, seed_llama_token_ids
-from src.specs.base import ModelSpec, Recipe
+from src.specs.base import ModelSpec, Recipe, SpecModel
 from src.specs.pretrained_start import PretrainedStart
 from src.utils.materialize import TensorSource, empty_init, prefixed
 from src.utils.weights import RequiredPath, missing_weights_error
@@ -97,7 +97,7 @@ class SeedLlamaSFTRecipe(PretrainedStart, SeedLlamaRecipe):
     init_from_what = "a seed_llama_pretrain checkpoint (.ckpt or sharded dir)"
 
 
-class SeedLlamaModel(SeedLlamaRecipe, nn.Module):
+class SeedLlamaModel(SeedLlamaRecipe, SpecModel):
     """SEED-LLaMA for inference (`mllm.llm`, `tokenizer`), state dict keys as the stage's."""
 
     def __init__(self, model: dict, lora: dict | None = None, full_finetune: bool = False, init_seed: int = 0,

@@ -28,7 +28,7 @@ from src.models.qformer_pretrain import QFormerPretrainConfig, QFormerPretrainer
 from src.models.seed_codec import SeedCodec, SeedCodecConfig
 from src.models.seed_decoder import SeedDecoderConfig, build_target_encoder
 from src.models.seed_qformer_weights import load_qformer_weights
-from src.specs.base import ModelSpec, Recipe
+from src.specs.base import ModelSpec, Recipe, SpecModel
 from src.utils.checkpoint import checkpoint_tensors, read_checkpoint
 from src.utils.materialize import seeded
 from src.utils.weights import RequiredPath, check_keys_and_shapes
@@ -105,7 +105,7 @@ class SeedQFormerRecipe(Recipe):
                                                     *([b.lm_head.predictions.transform] if hasattr(b, "lm_head") else [])])}
 
 
-class SeedQFormerModel(SeedQFormerRecipe, nn.Module):
+class SeedQFormerModel(SeedQFormerRecipe, SpecModel):
     def __init__(self, model: dict, init_seed: int = 0) -> None:
         nn.Module.__init__(self)
         self.configure(SeedQFormerConfig.from_args(model, init_seed))
@@ -235,7 +235,7 @@ class SeedTokenizerRecipe(Recipe):
         return {"vit": self.vit, "qformer": self.qformer, "codec": self.codec, "target": self.target}
 
 
-class SeedTokenizerModel(SeedTokenizerRecipe, nn.Module):
+class SeedTokenizerModel(SeedTokenizerRecipe, SpecModel):
     """The SEED tokenizer for inference (`codes_of`, `codec`, `decoder_cfg`), state dict keys as the stage's."""
 
     def __init__(self, model: dict, init_from: str | None = None, init_seed: int = 0,

@@ -26,7 +26,7 @@ from src.models.mllm import (
     llm_weight_sources,
 )
 from src.models.qwen_vit import QwenViT, QwenViTConfig, build_vit, vit_weight_sources
-from src.specs.base import ModelSpec, Recipe
+from src.specs.base import ModelSpec, Recipe, SpecModel
 from src.specs.pretrained_start import PretrainedStart
 from src.utils.constraints import PositiveInt
 from src.utils.materialize import TensorSource, empty_init, prefixed
@@ -138,7 +138,7 @@ class SeedXSFTRecipe(PretrainedStart, SeedXRecipe):
             self.vit_cfg = replace(self.vit_cfg, weights=str(root / "vit" / "model.safetensors"))
 
 
-class SeedXModel(SeedXRecipe, nn.Module):
+class SeedXModel(SeedXRecipe, SpecModel):
     """The SEED-X MLLM for inference (`vit`, `mllm`, `tokenizer`), state dict keys as the stage's."""
 
     def __init__(self, model: dict, lora: dict | None = None, full_finetune: bool = False,
