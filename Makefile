@@ -6,7 +6,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup demo test test-slow test-full lint format bench bench-gpu gpu-wheels sample-data clean
+.PHONY: help setup demo tiny-towers test test-slow test-full lint format bench bench-gpu gpu-wheels sample-data clean
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -19,8 +19,11 @@ $(VENV)/.installed: pyproject.toml constraints/eval.txt
 	$(VENV)/bin/pip install -q -c constraints/eval.txt -e '.[dev,eval]'
 	touch $@
 
-demo: setup  ## the whole chain on the tiny twins (CPU, ~1 min): train 3 stages, generate 4 modes, outputs/demo/report.md
+demo: setup  ## the tiny chain learns 6 photos (CPU, ~3 min): 3 stages, recon/t2i/edit/chat scored, outputs/demo/report.md
 	$(PY) -m src.demo out=outputs/demo
+
+tiny-towers: setup  ## rebuild assets/tiny_towers, the trained tiny VAE/UNet of model/detokenizer=tiny_trained
+	$(PY) -m data_prep.make_tiny_towers --out assets/tiny_towers
 
 test: setup  ## test suite without gpu/slow tiers (< 10 min on 2 cores)
 	$(PY) -m pytest -q
