@@ -132,14 +132,19 @@ def test_demo_data_is_six_distinct_bundled_photos_with_one_question_each(tmp_pat
     assert [r["turns"][1]["content"][0]["text"] for r in chat] == [it["answer"] for it in items]
     from src.data.records import load_image, read_jsonl, record_images, validate_record  # as training reads
 
-    for key in ("captions", "chat", "edit", "req_recon", "req_t2i", "req_edit", "req_chat"):
+    for key in ("captions", "chat", "edit"):  # training sources, as the training reader reads them
+        for line in files[key].read_text().splitlines():
+            validate_record(json.loads(line))  # as written (the reader fills in a missing source)
         records = list(read_jsonl(files[key]))
         assert len(records) == 6, key
         for rec in records:
             assert isinstance(rec, dict), rec  # not a SkippedSample
-            validate_record(rec)
             for item in record_images(rec):
                 assert load_image(rec, item).size[0] >= 32
+    from src.pipelines.conversation import load_requests  # generation requests, as src.generate reads them
+
+    for mode in ("recon", "t2i", "edit", "chat"):
+        assert [r["id"] for r in load_requests(str(files[f"req_{mode}"]), None, None, mode)] == [it["name"] for it in items]
 
 
 @pytest.mark.slow
