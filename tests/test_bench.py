@@ -148,6 +148,7 @@ def test_throughput_monitor_logs_perf_keys(tmp_path):
 
 
 @pytest.mark.smoke
+@pytest.mark.slow  # every part of `make bench` at its smallest, two init ranks included (~1 CPU-minute)
 def test_bench_runs_and_writes_its_keys(tmp_path, capsys):
     from src.bench import main
 
