@@ -21,3 +21,32 @@ REFERENCE = ASSETS / "reference"
 @pytest.fixture
 def reference_dir() -> Path:
     return REFERENCE
+
+
+# ---- builds shared by several test modules (each is read-only in the tests that take it) ------------------
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The tiny-llama tokenizer with the SEED-X tokens added. Modules that need another tokenizer (SEED-LLaMA's,
+    the plain one) define their own `tokenizer` fixture, which overrides this one."""
+    from transformers import AutoTokenizer
+
+    from src.models.vocab import add_seedx_tokens
+
+    tok = AutoTokenizer.from_pretrained(str(ROOT / "assets" / "tokenizers" / "tiny-llama"))
+    add_seedx_tokens(tok)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def mllm(tmp_path_factory):
+    """The tiny SEED-X MLLM as `src.generate` builds it (random-init twin): (generate config, stage, generator).
+    Built once for test_generate, test_fidelity and test_app's checks of the decoding loop."""
+    from omegaconf import OmegaConf
+
+    from src.pipelines.mllm import MLLMGenerator
+    from src.specs.inference import build_mllm
+    from tests.helpers import tiny_generate_cfg
+
+    cfg = tiny_generate_cfg(tmp_path_factory.mktemp("mllm"))
+    stage = build_mllm(OmegaConf.to_container(cfg.stage, resolve=True))
+    return cfg, stage, MLLMGenerator(stage.mllm, stage.vit, stage.tokenizer)

@@ -33,6 +33,20 @@ def tiny_run_cfg(experiment: str, output_dir: Path, overrides: list[str] = ()) -
     return cfg
 
 
+# The tiny MLLM's training shrunk further (2 samples a batch, 1x1 grids, short rows: about a second a step) for
+# tests whose assertions hold at any batch size.
+SMALL_MLLM = ["data.batch_size=2", "data.grids=[1x1]", "data.max_length=512"]
+
+# Generation shrunk for tests: 2 denoising steps, 6 new tokens, no progress bars.
+FAST_GENERATE = ["sampling.steps=2", "generate.max_new_tokens=6", "progress=false"]
+
+
+def tiny_generate_cfg(out: Path | str, overrides=(), config_name: str = "generate") -> DictConfig:
+    """The tiny MLLM's `src.generate` (or `src.app`, config_name="app") config, shrunk and resolved."""
+    cfg = compose_cfg("seedx_pretrain_tiny", out, [*FAST_GENERATE, *overrides], config_name=config_name)
+    OmegaConf.resolve(cfg)
+    return cfg
+
 
 class InjectNaN(L.Callback):
     """Test callback: fills one training batch's pixels with NaN, so that step's loss is NaN."""
@@ -174,3 +188,33 @@ class AllBadBatch(L.Callback):
             return loader
 
         datamodule.train_dataloader = train_dataloader
+
+
+def run_module_main(main, argv: list[str], capsys) -> tuple[int, str, str]:
+    """`python -m <module> *argv` run in this process, for tests of what a command prints, not of the process
+    (a new interpreter costs ~10 s of imports here): `main` is the module's entry point, a `@hydra.main`
+    function (given the absolute config dir, which `python -m` finds from the file) or one taking argv.
+    Returns (exit code, stdout, stderr). Hydra's logging setup is undone after (the root logger's handlers
+    and level), so later tests log as before."""
+    import logging
+    import sys
+
+    hydra_main = hasattr(main, "__wrapped__")
+    root = logging.getLogger()
+    handlers, level, argv_before = root.handlers[:], root.level, sys.argv
+    capsys.readouterr()
+    code = 0
+    try:
+        if hydra_main:
+            sys.argv = [main.__module__, "--config-path", str(CONF), *argv]
+            main()
+        else:
+            main(argv)
+    except SystemExit as e:
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv_before
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -15,14 +15,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
 from src.generate import generate
 from src.pipelines.conversation import Conversation, ConversationRunner
 from src.pipelines.detok import SamplingOptions
 from src.pipelines.mllm import DecodingOptions, Generated
-from tests.helpers import compose_cfg
+from tests.helpers import FAST_GENERATE, tiny_generate_cfg
 
 pytestmark = pytest.mark.smoke
 
@@ -32,20 +31,16 @@ import gradio as gr  # isort: skip
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "assets" / "sample" / "images"
-FAST = ["sampling.steps=2", "generate.max_new_tokens=6", "progress=false"]
+FAST = FAST_GENERATE
 
 
 def app_cfg(out: Path, overrides=()):
-    cfg = compose_cfg("seedx_pretrain_tiny", out, [*FAST, *overrides], config_name="app")
-    OmegaConf.resolve(cfg)
-    return cfg
+    return tiny_generate_cfg(out, overrides, config_name="app")
 
 
 def generated(out: Path, overrides) -> dict:
     """What `python -m src.generate` answers (the first request's result)."""
-    cfg = compose_cfg("seedx_pretrain_tiny", out, [*FAST, *overrides], config_name="generate")
-    OmegaConf.resolve(cfg)
-    return generate(cfg)[0]
+    return generate(tiny_generate_cfg(out, overrides))[0]
 
 
 @pytest.fixture(scope="module")

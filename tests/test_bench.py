@@ -18,7 +18,7 @@ from src.utils.flops import (
     sequence_stats,
     vit_forward_flops,
 )
-from tests.helpers import tiny_run_cfg
+from tests.helpers import SMALL_MLLM, tiny_run_cfg
 
 # L=1 layer, d=4, MLP f=8, 2 heads of 2 (no GQA), vocab 10.
 HAND_LLAMA = {"hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -135,7 +135,7 @@ def test_throughput_monitor_logs_perf_keys(tmp_path):
     from src.train import train
 
     train(tiny_run_cfg("seedx_pretrain_tiny", tmp_path, [
-        "trainer.max_steps=3", "callbacks.mllm_probe=null", "callbacks.throughput.log_every_n_steps=1",
+        *SMALL_MLLM, "trainer.max_steps=3", "callbacks.mllm_probe=null", "callbacks.throughput.log_every_n_steps=1",
         "callbacks.throughput.peak_flops=1e12",
     ]))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -148,6 +148,7 @@ def test_throughput_monitor_logs_perf_keys(tmp_path):
 
 
 @pytest.mark.smoke
+@pytest.mark.slow  # every part of `make bench` at its smallest, two init ranks included (~1 CPU-minute)
 def test_bench_runs_and_writes_its_keys(tmp_path, capsys):
     from src.bench import main
 

@@ -10,7 +10,7 @@ import pytest
 
 from src.inspect import build_on_meta, count_parameters
 from src.utils.config import ConfigError, check_config, where_set
-from tests.helpers import CONF, EXPERIMENTS, compose_cfg
+from tests.helpers import CONF, EXPERIMENTS, compose_cfg, run_module_main
 
 pytestmark = pytest.mark.config
 
@@ -66,13 +66,12 @@ def test_detok_cond_full_size_on_meta():
     assert module.unet.config.in_channels == 8
 
 
-def test_inspect_cli_prints_json_line(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "src.inspect", "experiment=seedx_detok_pretrain"],
-        capture_output=True, text=True, cwd=CONF.parent, timeout=300, check=False,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    last = json.loads(out.stdout.strip().splitlines()[-1])
+def test_inspect_cli_prints_json_line(tmp_path, capsys):
+    from src.inspect import main
+
+    code, stdout, stderr = run_module_main(main, ["experiment=seedx_detok_pretrain"], capsys)
+    assert code == 0, stderr[-2000:]
+    last = json.loads(stdout.strip().splitlines()[-1])
     assert last["modules"]["unet"]["total"] == SDXL_UNET_PARAMS
     assert last["trainable"] < last["total"]
 
@@ -149,13 +148,12 @@ def test_where_set_names_the_yaml_file():
     assert where_set("trainer.precision", choices=choices) == "conf/trainer/cpu.yaml"
 
 
-def test_unknown_experiment_lists_the_available_ones(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "src.train", "experiment=no_such_stage", f"paths.output_dir={tmp_path}"],
-        capture_output=True, text=True, cwd=CONF.parent, timeout=120, check=False,
-    )
-    assert out.returncode != 0
-    assert "no_such_stage" in out.stderr and "seedx_pretrain_tiny" in out.stderr
+def test_unknown_experiment_lists_the_available_ones(tmp_path, capsys):
+    from src.train import main
+
+    code, _, stderr = run_module_main(main, ["experiment=no_such_stage", f"paths.output_dir={tmp_path}"], capsys)
+    assert code != 0
+    assert "no_such_stage" in stderr and "seedx_pretrain_tiny" in stderr
 
 
 @pytest.mark.slow  # subprocess runs (~30 s each here); CI runs the slow tier

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from src.data.records import (
     validate_record,
 )
 from tests.fixtures import data_prep_layouts as layouts
+from tests.helpers import run_module_main
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
@@ -334,13 +333,12 @@ def test_image_index_lookups(tmp_path):
     assert e.value.reason == "corrupt_image"
 
 
-def test_command_lines(tmp_path):
+def test_command_lines(tmp_path, capsys):
     fx = layouts.build_text(tmp_path / "text")
-    out = subprocess.run([sys.executable, "-m", "data_prep.convert_text", "--input", str(fx["txt"]),
-                          "--out", str(tmp_path / "out"), "--min-chars", "10"],
-                         check=False, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert "wrote 2 records" in out.stdout and "too_short" in out.stdout
+    code, stdout, stderr = run_module_main(convert_text.main, ["--input", str(fx["txt"]), "--out", str(tmp_path / "out"),
+                                                              "--min-chars", "10"], capsys)
+    assert code == 0, stderr
+    assert "wrote 2 records" in stdout and "too_short" in stdout
     assert len((tmp_path / "out" / "text.jsonl").read_text().splitlines()) == 2
     fx = layouts.build_llavar(tmp_path / "llavar")
     stats = convert_llavar.main(["--input", str(fx["input"]), "--image-root", str(fx["images"]),

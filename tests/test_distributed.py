@@ -22,6 +22,9 @@ def run_train(out, *overrides, timeout=420):
     return proc
 
 
+# Three interpreters and two sharded runs (~1 CPU-minute); tests/test_resume.py's two-process resume covers the same
+# path in the default tier.
+@pytest.mark.slow
 def test_fsdp2_two_processes_then_resume_in_one(tmp_path):
     first, second = tmp_path / "two", tmp_path / "one"
     run_train(first, "trainer.devices=2", "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=2")

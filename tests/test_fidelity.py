@@ -6,8 +6,6 @@ pinned in tests/test_data_prep*.py beside the converters' other tests."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,26 +25,17 @@ from src.data.mllm_sequence import (
 )
 from src.data.sources import DrawnRecords, RecordDataset
 from src.generate import generate, options, prompt_format
-from src.models.vocab import NUM_IMG_TOKENS_USED, add_seedx_tokens, image_token_ids
+from src.models.vocab import NUM_IMG_TOKENS_USED, image_token_ids
 from src.pipelines.conversation import load_requests
 from src.pipelines.mllm import DecodingOptions
-from tests.helpers import compose_cfg
-from tests.test_generate import gen_cfg, mllm, prompt  # noqa: F401  (mllm: a shared fixture)
+from tests.helpers import compose_cfg, run_module_main
+from tests.test_generate import gen_cfg, prompt  # the fixtures `mllm`, `tokenizer`: tests/conftest.py
 
 pytestmark = pytest.mark.smoke
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "assets" / "sample" / "images"
 S = 28
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(ROOT / "assets" / "tokenizers" / "tiny-llama"))
-    add_seedx_tokens(tok)
-    return tok
 
 
 def make_builder(tokenizer, **kw) -> SeedXSequenceBuilder:
@@ -191,7 +180,7 @@ def scripted(monkeypatch, script):
     return calls
 
 
-def test_required_replies_run_on_after_their_image_until_eos(mllm, monkeypatch):  # noqa: F811
+def test_required_replies_run_on_after_their_image_until_eos(mllm, monkeypatch):
     cfg, stage, gen = mllm
     tok, ids = stage.tokenizer, gen.ids
     word = tok.encode("sun", add_special_tokens=False)[-1]
@@ -207,7 +196,7 @@ def test_required_replies_run_on_after_their_image_until_eos(mllm, monkeypatch):
     assert r.token_ids == span  # the pre-trained `{caption}<img>` reply is the image alone
 
 
-def test_a_reply_ends_where_the_model_starts_the_next_turn(mllm, monkeypatch):  # noqa: F811
+def test_a_reply_ends_where_the_model_starts_the_next_turn(mllm, monkeypatch):
     cfg, stage, gen = mllm
     tok = stage.tokenizer
     seq = tok.encode("fine\n[INST] more", add_special_tokens=False)
@@ -224,7 +213,7 @@ def gen_builder(cfg, stage):
 
 
 # ---- 6. grounding prompt of the pre-trained model ----------------------------------------------------------
-def test_pretrained_grounding_is_the_official_bbox_prompt_with_box_start_forced(tmp_path, mllm, monkeypatch):  # noqa: F811
+def test_pretrained_grounding_is_the_official_bbox_prompt_with_box_start_forced(tmp_path, mllm, monkeypatch):
     cfg = gen_cfg(tmp_path, ["mode=ground", f"image={IMAGES / 'chelsea.jpg'}", "prompt=a cat", "dry_run=true"])
     (res,) = generate(cfg)
     _, stage, gen = mllm
@@ -238,7 +227,7 @@ def test_pretrained_grounding_is_the_official_bbox_prompt_with_box_start_forced(
 
 
 # ---- 7. generation defaults --------------------------------------------------------------------------------
-def test_official_generation_defaults_and_no_image_tokens_outside_a_span(tmp_path, mllm, monkeypatch):  # noqa: F811
+def test_official_generation_defaults_and_no_image_tokens_outside_a_span(tmp_path, mllm, monkeypatch):
     assert compose_cfg("seedx_pretrain_tiny", config_name="generate").generate.max_new_tokens == 512
     assert DecodingOptions().max_new_tokens == 512
     cfg, stage, gen = mllm
@@ -371,7 +360,9 @@ def test_sft_defaults_are_the_official_ones():
 
 
 # ---- the tools ---------------------------------------------------------------------------------------------
-def test_inspect_data_renders_records_as_the_datamodule_builds_them(tmp_path):
+def test_inspect_data_renders_records_as_the_datamodule_builds_them(tmp_path, capsys):
+    from src.inspect_data import main
+
     records = tmp_path / "r.jsonl"
     for name in ("chelsea.jpg", "coffee.jpg"):
         (tmp_path / name).write_bytes((IMAGES / name).read_bytes())
@@ -379,10 +370,10 @@ def test_inspect_data_renders_records_as_the_datamodule_builds_them(tmp_path):
         {"role": "user", "content": [{"image": "chelsea.jpg", "grid": "1x1"}, {"text": "Make it blue"}]},
         {"role": "assistant", "content": [{"image": "coffee.jpg", "generate": True}]}]}
     records.write_text(json.dumps(good) + "\n" + json.dumps({"id": "s/2", "source": "s", "turns": []}) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "src.inspect_data", "experiment=seedx_sft_edit_tiny",
-                           f"records={records}", "limit=5"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    first, second = (json.loads(ln) for ln in proc.stdout.splitlines())
+    code, stdout, stderr = run_module_main(main, ["experiment=seedx_sft_edit_tiny", f"records={records}", "limit=5"],
+                                           capsys)
+    assert code == 0, stderr[-2000:]
+    first, second = (json.loads(ln) for ln in stdout.splitlines())
     assert first["id"] == "s/1" and first["skipped"] is None and not first["truncated"]
     assert len(first["tokens"]) == len(first["ce"]) == len(first["gen"])
     assert sum(first["gen"]) == 64 and first["ce"][first["tokens"].index("<img>", 140)]

@@ -18,32 +18,15 @@ from src.generate import generate, sequence_builder
 from src.models.vocab import NUM_IMG_TOKENS_USED, image_token_ids
 from src.pipelines.conversation import MODES, Conversation, ConversationRunner, reply_pieces
 from src.pipelines.detok import SamplingOptions
-from src.pipelines.mllm import DecodingOptions, Generated, MLLMGenerator, next_tokens
-from src.specs.inference import build_mllm
-from tests.helpers import compose_cfg
+from src.pipelines.mllm import DecodingOptions, Generated, next_tokens
+from tests.helpers import FAST_GENERATE, compose_cfg, tiny_generate_cfg
 
 pytestmark = pytest.mark.smoke
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "assets" / "sample" / "images"
-FAST = ["sampling.steps=2", "generate.max_new_tokens=6", "progress=false"]
-
-
-def gen_cfg(out: Path, overrides=()):
-    from omegaconf import OmegaConf
-
-    cfg = compose_cfg("seedx_pretrain_tiny", out, [*FAST, *overrides], config_name="generate")
-    OmegaConf.resolve(cfg)
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def mllm(tmp_path_factory):
-    from omegaconf import OmegaConf
-
-    cfg = gen_cfg(tmp_path_factory.mktemp("g"))
-    stage = build_mllm(OmegaConf.to_container(cfg.stage, resolve=True))
-    return cfg, stage, MLLMGenerator(stage.mllm, stage.vit, stage.tokenizer)
+FAST = FAST_GENERATE
+gen_cfg = tiny_generate_cfg  # the shrunk `src.generate` config (the `mllm` fixture: tests/conftest.py)
 
 
 def prompt(builder, text, images=()):

@@ -8,22 +8,13 @@ from PIL import Image
 from src.data.bbox import quantize_box
 from src.data.mllm_sequence import IGNORE_INDEX, SeedXSequenceBuilder, t2i_flip
 from src.data.records import SkippedSample
-from src.models.vocab import add_seedx_tokens, image_token_ids
+from src.models.vocab import image_token_ids
 
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
 S = 28  # tiny ViT view (and any-res tile) size keeps the tests fast
 N = 64
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(ROOT / "assets" / "tokenizers" / "tiny-llama"))
-    add_seedx_tokens(tok)
-    return tok
 
 
 @pytest.fixture(scope="module")

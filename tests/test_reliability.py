@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 from src.train import train
-from tests.helpers import CONF, tiny_run_cfg
+from tests.helpers import CONF, SMALL_MLLM, tiny_run_cfg
 
 pytestmark = pytest.mark.smoke
 
 NAN = ["+callbacks.inject_nan._target_=tests.helpers.InjectNaN", "+callbacks.inject_nan.at_step=2",
-       "callbacks.mllm_probe.every_n_steps=0"]
+       "callbacks.mllm_probe.every_n_steps=0", *SMALL_MLLM]
 
 
 def test_nan_batch_is_skipped_and_reported(tmp_path):

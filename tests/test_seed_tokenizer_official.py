@@ -352,15 +352,12 @@ def test_a_renamed_or_missing_released_key_is_named(release, tmp_path):
 
 
 @pytest.mark.smoke
-def test_converter_cli_help_exits_zero():
-    import subprocess
-    import sys
+def test_converter_cli_help_exits_zero(capsys):
+    from data_prep.convert_seed_tokenizer import main
+    from tests.helpers import run_module_main
 
-    from tests.conftest import ROOT
-
-    proc = subprocess.run([sys.executable, "-m", "data_prep.convert_seed_tokenizer", "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0 and "--quantizer" in proc.stdout and "--eva" in proc.stdout
+    code, stdout, _ = run_module_main(main, ["--help"], capsys)
+    assert code == 0 and "--quantizer" in stdout and "--eva" in stdout
 
 
 @pytest.mark.smoke
