@@ -69,7 +69,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader
 
-from src.bench_config import SIZES, compose_bench_cfg
+from src.bench_config import EXPERIMENT, SIZES, compose_bench_cfg
 from src.stages.base import build_lr_scheduler, param_groups
 from src.utils.config import CONF_DIR
 from src.utils.flops import device_peak_flops
