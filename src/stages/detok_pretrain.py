@@ -43,19 +43,30 @@ from src.models.detokenizer import (
 )
 from src.models.qwen_vit import QwenViT, QwenViTConfig, build_vit
 from src.pipelines.detok import decode_latents, denoise
-from src.stages.base import StageModule
-from src.utils.constraints import Fraction, PositiveInt
+from src.stages.base import StageConfig, StageModule
+from src.utils.constraints import ConfigValueError, Fraction, PositiveInt
 from src.utils.materialize import seeded
 from src.utils.weights import RequiredPath, check_keys_and_shapes
 
 log = logging.getLogger(__name__)
 
-NEGATIVES = ("official", "zeros")
 NOISE_SEED_KEY = "detok_noise_seed"  # top-level checkpoint entry
+
+
+class DetokPretrainConfig(StageConfig):
+    feature_drop_rate: Fraction = 0.0
+    noise_offset: float = 0.0
+    sample_steps: PositiveInt = 25
+    guidance_scale: float = 7.5
+    init_seed: int = 0
+    noise_seed: int = 0
+    negative: Literal["official", "zeros"] = "official"
+    frozen_dtype: Literal["bf16"] | None = None
 
 
 class DetokPretrainModule(StageModule):
 
+    config_model: ClassVar[type[StageConfig]] = DetokPretrainConfig
     checkpoint_family = "detokenizer"  # written into its checkpoints (src/utils/checkpoint_kind.py)
     frozen_towers = ("vit", "vae")
     fsdp_blocks = (
@@ -72,9 +83,9 @@ class DetokPretrainModule(StageModule):
         scheduler: dict | None = None,
         checkpoint_frozen: bool = False,
         nonfinite_loss: str = "skip",
-        feature_drop_rate: Fraction = 0.0,
+        feature_drop_rate: float = 0.0,
         noise_offset: float = 0.0,
-        sample_steps: PositiveInt = 25,
+        sample_steps: int = 25,
         guidance_scale: float = 7.5,
         init_seed: int = 0,
         noise_seed: int = 0,
@@ -82,17 +93,11 @@ class DetokPretrainModule(StageModule):
         frozen_dtype: Literal["bf16"] | None = None,
     ) -> None:
         super().__init__(model, optimizer, scheduler, checkpoint_frozen, nonfinite_loss)
-        if not 0.0 <= feature_drop_rate <= 1.0:
-            raise ValueError(f"stage.feature_drop_rate must be in [0, 1], got {feature_drop_rate}")
-        if negative not in NEGATIVES:
-            raise ValueError(f"stage.negative must be one of {NEGATIVES}, got {negative!r}")
-        if frozen_dtype not in (None, "bf16"):
-            raise ValueError(f"stage.frozen_dtype must be null or 'bf16', got {frozen_dtype!r}")
         # Parse configs now: a config mistake fails before any model is built.
         self.vit_cfg = QwenViTConfig(**model["vit"])
         self.detok_cfg = DetokenizerConfig(**model["detokenizer"])
         if self.detok_cfg.adapter_cfg.embedding_dim != self.vit_cfg.output_dim:
-            raise ValueError(
+            raise ConfigValueError("model.detokenizer.adapter.embedding_dim", 
                 f"model.detokenizer.adapter.embedding_dim={self.detok_cfg.adapter_cfg.embedding_dim} must "
                 f"equal model.vit.output_dim={self.vit_cfg.output_dim}"
             )

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+from pydantic import model_validator
 
 from src.data.mllm import load_tokenizer
 from src.models.mllm import (
@@ -31,15 +32,29 @@ from src.models.mllm import (
 from src.models.qwen_vit import QwenViT, QwenViTConfig, build_vit, vit_weight_sources
 from src.models.vocab import NUM_SEEDX_TOKENS
 from src.parallel import same_call_count
-from src.stages.base import StageModule
-from src.utils.constraints import PositiveInt
+from src.stages.base import LoraConfig, StageConfig, StageModule
+from src.utils.constraints import ConfigValueError, PositiveInt
 from src.utils.flops import mllm_step_flops
 from src.utils.materialize import TensorSource, empty_init, prefixed
 from src.utils.weights import RequiredPath, missing_weights_error
 
 
+class MLLMPretrainConfig(StageConfig):
+    lora: LoraConfig | None = None
+    full_finetune: bool = False
+    vit_chunk_size: PositiveInt = 16
+    init_seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_way_to_train(self):
+        if self.lora is not None and self.lora.enabled and self.full_finetune:
+            raise ConfigValueError("full_finetune", "stage.lora.enabled and stage.full_finetune are both true: pick one")
+        return self
+
+
 class MLLMPretrainModule(StageModule):
 
+    config_model = MLLMPretrainConfig
     checkpoint_family = "seedx_mllm"  # written into its checkpoints (src/utils/checkpoint_kind.py)
     frozen_towers = ("vit",)
     fsdp_blocks = (
@@ -56,7 +71,7 @@ class MLLMPretrainModule(StageModule):
         nonfinite_loss: str = "skip",
         lora: dict | None = None,
         full_finetune: bool = False,
-        vit_chunk_size: PositiveInt = 16,
+        vit_chunk_size: int = 16,
         init_seed: int = 0,
     ) -> None:
         super().__init__(model, optimizer, scheduler, checkpoint_frozen, nonfinite_loss)
@@ -68,8 +83,6 @@ class MLLMPretrainModule(StageModule):
             self.llm_cfg.config["hidden_size"], self.vit_cfg.output_dim, self.vit_cfg.n_queries
         )
         self.lora_cfg = dict(lora or {"enabled": False})
-        if self.lora_cfg.get("enabled") and full_finetune:
-            raise ValueError("stage.lora.enabled and stage.full_finetune are both true: pick one")
         self.full_finetune = full_finetune
         self.vit_chunk_size = vit_chunk_size
         self.init_seed = init_seed

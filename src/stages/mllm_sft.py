@@ -29,12 +29,17 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from src.stages.mllm_pretrain import MLLMPretrainModule
-from src.stages.pretrained_start import PRETRAIN_LORA_MODES, MergedLoRA, PretrainedStart
+from src.stages.mllm_pretrain import MLLMPretrainConfig, MLLMPretrainModule
+from src.stages.pretrained_start import PRETRAIN_LORA_MODES, MergedLoRA, PretrainedStart, PretrainedStartConfig
+
+
+class MLLMSFTConfig(PretrainedStartConfig, MLLMPretrainConfig):
+    pass
 
 
 class MLLMSFTModule(PretrainedStart, MLLMPretrainModule):
 
+    config_model = MLLMSFTConfig
     init_from_family = "seedx_mllm"  # what stage.init_from must be (checked before any build)
     init_from_what = "a seedx_pretrain checkpoint (.ckpt or sharded dir) or src.export folder"
 

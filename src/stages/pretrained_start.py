@@ -19,6 +19,7 @@ import torch
 
 from src.models.mllm import LORA_TARGETS, hf_key
 from src.utils.checkpoint import checkpoint_tensors, read_checkpoint
+from src.stages.base import StageConfig
 from src.utils.materialize import HeldTensor, TensorSource, empty_init
 from src.utils.weights import RequiredPath
 
@@ -56,6 +57,13 @@ def _lora_parts(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
     return out
 
 
+class PretrainedStartConfig(StageConfig):
+    """What the mixin adds to its stage's node (an SFT config subclasses it and the stage's own config)."""
+
+    init_from: str | None = None
+    pretrain_lora: Literal["merge", "keep"] = "merge"
+
+
 class PretrainedStart:
     # What `stage.init_from` takes, for the missing-path message.
     init_from_what = "a pre-training checkpoint of this model (.ckpt or sharded dir)"
@@ -63,8 +71,6 @@ class PretrainedStart:
     def __init__(self, *args, init_from: str | None = None, pretrain_lora: Literal["merge", "keep"] = "merge",
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if pretrain_lora not in PRETRAIN_LORA_MODES:
-            raise ValueError(f"stage.pretrain_lora must be one of {PRETRAIN_LORA_MODES}, got {pretrain_lora!r}")
         self.init_from = init_from
         self.pretrain_lora = pretrain_lora
         self._pretrained: tuple[dict, dict[str, torch.Tensor]] | None = None

@@ -16,20 +16,46 @@ wrote the codes).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import model_validator
 
 from src.data.mllm import load_tokenizer
 from src.models.mllm import LORA_TARGETS, LLMConfig, apply_lora, build_llm, check_new_rows, llm_weight_sources
 from src.models.seed_llama import SeedLlama
 from src.models.vocab import NUM_IMAGE_CODES, SEED_LLAMA_TOKENS, add_seed_llama_tokens, seed_llama_token_ids
-from src.stages.base import StageModule
-from src.stages.pretrained_start import PretrainedStart
+from src.stages.base import LoraConfig, StageConfig, StageModule
+from src.stages.pretrained_start import PretrainedStart, PretrainedStartConfig
+from src.utils.constraints import ConfigValueError
 from src.utils.materialize import TensorSource, empty_init, prefixed
 from src.utils.weights import RequiredPath, missing_weights_error
 
 
+class SeedLlamaConfig(StageConfig):
+    lora: LoraConfig | None = None
+    full_finetune: bool = False
+    init_seed: int = 0
+    new_rows: Literal["normal", "mean"] = "normal"
+
+    @model_validator(mode="after")
+    def _one_way_to_train(self):
+        lora = self.lora is not None and self.lora.enabled
+        if lora and self.full_finetune:
+            raise ConfigValueError("full_finetune", "stage.lora.enabled and stage.full_finetune are both true: pick one")
+        if not lora and not self.full_finetune:
+            raise ConfigValueError("full_finetune",
+                                   "nothing would train: set stage.lora.enabled=true or stage.full_finetune=true")
+        return self
+
+
+class SeedLlamaSFTConfig(PretrainedStartConfig, SeedLlamaConfig):
+    pass
+
+
 class SeedLlamaModule(StageModule):
 
+    config_model = SeedLlamaConfig
     checkpoint_family = "seed_llama"  # written into its checkpoints (src/utils/checkpoint_kind.py)
     fsdp_blocks = ("transformers.models.llama.modeling_llama.LlamaDecoderLayer",)
     builds_empty = True
@@ -41,10 +67,6 @@ class SeedLlamaModule(StageModule):
         self.new_rows = check_new_rows(new_rows)
         self.llm_cfg = LLMConfig(**model["llm"])
         self.lora_cfg = dict(lora or {"enabled": False})
-        if self.lora_cfg.get("enabled") and full_finetune:
-            raise ValueError("stage.lora.enabled and stage.full_finetune are both true: pick one")
-        if not self.lora_cfg.get("enabled") and not full_finetune:
-            raise ValueError("nothing would train: set stage.lora.enabled=true or stage.full_finetune=true")
         self.full_finetune = full_finetune
         self.init_seed = init_seed
         self.tokenizer = None
@@ -90,6 +112,7 @@ class SeedLlamaModule(StageModule):
 
 class SeedLlamaSFTModule(PretrainedStart, SeedLlamaModule):
 
+    config_model = SeedLlamaSFTConfig
     init_from_family = "seed_llama"  # what stage.init_from must be (checked before any build)
     init_from_what = "a seed_llama_pretrain checkpoint (.ckpt or sharded dir)"
 

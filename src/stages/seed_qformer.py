@@ -16,7 +16,8 @@ from src.data.seed_tokenizer import DEC_TOKEN, add_dec_token
 from src.models.eva_vit import EvaViTConfig, build_eva_vit, encode
 from src.models.qformer_pretrain import QFormerPretrainConfig, QFormerPretrainer
 from src.models.seed_qformer_weights import load_qformer_weights
-from src.stages.base import StageModule
+from src.stages.base import StageConfig, StageModule
+from src.utils.constraints import ConfigValueError
 from src.utils.materialize import seeded
 from src.utils.weights import RequiredPath
 
@@ -24,8 +25,14 @@ EVA_BLOCK = "timm.models.eva.EvaBlock"
 QFORMER_LAYER = "transformers.models.blip_2.modeling_blip_2.Blip2QFormerLayer"
 
 
+class SeedQFormerConfig(StageConfig):
+    init_seed: int = 0
+    noise_seed: int = 0
+
+
 class SeedQFormerModule(StageModule):
 
+    config_model = SeedQFormerConfig
     checkpoint_family = "seed_qformer"  # written into its checkpoints (src/utils/checkpoint_kind.py)
     frozen_towers = ("vit",)
     fsdp_blocks = (EVA_BLOCK, QFORMER_LAYER)
@@ -38,7 +45,7 @@ class SeedQFormerModule(StageModule):
         self.qf_cfg = QFormerPretrainConfig(**model["qformer"])
         self.tokenizer_path = self.qf_cfg.tokenizer
         if self.qf_cfg.qformer_cfg.encoder_hidden_size != self.vit_cfg.width:
-            raise ValueError(f"model.qformer.qformer.encoder_hidden_size={self.qf_cfg.qformer_cfg.encoder_hidden_size} "
+            raise ConfigValueError("model.qformer.qformer.encoder_hidden_size", f"model.qformer.qformer.encoder_hidden_size={self.qf_cfg.qformer_cfg.encoder_hidden_size} "
                              f"must equal model.eva_vit.width={self.vit_cfg.width}")
         self.init_seed = init_seed
         self.noise_seed = int(noise_seed)

@@ -33,10 +33,10 @@ from src.models.qformer_pretrain import QFormerPretrainConfig
 from src.models.seed_codec import SeedCodec, SeedCodecConfig
 from src.models.seed_decoder import SeedDecoderConfig, build_target_encoder
 from src.models.vq import perplexity, usage_stats
-from src.stages.base import StageModule
+from src.stages.base import StageConfig, StageModule
 from src.stages.seed_qformer import EVA_BLOCK, QFORMER_LAYER
 from src.utils.checkpoint import checkpoint_tensors, read_checkpoint
-from src.utils.constraints import NonNegativeFloat, NonNegativeInt
+from src.utils.constraints import ConfigValueError, NonNegativeFloat, NonNegativeInt
 from src.utils.materialize import seeded
 from src.utils.weights import RequiredPath, check_keys_and_shapes
 
@@ -49,17 +49,29 @@ TOKENIZER_PREFIXES = ("qformer.", "codec.")
 TEXT_FFN = re.compile(r"\.encoder\.layer\.\d+\.(intermediate|output)\.")
 
 
+class SeedTokenizerConfig(StageConfig):
+    init_from: str | None = None
+    vq_weight: NonNegativeFloat = 5.0
+    recon_weight: NonNegativeFloat = 2.0
+    gen_weight: NonNegativeFloat = 0.5
+    usage_window: NonNegativeInt = 1000
+    dead_code_reset: bool = False
+    init_seed: int = 0
+    noise_seed: int = 0
+    weights_in_checkpoint: bool = False
+
+
 class SeedTokenizerModule(StageModule):
 
+    config_model = SeedTokenizerConfig
     checkpoint_family = "seed_tokenizer"  # written into its checkpoints (src/utils/checkpoint_kind.py)
     init_from_family = "seed_qformer"  # what stage.init_from must be (checked before any build)
     frozen_towers = ("vit", "qformer", "target")
     fsdp_blocks = (EVA_BLOCK, QFORMER_LAYER)
 
     def __init__(self, model: dict, optimizer, scheduler: dict | None = None, checkpoint_frozen: bool = False,
-                 nonfinite_loss: str = "skip", init_from: str | None = None, vq_weight: NonNegativeFloat = 5.0,
-                 recon_weight: NonNegativeFloat = 2.0, gen_weight: NonNegativeFloat = 0.5,
-                 usage_window: NonNegativeInt = 1000, dead_code_reset: bool = False, init_seed: int = 0,
+                 nonfinite_loss: str = "skip", init_from: str | None = None, vq_weight: float = 5.0,
+                 recon_weight: float = 2.0, gen_weight: float = 0.5, usage_window: int = 1000, dead_code_reset: bool = False, init_seed: int = 0,
                  noise_seed: int = 0, weights_in_checkpoint: bool = False) -> None:
         super().__init__(model, optimizer, scheduler, checkpoint_frozen, nonfinite_loss)
         self.vit_cfg = EvaViTConfig(**model["eva_vit"])
@@ -71,15 +83,12 @@ class SeedTokenizerModule(StageModule):
         self.codec_cfg.check(self.qf_cfg.hidden_size, self.decoder_cfg.num_tokens)
         self.weights_in_checkpoint = bool(weights_in_checkpoint)
         if self.qf_cfg.encoder_hidden_size != self.vit_cfg.width:
-            raise ValueError(f"model.qformer.qformer.encoder_hidden_size={self.qf_cfg.encoder_hidden_size} must "
+            raise ConfigValueError("model.qformer.qformer.encoder_hidden_size", f"model.qformer.qformer.encoder_hidden_size={self.qf_cfg.encoder_hidden_size} must "
                              f"equal model.eva_vit.width={self.vit_cfg.width}")
         size = self.decoder_cfg.encoder_image_size  # the target encoder sees the ViT's view
         if size is not None and size != self.vit_cfg.image_size:
-            raise ValueError(f"model.seed_decoder.image_encoder.image_size={size} must equal "
+            raise ConfigValueError("model.seed_decoder.image_encoder.image_size", f"model.seed_decoder.image_encoder.image_size={size} must equal "
                              f"model.eva_vit.image_size={self.vit_cfg.image_size} (both encode the same view)")
-        for key, w in (("vq_weight", vq_weight), ("recon_weight", recon_weight), ("gen_weight", gen_weight)):
-            if w < 0:
-                raise ValueError(f"stage.{key} must be >= 0, got {w}")
         self.init_from = init_from
         self.weights = {"vq": vq_weight, "recon": recon_weight, "gen": gen_weight}
         self.usage_window = usage_window
