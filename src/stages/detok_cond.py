@@ -25,20 +25,20 @@ from src.utils.constraints import Fraction
 
 
 class DetokCondConfig(DetokPretrainConfig):
-    cond_drop_rate: Fraction = 0.05
     both_drop_rate: Fraction = 0.0
+    cond_drop_rate: Fraction = 0.05
     image_guidance_scale: float = 1.5
     require_stage1: bool = True
 
-    @field_validator("both_drop_rate")
+    @field_validator("cond_drop_rate")
     @classmethod
-    def _disjoint_intervals(cls, both: float, info: ValidationInfo) -> float:
-        # three disjoint intervals of one uniform draw
-        f, c = info.data.get("feature_drop_rate"), info.data.get("cond_drop_rate")
-        if f is not None and c is not None and f + both + c > 1.0 + 1e-9:
+    def _disjoint_intervals(cls, c: float, info: ValidationInfo) -> float:
+        # three disjoint intervals of one uniform draw (reported under the stage-2 rate, validated last)
+        f, b = info.data.get("feature_drop_rate"), info.data.get("both_drop_rate")
+        if f is not None and b is not None and f + b + c > 1.0 + 1e-9:
             raise ValueError(f"stage.feature_drop_rate + stage.both_drop_rate + stage.cond_drop_rate must be <= 1, "
-                             f"got {f} + {both} + {c} = {f + both + c}")
-        return both
+                             f"got {f} + {b} + {c} = {f + b + c}")
+        return c
 
 
 class DetokCondModule(DetokPretrainModule):

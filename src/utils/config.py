@@ -96,7 +96,7 @@ def _construct(cls: type, node: dict, prefix: str) -> list[tuple[str, str]]:
     try:
         cls(**node)
     except ConfigValueError as e:
-        return [(e.key if e.key.startswith("model.") else f"{prefix}.{e.key}", str(e))]
+        return [(e.key if e.key.startswith(_GROUPS) else f"{prefix}.{e.key}", str(e))]
     except (ValueError, TypeError, KeyError) as e:
         return [(prefix, str(e))]
     return []
@@ -156,8 +156,14 @@ def validation_problems(schema: type[BaseModel], node: dict, prefix: str,
     grouped: dict[str, tuple[_Where, list[dict]]] = {}
     for err in errors:
         where = _locate(schema, err["loc"], prefix)
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, ConfigValueError):  # a cross-check of the node names the key it is about
+            where = _Where(cause.key if cause.key.startswith(_GROUPS) else f"{where.key}.{cause.key}")
         grouped.setdefault(where.key, (where, []))[1].append(err)
     return [(key, _message(where, errs)) for key, (where, errs) in grouped.items()]
+
+
+_GROUPS = ("model.", "stage.", "data.", "trainer.", "callbacks.", "logger.", "strategy.")
 
 
 @dataclasses.dataclass
@@ -551,7 +557,7 @@ def _dry_stage(node: dict):
     except Exception as e:  # noqa: BLE001 - reported under the key the check names, never swallowed
         err = e.__cause__ or e
         key = err.key if isinstance(err, ConfigValueError) else "stage"
-        return None, [(key if key.startswith(("model.", "stage.", "data.")) else f"stage.{key}", str(err)
+        return None, [(key if key.startswith(_GROUPS) or key == "stage" else f"stage.{key}", str(err)
                        if isinstance(err, ConfigValueError) else f"{type(err).__name__}: {err}")]
 
 
