@@ -26,6 +26,23 @@ def test_every_experiment_has_a_tiny_twin():
         assert f"{e}_tiny" in EXPERIMENTS, f"{e} has no tiny twin"
 
 
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.endswith("_tiny")])
+def test_a_tiny_twin_is_its_full_size_experiment_plus_the_shared_tiny_settings(experiment):
+    """A tiny twin inherits its own full-size experiment (so it trains what that one trains) and the shared
+    conf/debug/tiny.yaml (directly or through a debug/tiny_* family file), stating only its own deltas."""
+    from omegaconf import OmegaConf
+
+    def chain(name: str) -> list[str]:
+        path = CONF / f"{name}.yaml"
+        entries = [e for e in OmegaConf.load(path).get("defaults", []) if isinstance(e, str) and e != "_self_"]
+        return [name, *(x for e in entries if e.startswith("/debug/") for x in chain(e.lstrip("/")))]
+
+    defaults = [e for e in OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml").defaults if isinstance(e, str)]
+    assert defaults[0] == experiment.removesuffix("_tiny")
+    shared = [d for d in defaults if d.startswith("/debug/")]
+    assert shared and "debug/tiny" in chain(shared[0].lstrip("/"))
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes(experiment, tmp_path):
     cfg = compose_cfg(experiment, tmp_path)
