@@ -66,7 +66,7 @@ class MLLMDataConfig(ConfigModel):
     samples_per_epoch: PositiveInt | None = None
     seed: int = 0
     truncation: Literal["cut", "skip"] = "cut"
-    grids: list[str] = list(DEFAULT_GRIDS)
+    grids: tuple[str, ...] = DEFAULT_GRIDS
     num_image_tokens: PositiveInt = 64
     min_image_size: PositiveInt = 8
     max_aspect_ratio: PositiveFloat = 8.0

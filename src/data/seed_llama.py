@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from pydantic import model_validator
 
 from src.data.mllm import MLLMDataConfig, MLLMDataModule

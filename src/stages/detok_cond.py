@@ -15,11 +15,10 @@ image to lose, so its features drop at f + b.
 from __future__ import annotations
 
 import torch
+from pydantic import ValidationInfo, field_validator
 
 from src.models.detokenizer import encode_posterior, widen_conv_in
 from src.pipelines.detok import decode_latents
-from pydantic import ValidationInfo, field_validator
-
 from src.stages.detok_pretrain import DetokPretrainConfig, DetokPretrainModule
 from src.utils.constraints import Fraction
 

@@ -30,7 +30,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from src.stages.mllm_pretrain import MLLMPretrainConfig, MLLMPretrainModule
-from src.stages.pretrained_start import PRETRAIN_LORA_MODES, MergedLoRA, PretrainedStart, PretrainedStartConfig
+from src.stages.pretrained_start import (
+    PRETRAIN_LORA_MODES,
+    MergedLoRA,
+    PretrainedStart,
+    PretrainedStartConfig,
+)
 
 
 class MLLMSFTConfig(PretrainedStartConfig, MLLMPretrainConfig):

@@ -18,8 +18,8 @@ from typing import Literal
 import torch
 
 from src.models.mllm import LORA_TARGETS, hf_key
-from src.utils.checkpoint import checkpoint_tensors, read_checkpoint
 from src.stages.base import StageConfig
+from src.utils.checkpoint import checkpoint_tensors, read_checkpoint
 from src.utils.materialize import HeldTensor, TensorSource, empty_init
 from src.utils.weights import RequiredPath
 
