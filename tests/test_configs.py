@@ -162,7 +162,9 @@ def test_where_set_names_the_yaml_file():
     choices = {"experiment": "seedx_pretrain_tiny", "model/vit": "tiny", "trainer": "cpu"}
     assert where_set("model.vit.width", choices=choices) == "conf/model/vit/tiny.yaml"
     assert where_set("model.vit.patch_size", choices=choices) == "conf/model/vit/qwen_vit_g.yaml"
-    assert where_set("trainer.max_steps", choices=choices) == "conf/experiment/seedx_pretrain_tiny.yaml"
+    assert where_set("data.max_length", choices=choices) == "conf/experiment/seedx_pretrain_tiny.yaml"
+    assert where_set("trainer.max_steps", choices=choices) == "conf/debug/tiny.yaml"  # shared by the tiny twins
+    assert where_set("stage.optimizer.lr", choices=choices) == "conf/debug/tiny_seedx_mllm.yaml"
     assert where_set("trainer.precision", choices=choices) == "conf/trainer/cpu.yaml"
 
 

@@ -162,14 +162,16 @@ def _dry_optimizer(cls: type, node: dict, prefix: str) -> list[tuple[str, str]]:
 
 # ---- where a key was set --------------------------------------------------------------------------------
 def _defaults_chain(path: Path) -> list[Path]:
-    """A config file and the same-group files its defaults list pulls in (lowest priority first)."""
+    """A config file and the files its defaults list pulls in (same-group names, `/group/file` paths), lowest
+    priority first."""
     if not path.is_file():
         return []
     node = OmegaConf.load(path)
     chain = []
     for entry in node.get("defaults", []) if isinstance(node, DictConfig) else []:
-        if isinstance(entry, str) and entry != "_self_":
-            chain += _defaults_chain(path.parent / f"{entry}.yaml")
+        if isinstance(entry, str) and entry != "_self_":  # `/debug/tiny`: a file by its path under conf/
+            base = CONF_DIR if entry.startswith("/") else path.parent
+            chain += _defaults_chain(base / f"{entry.lstrip('/')}.yaml")
     return chain + [path]
 
 
