@@ -227,3 +227,54 @@ def test_build_time_check_lists_every_missing_path(tmp_path):
     for key in ("model.vit.weights", "model.detokenizer.pretrained_dir", "model.detokenizer.adapter_weights"):
         assert key in str(err.value)
     assert not hasattr(module, "unet")
+
+
+# ---- typed nodes (pydantic): every stage and datamodule has one; cross-checks name the key they check ----
+def test_every_stage_and_datamodule_takes_a_typed_node():
+    import hydra
+    from omegaconf import OmegaConf
+
+    from src.utils.constraints import ConfigModel
+
+    for group in ("stage", "data"):
+        for path in sorted((CONF / group).glob("*.yaml")):
+            node = OmegaConf.to_container(OmegaConf.load(path))
+            if "_target_" not in node:  # a variant of another file of the group (its defaults name it)
+                continue
+            cls = hydra.utils.get_class(node["_target_"])
+            assert issubclass(cls.config_model, ConfigModel), f"{path.name}: {cls.__name__} has no config_model"
+            unknown = set(node) - set(cls.config_model.model_fields) - {"_target_", "defaults"}
+            assert not unknown, f"{path.name} sets keys {cls.__name__}'s typed node lacks: {unknown}"
+
+
+@pytest.mark.parametrize(
+    ("experiment", "overrides", "message"),
+    [
+        ("seedx_pretrain_tiny", ["stage.full_finetune=true"],
+         "stage.full_finetune: stage.lora.enabled and stage.full_finetune are both true: pick one"),
+        ("seed_llama_pretrain_tiny", ["stage.lora.enabled=false", "stage.full_finetune=false"],
+         "stage.full_finetune: nothing would train: set stage.lora.enabled=true or stage.full_finetune=true"),
+        ("seedx_detok_cond_tiny", ["stage.cond_drop_rate=0.6", "stage.feature_drop_rate=0.5"],
+         "stage.cond_drop_rate: stage.feature_drop_rate + stage.both_drop_rate + stage.cond_drop_rate must be <= 1"),
+        ("seedx_pretrain_tiny", ["stage.lora.r=0"], "stage.lora.r: must be > 0, got 0"),
+        ("seedx_pretrain_tiny", ["+stage.lora.rank=8"], "stage.lora.rank: unknown key"),
+        ("seedx_pretrain_tiny", ["data.truncation=cutt"], "data.truncation: expected one of 'cut', 'skip'"),
+        ("seedx_detok_pretrain_tiny", ["data.image_fit=squash"], "data.image_fit: expected one of 'crop', 'stretch'"),
+        ("seed_tokenizer_v2_tiny", ["+data.resolution=64"],
+         "data.resolution: the SEED tokenizer's one view size is data.image_size"),
+        ("seed_llama_pretrain_tiny", ["data.features_dir=/tmp/x"],
+         "data.features_dir: SEED-LLaMA reads image codes from its records"),
+        ("seedx_detok_pretrain_tiny", ["stage.negative=noise"], "stage.negative: expected one of 'official', 'zeros'"),
+        ("seedx_pretrain_tiny", ["data.batch_size=true"], "data.batch_size: expected int, got bool True"),
+    ],
+)
+def test_typed_nodes_and_cross_checks_name_the_key_and_origin(experiment, overrides, message, tmp_path):
+    text = problems_of(experiment, tmp_path, overrides)
+    assert message in text
+    assert "(set in command-line override" in text.split(message)[1].splitlines()[0]
+
+
+def test_a_model_cross_check_names_its_own_key(tmp_path):
+    # the model config says which key its cross-check is about (ConfigValueError), never guessed from the text
+    text = problems_of("seedx_pretrain_tiny", tmp_path, ["model.vit.heads=5"])
+    assert "model.vit.heads: heads=5 must divide width=" in text and "(set in command-line override" in text

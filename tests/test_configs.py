@@ -26,6 +26,23 @@ def test_every_experiment_has_a_tiny_twin():
         assert f"{e}_tiny" in EXPERIMENTS, f"{e} has no tiny twin"
 
 
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.endswith("_tiny")])
+def test_a_tiny_twin_is_its_full_size_experiment_plus_the_shared_tiny_settings(experiment):
+    """A tiny twin inherits its own full-size experiment (so it trains what that one trains) and the shared
+    conf/debug/tiny.yaml (directly or through a debug/tiny_* family file), stating only its own deltas."""
+    from omegaconf import OmegaConf
+
+    def chain(name: str) -> list[str]:
+        path = CONF / f"{name}.yaml"
+        entries = [e for e in OmegaConf.load(path).get("defaults", []) if isinstance(e, str) and e != "_self_"]
+        return [name, *(x for e in entries if e.startswith("/debug/") for x in chain(e.lstrip("/")))]
+
+    defaults = [e for e in OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml").defaults if isinstance(e, str)]
+    assert defaults[0] == experiment.removesuffix("_tiny")
+    shared = [d for d in defaults if d.startswith("/debug/")]
+    assert shared and "debug/tiny" in chain(shared[0].lstrip("/"))
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes(experiment, tmp_path):
     cfg = compose_cfg(experiment, tmp_path)
@@ -144,7 +161,9 @@ def test_where_set_names_the_yaml_file():
     choices = {"experiment": "seedx_pretrain_tiny", "model/vit": "tiny", "trainer": "cpu"}
     assert where_set("model.vit.width", choices=choices) == "conf/model/vit/tiny.yaml"
     assert where_set("model.vit.patch_size", choices=choices) == "conf/model/vit/qwen_vit_g.yaml"
-    assert where_set("trainer.max_steps", choices=choices) == "conf/experiment/seedx_pretrain_tiny.yaml"
+    assert where_set("data.max_length", choices=choices) == "conf/experiment/seedx_pretrain_tiny.yaml"
+    assert where_set("trainer.max_steps", choices=choices) == "conf/debug/tiny.yaml"  # shared by the tiny twins
+    assert where_set("stage.optimizer.lr", choices=choices) == "conf/debug/tiny_seedx_mllm.yaml"
     assert where_set("trainer.precision", choices=choices) == "conf/trainer/cpu.yaml"
 
 

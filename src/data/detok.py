@@ -22,7 +22,7 @@ them to a stream dir (``data_prep/write_stream.py``) and train with ``stream_dir
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -41,7 +41,7 @@ from src.data.records import (
 )
 from src.data.sources import RecordDataset, SourceConfig, parse_sources, read_source, require_exists
 from src.data.stream import StreamSettings
-from src.utils.constraints import NonNegativeInt, PositiveFloat, PositiveInt, StreamDir
+from src.utils.constraints import ConfigModel, NonNegativeInt, PositiveFloat, PositiveInt, StreamDir
 
 
 def split_target_condition(record: dict) -> tuple[dict, dict | None]:
@@ -154,32 +154,54 @@ def collate_samples(samples: list[dict[str, Any]], batch_type: type[Batch] = Det
                       skipped=[s["skipped"] for s in samples if "skipped" in s], **fields)
 
 
+class DetokDataConfig(ConfigModel):
+    """The `data` node of the de-tokenizer stages (validated before a run by src/utils/config.py)."""
+
+    train_sources: list[dict]
+    val_sources: list[dict] | None = None
+    vit_image_size: PositiveInt = 448
+    resolution: PositiveInt = 1024
+    batch_size: PositiveInt = 4
+    val_batch_size: PositiveInt | None = None
+    num_workers: NonNegativeInt = 0
+    shuffle: bool = True
+    min_image_size: PositiveInt = 8
+    max_aspect_ratio: PositiveFloat = 8.0
+    val_max_samples: PositiveInt | None = None
+    seed: int = 0
+    features_dir: str | None = None
+    stream_dir: StreamDir = None
+    stream_cache_dir: str | None = None
+    stream_canonical_nodes: PositiveInt = 1
+    image_fit: Literal["crop", "stretch"] = "crop"
+
+
 class DetokDataModule(ResumableDataModule):
+    config_model: ClassVar[type[ConfigModel]] = DetokDataConfig  # the `data` node it takes
+
     def __init__(
         self,
         train_sources: list[dict],
         val_sources: list[dict] | None = None,
-        vit_image_size: PositiveInt = 448,
-        resolution: PositiveInt = 1024,
-        batch_size: PositiveInt = 4,
-        val_batch_size: PositiveInt | None = None,
-        num_workers: NonNegativeInt = 0,
+        vit_image_size: int = 448,
+        resolution: int = 1024,
+        batch_size: int = 4,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
         shuffle: bool = True,
-        min_image_size: PositiveInt = 8,
-        max_aspect_ratio: PositiveFloat = 8.0,
-        val_max_samples: PositiveInt | None = None,
+        min_image_size: int = 8,
+        max_aspect_ratio: float = 8.0,
+        val_max_samples: int | None = None,
         seed: int = 0,
         features_dir: str | None = None,
-        stream_dir: StreamDir = None,
+        stream_dir: str | None = None,
         stream_cache_dir: str | None = None,
-        stream_canonical_nodes: PositiveInt = 1,
+        stream_canonical_nodes: int = 1,
         image_fit: str = "crop",
     ) -> None:
         super().__init__()
         self.train_sources, self.val_sources = parse_sources(train_sources, val_sources)
         self.stream = StreamSettings.of(stream_dir, stream_cache_dir, stream_canonical_nodes, self.train_sources)
-        if image_fit not in IMAGE_FITS:
-            raise ValueError(f"data.image_fit must be one of {IMAGE_FITS}, got {image_fit!r}")
         store = None
         if features_dir:
             from src.data.features import FeatureStore

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar, Literal
 
 from torch.utils.data import ConcatDataset, DataLoader
 
@@ -37,6 +38,7 @@ from src.data.sources import (
 from src.data.stream import StreamSettings
 from src.models.vocab import add_seedx_tokens
 from src.utils.constraints import (
+    ConfigModel,
     Fraction,
     NonNegativeInt,
     PositiveFloat,
@@ -45,7 +47,37 @@ from src.utils.constraints import (
     TokenizerDir,
 )
 
-__all__ = ["MLLMDataModule", "load_tokenizer"]
+__all__ = ["MLLMDataConfig", "MLLMDataModule", "load_tokenizer"]
+
+
+class MLLMDataConfig(ConfigModel):
+    """The `data` node of the SEED-X MLLM stages (validated before a run by src/utils/config.py)."""
+
+    tokenizer_path: TokenizerDir
+    train_sources: list[dict]
+    val_sources: list[dict] | None = None
+    vit_image_size: PositiveInt = 448
+    max_length: PositiveInt = 2048
+    packing: bool = False
+    batch_size: PositiveInt = 4
+    val_batch_size: PositiveInt | None = None
+    num_workers: NonNegativeInt = 0
+    t2i_ratio: Fraction = 0.0
+    samples_per_epoch: PositiveInt | None = None
+    seed: int = 0
+    truncation: Literal["cut", "skip"] = "cut"
+    grids: tuple[str, ...] = DEFAULT_GRIDS
+    num_image_tokens: PositiveInt = 64
+    min_image_size: PositiveInt = 8
+    max_aspect_ratio: PositiveFloat = 8.0
+    chat_format: str = "qa"
+    features_dir: str | None = None
+    t2i_chat_format: str = "plain"
+    gen_prompts: bool = False
+    edit_responses: bool = False
+    stream_dir: StreamDir = None
+    stream_cache_dir: str | None = None
+    stream_canonical_nodes: PositiveInt = 1
 
 
 def load_tokenizer(path: str | None, key: str = "data.tokenizer_path", extend=add_seedx_tokens):
@@ -67,34 +99,35 @@ class MLLMDataModule(ResumableDataModule):
     # What turns records into samples, and how the tokenizer is extended (SEED-LLaMA's datamodule swaps both).
     builder_class = SeedXSequenceBuilder
     extend_tokenizer = staticmethod(add_seedx_tokens)
+    config_model: ClassVar[type[MLLMDataConfig]] = MLLMDataConfig  # the `data` node it takes
 
     def __init__(
         self,
-        tokenizer_path: TokenizerDir,
+        tokenizer_path: str | None,
         train_sources: list[dict],
         val_sources: list[dict] | None = None,
-        vit_image_size: PositiveInt = 448,
-        max_length: PositiveInt = 2048,
+        vit_image_size: int = 448,
+        max_length: int = 2048,
         packing: bool = False,
-        batch_size: PositiveInt = 4,
-        val_batch_size: PositiveInt | None = None,
-        num_workers: NonNegativeInt = 0,
-        t2i_ratio: Fraction = 0.0,
-        samples_per_epoch: PositiveInt | None = None,
+        batch_size: int = 4,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        t2i_ratio: float = 0.0,
+        samples_per_epoch: int | None = None,
         seed: int = 0,
         truncation: str = "cut",
         grids: Sequence[str] = DEFAULT_GRIDS,
-        num_image_tokens: PositiveInt = 64,
-        min_image_size: PositiveInt = 8,
-        max_aspect_ratio: PositiveFloat = 8.0,
+        num_image_tokens: int = 64,
+        min_image_size: int = 8,
+        max_aspect_ratio: float = 8.0,
         chat_format: str = "qa",
         features_dir: str | None = None,
         t2i_chat_format: str = "plain",
         gen_prompts: bool = False,
         edit_responses: bool = False,
-        stream_dir: StreamDir = None,
+        stream_dir: str | None = None,
         stream_cache_dir: str | None = None,
-        stream_canonical_nodes: PositiveInt = 1,
+        stream_canonical_nodes: int = 1,
     ) -> None:
         super().__init__()
         self.train_sources, self.val_sources = parse_sources(train_sources, val_sources)
@@ -104,8 +137,6 @@ class MLLMDataModule(ResumableDataModule):
                 raise ValueError(f"data sources: the MLLM datamodule reads jsonl/folder sources in memory; for "
                                  f"shards write a stream dir (python -m data_prep.write_stream) and set "
                                  f"data.stream_dir ({s.path})")
-        if samples_per_epoch is not None and samples_per_epoch < 1:
-            raise ValueError(f"data.samples_per_epoch must be >= 1 or null, got {samples_per_epoch}")
         self.tokenizer_path = tokenizer_path
         self.vit_image_size = vit_image_size
         self.max_length = max_length

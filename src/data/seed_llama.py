@@ -21,8 +21,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import model_validator
 
-from src.data.mllm import MLLMDataModule
+from src.data.mllm import MLLMDataConfig, MLLMDataModule
 from src.data.mllm_sequence import (
     CHAT_FORMATS,
     IGNORE_INDEX,
@@ -34,6 +35,7 @@ from src.data.mllm_sequence import (
 )
 from src.data.records import BadSample
 from src.models.vocab import CODES_PER_IMAGE, NUM_IMAGE_CODES, add_seed_llama_tokens, seed_llama_token_ids
+from src.utils.constraints import ConfigValueError, PositiveInt
 
 __all__ = ["SEED_LLAMA_GEN_PROMPTS", "SEED_LLAMA_GEN_RESPONSES", "SeedLlamaDataModule", "SeedLlamaSequenceBuilder",
            "item_codes"]
@@ -117,13 +119,26 @@ class SeedLlamaSequenceBuilder(SeedXSequenceBuilder):
         return _Segment(ids, labels, image=True, atomic=True)
 
 
+class SeedLlamaDataConfig(MLLMDataConfig):
+    """The `data` node of the SEED-LLaMA stages: the SEED-X one, with codes instead of pixels."""
+
+    num_image_tokens: PositiveInt = CODES_PER_IMAGE
+    image_ce: bool = True
+
+    @model_validator(mode="after")
+    def _codes_not_features(self):
+        if self.features_dir:
+            raise ConfigValueError("features_dir", "data.features_dir: SEED-LLaMA reads image codes from its "
+                                                   "records; set it to null")
+        return self
+
+
 class SeedLlamaDataModule(MLLMDataModule):
     builder_class = SeedLlamaSequenceBuilder
     extend_tokenizer = staticmethod(add_seed_llama_tokens)
+    config_model = SeedLlamaDataConfig
 
     def __init__(self, *args, image_ce: bool = True, **kwargs) -> None:
         kwargs.setdefault("num_image_tokens", CODES_PER_IMAGE)
         super().__init__(*args, **kwargs)
-        if self.features_dir:
-            raise ValueError("data.features_dir: SEED-LLaMA reads image codes from its records; set it to null")
         self.builder_kwargs["image_ce"] = image_ce

@@ -24,13 +24,14 @@ import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
+from pydantic import model_validator
 from torchvision.transforms import InterpolationMode
 
 from src.data.batch import SeedTokenizerBatch
-from src.data.detok import DetokDataModule, collate_samples, split_target_condition
+from src.data.detok import DetokDataConfig, DetokDataModule, collate_samples, split_target_condition
 from src.data.images import CLIP_MEAN, CLIP_STD, vit_view
 from src.data.records import BadSample, SkippedSample, load_image, record_text
-from src.utils.constraints import PositiveInt
+from src.utils.constraints import ConfigValueError, PositiveInt
 
 __all__ = ["CaptionedImageBuilder", "SeedTokenizerDataModule", "add_dec_token"]
 
@@ -89,14 +90,32 @@ class CaptionedImageBuilder:
         return {"id": record["id"], "source": record["source"], "pixels": pixels, "caption": caption}
 
 
+class SeedTokenizerDataConfig(DetokDataConfig):
+    """The `data` node of the SEED tokenizer stages: the de-tokenizer's, one image size, pixels only."""
+
+    image_size: PositiveInt = 224
+    require_caption: bool = True
+    augment: bool = True
+
+    @model_validator(mode="after")
+    def _pixels_at_one_size(self):
+        for key in ("vit_image_size", "resolution"):
+            if key in self.model_fields_set:
+                raise ConfigValueError(key, f"data.{key}: the SEED tokenizer's one view size is data.image_size")
+        if self.features_dir:
+            raise ConfigValueError("features_dir", "data.features_dir: the SEED tokenizer stages read pixels; set it "
+                                                   "to null")
+        return self
+
+
 class SeedTokenizerDataModule(DetokDataModule):
     """`DetokDataModule` (its sources, shards, streams, batch and worker settings in `**kwargs`) with
     image-caption samples instead of de-tokenizer views."""
 
+    config_model = SeedTokenizerDataConfig
+
     def __init__(self, train_sources: list[dict], val_sources: list[dict] | None = None,
-                 image_size: PositiveInt = 224, require_caption: bool = True, augment: bool = True, **kwargs) -> None:
-        if kwargs.get("features_dir"):
-            raise ValueError("data.features_dir: the SEED tokenizer stages read pixels; set it to null")
+                 image_size: int = 224, require_caption: bool = True, augment: bool = True, **kwargs) -> None:
         super().__init__(train_sources, val_sources, vit_image_size=image_size, resolution=image_size, **kwargs)
         self.val_build = CaptionedImageBuilder(image_size, require_caption, self.build.min_size,
                                                self.build.max_aspect_ratio)

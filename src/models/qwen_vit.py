@@ -19,7 +19,7 @@ from src.models.resampler import (
     ResamplerConfig,
     interpolate_pos_embed,
 )
-from src.utils.constraints import PositiveFloat, PositiveInt
+from src.utils.constraints import ConfigValueError, PositiveFloat, PositiveInt
 from src.utils.materialize import TensorSource, empty_init, materialize, random_tower, state_dict_file
 from src.utils.weights import (
     RequiredPath,
@@ -69,9 +69,9 @@ class QwenViTConfig:
         if self.mlp_ratio <= 0 or self.ln_eps <= 0:
             raise ValueError(f"mlp_ratio and ln_eps must be positive, got {self.mlp_ratio}, {self.ln_eps}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"patch_size={self.patch_size} must divide image_size={self.image_size}")
+            raise ConfigValueError("patch_size", f"patch_size={self.patch_size} must divide image_size={self.image_size}")
         if self.width % self.heads:
-            raise ValueError(f"heads={self.heads} must divide width={self.width}")
+            raise ConfigValueError("heads", f"heads={self.heads} must divide width={self.width}")
         if math.isqrt(self.n_queries) ** 2 != self.n_queries:
             raise ValueError(f"n_queries must be a square number, got {self.n_queries}")
         if self.output_dim % self.pool_head_dim or self.output_dim % 4:

@@ -29,10 +29,9 @@ from src.models.detokenizer import (
 from src.models.qwen_vit import QwenViT, QwenViTConfig, build_vit
 from src.pipelines.detok import ImageDecoder
 from src.specs.base import ModelSpec, Recipe, SpecModel
+from src.utils.constraints import ConfigValueError
 from src.utils.materialize import seeded
 from src.utils.weights import RequiredPath, check_keys_and_shapes
-
-NEGATIVES = ("official", "zeros")
 
 
 @dataclass
@@ -49,14 +48,11 @@ class DetokConfig:
     def from_args(cls, model: dict, init_seed: int = 0, negative: str = "official",
                   frozen_dtype: str | None = None) -> DetokConfig:
         """Parse and cross-check: a mistake fails before any model is built."""
-        if negative not in NEGATIVES:
-            raise ValueError(f"stage.negative must be one of {NEGATIVES}, got {negative!r}")
-        if frozen_dtype not in (None, "bf16"):
-            raise ValueError(f"stage.frozen_dtype must be null or 'bf16', got {frozen_dtype!r}")
         cfg = cls(QwenViTConfig(**model["vit"]), DetokenizerConfig(**model["detokenizer"]), init_seed, negative,
                   frozen_dtype)
         if cfg.detokenizer.adapter_cfg.embedding_dim != cfg.vit.output_dim:
-            raise ValueError(
+            raise ConfigValueError(
+                "model.detokenizer.adapter.embedding_dim",
                 f"model.detokenizer.adapter.embedding_dim={cfg.detokenizer.adapter_cfg.embedding_dim} must "
                 f"equal model.vit.output_dim={cfg.vit.output_dim}"
             )

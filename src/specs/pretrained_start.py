@@ -61,9 +61,8 @@ class PretrainedStart:
     init_from_what = "a pre-training checkpoint of this model (.ckpt or sharded dir)"
 
     def configure_start(self, init_from: str | None = None, pretrain_lora: Literal["merge", "keep"] = "merge") -> None:
-        """After the family's own configs are parsed: where the weights start."""
-        if pretrain_lora not in PRETRAIN_LORA_MODES:
-            raise ValueError(f"stage.pretrain_lora must be one of {PRETRAIN_LORA_MODES}, got {pretrain_lora!r}")
+        """After the family's own configs are parsed (stage.pretrain_lora is validated with the stage's node): where
+        the weights start."""
         self.init_from = init_from
         self.pretrain_lora = pretrain_lora
         self._pretrained: tuple[dict, dict[str, torch.Tensor]] | None = None

@@ -30,6 +30,7 @@ from src.models.seed_decoder import SeedDecoderConfig, build_target_encoder
 from src.models.seed_qformer_weights import load_qformer_weights
 from src.specs.base import ModelSpec, Recipe, SpecModel
 from src.utils.checkpoint import checkpoint_tensors, read_checkpoint
+from src.utils.constraints import ConfigValueError
 from src.utils.materialize import seeded
 from src.utils.weights import RequiredPath, check_keys_and_shapes
 
@@ -46,7 +47,8 @@ TEXT_FFN = re.compile(r"\.encoder\.layer\.\d+\.(intermediate|output)\.")
 
 def _check_vit_width(encoder_hidden_size: int, vit: EvaViTConfig) -> None:
     if encoder_hidden_size != vit.width:
-        raise ValueError(f"model.qformer.qformer.encoder_hidden_size={encoder_hidden_size} must "
+        raise ConfigValueError("model.qformer.qformer.encoder_hidden_size",
+                               f"model.qformer.qformer.encoder_hidden_size={encoder_hidden_size} must "
                          f"equal model.eva_vit.width={vit.width}")
 
 
@@ -147,7 +149,8 @@ class SeedTokenizerConfig:
         _check_vit_width(cfg.qformer.encoder_hidden_size, cfg.vit)
         size = cfg.decoder.encoder_image_size  # the target encoder sees the ViT's view
         if size is not None and size != cfg.vit.image_size:
-            raise ValueError(f"model.seed_decoder.image_encoder.image_size={size} must equal "
+            raise ConfigValueError("model.seed_decoder.image_encoder.image_size",
+                                   f"model.seed_decoder.image_encoder.image_size={size} must equal "
                              f"model.eva_vit.image_size={cfg.vit.image_size} (both encode the same view)")
         return cfg
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -23,7 +23,7 @@ from src.data.batch import Batch, batch_meta
 from src.data.position import loader_generator, planned_steps
 from src.parallel import FSDP2Strategy, block_classes, parallelize, writes_sharded_checkpoints
 from src.utils.checkpoint_kind import FAMILY_KEY, STAGE_KEY
-from src.utils.constraints import Fraction, NonNegativeInt
+from src.utils.constraints import ConfigModel, Fraction, NonNegativeInt, PositiveFloat, PositiveInt
 from src.utils.materialize import materialize
 from src.utils.weights import check_paths
 
@@ -46,13 +46,41 @@ def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> 
     return [g for g in groups if g["params"]]
 
 
-@dataclass
-class SchedulerConfig:
-    """`stage.scheduler` (the arguments of build_lr_scheduler), checked before a run by src/utils/config.py."""
+class SchedulerConfig(ConfigModel):
+    """`stage.scheduler` (the arguments of build_lr_scheduler)."""
 
     name: Literal["cosine", "constant"] = "cosine"
     warmup_steps: NonNegativeInt = 0
     min_lr_ratio: Fraction = 0.0
+
+
+class LoraConfig(ConfigModel):
+    """`stage.lora` of the LLM stages (src/models/mllm.py apply_lora)."""
+
+    enabled: bool = False
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16
+    dropout: Fraction = 0.0
+    targets: list[str] | None = None
+
+
+class StageConfig(ConfigModel):
+    """The `stage` node every stage takes (validated before a run by src/utils/config.py); a stage with more
+    arguments subclasses it and names it as its `config_model`. `model` is the `model/*` nodes, checked on
+    their own; `optimizer` is a nested `_target_` node, checked against its own class."""
+
+    model: dict
+    optimizer: Any = None
+    scheduler: SchedulerConfig | None = None
+    checkpoint_frozen: bool = False
+    nonfinite_loss: Literal["skip", "stop"] = "skip"
+
+
+class PretrainedStartConfig(StageConfig):
+    """What an SFT start (src/specs/pretrained_start.py) adds to its stage's node (an SFT config subclasses it and the stage's own config)."""
+
+    init_from: str | None = None
+    pretrain_lora: Literal["merge", "keep"] = "merge"
 
 
 def build_lr_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int, min_lr_ratio: float):
@@ -67,8 +95,8 @@ def build_lr_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int
 
 
 class StageModule(L.LightningModule):
-    # Plain-dict constructor arguments and the dataclass that says which keys/values they take.
-    config_schemas: ClassVar[dict[str, type]] = {"scheduler": SchedulerConfig}
+    # The typed `stage` node this class takes (src/utils/config.py validates it before anything is built).
+    config_model: ClassVar[type[StageConfig]] = StageConfig
 
     def __init__(
         self,
@@ -79,8 +107,6 @@ class StageModule(L.LightningModule):
         nonfinite_loss: str = "skip",
     ) -> None:
         super().__init__()
-        if nonfinite_loss not in ("skip", "stop"):
-            raise ValueError(f"stage.nonfinite_loss must be 'skip' or 'stop', got {nonfinite_loss!r}")
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.scheduler_cfg = dict(scheduler or {"name": "constant", "warmup_steps": 0, "min_lr_ratio": 0.0})

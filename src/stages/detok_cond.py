@@ -15,36 +15,47 @@ image to lose, so its features drop at f + b.
 from __future__ import annotations
 
 import torch
+from pydantic import ValidationInfo, field_validator
 
 from src.data.batch import DetokBatch
 from src.pipelines.detok import decode_latents
 from src.specs.detokenizer import DetokCondRecipe
-from src.stages.detok_pretrain import DetokPretrainModule
+from src.stages.detok_pretrain import DetokPretrainConfig, DetokPretrainModule
 from src.utils.constraints import Fraction
+
+
+class DetokCondConfig(DetokPretrainConfig):
+    both_drop_rate: Fraction = 0.0
+    cond_drop_rate: Fraction = 0.05
+    image_guidance_scale: float = 1.5
+    require_stage1: bool = True
+
+    @field_validator("cond_drop_rate")
+    @classmethod
+    def _disjoint_intervals(cls, c: float, info: ValidationInfo) -> float:
+        # three disjoint intervals of one uniform draw (reported under the stage-2 rate, validated last)
+        f, b = info.data.get("feature_drop_rate"), info.data.get("both_drop_rate")
+        if f is not None and b is not None and f + b + c > 1.0 + 1e-9:
+            raise ValueError(f"stage.feature_drop_rate + stage.both_drop_rate + stage.cond_drop_rate must be <= 1, "
+                             f"got {f} + {b} + {c} = {f + b + c}")
+        return c
 
 
 class DetokCondModule(DetokCondRecipe, DetokPretrainModule):
     """Stage 2's drop draws, condition input and sampling; its models are the spec's (src/specs/detokenizer.py)."""
 
+    config_model = DetokCondConfig
+
     def __init__(
         self,
         *args,
-        cond_drop_rate: Fraction = 0.05,
-        both_drop_rate: Fraction = 0.0,
+        cond_drop_rate: float = 0.05,
+        both_drop_rate: float = 0.0,
         image_guidance_scale: float = 1.5,
         require_stage1: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        for key, rate in (("cond_drop_rate", cond_drop_rate), ("both_drop_rate", both_drop_rate)):
-            if not 0.0 <= rate <= 1.0:
-                raise ValueError(f"stage.{key} must be in [0, 1], got {rate}")
-        total = self.feature_drop_rate + both_drop_rate + cond_drop_rate
-        if total > 1.0 + 1e-9:  # three disjoint intervals of one uniform draw
-            raise ValueError(
-                f"stage.feature_drop_rate + stage.both_drop_rate + stage.cond_drop_rate must be <= 1, got "
-                f"{self.feature_drop_rate} + {both_drop_rate} + {cond_drop_rate} = {total}"
-            )
         self.require_stage1 = require_stage1
         self.cond_drop_rate = cond_drop_rate
         self.both_drop_rate = both_drop_rate

@@ -33,7 +33,7 @@ from src.data.batch import DetokBatch, FrozenInputs
 from src.models.detokenizer import encode_posterior
 from src.pipelines.detok import decode_latents, denoise
 from src.specs.detokenizer import DetokConfig, DetokRecipe
-from src.stages.base import StageModule
+from src.stages.base import StageConfig, StageModule
 from src.utils.constraints import Fraction, PositiveInt
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,22 @@ log = logging.getLogger(__name__)
 NOISE_SEED_KEY = "detok_noise_seed"  # top-level checkpoint entry
 
 
+class DetokPretrainConfig(StageConfig):
+    feature_drop_rate: Fraction = 0.0
+    noise_offset: float = 0.0
+    sample_steps: PositiveInt = 25
+    guidance_scale: float = 7.5
+    init_seed: int = 0
+    noise_seed: int = 0
+    negative: Literal["official", "zeros"] = "official"
+    frozen_dtype: Literal["bf16"] | None = None
+
+
 class DetokPretrainModule(DetokRecipe, StageModule):
     """The losses, sampling probes and step of de-tokenizer stage 1; its models are the spec's
     (src/specs/detokenizer.py)."""
+
+    config_model = DetokPretrainConfig
 
     def __init__(
         self,
@@ -52,9 +65,9 @@ class DetokPretrainModule(DetokRecipe, StageModule):
         scheduler: dict | None = None,
         checkpoint_frozen: bool = False,
         nonfinite_loss: str = "skip",
-        feature_drop_rate: Fraction = 0.0,
+        feature_drop_rate: float = 0.0,
         noise_offset: float = 0.0,
-        sample_steps: PositiveInt = 25,
+        sample_steps: int = 25,
         guidance_scale: float = 7.5,
         init_seed: int = 0,
         noise_seed: int = 0,
@@ -62,8 +75,6 @@ class DetokPretrainModule(DetokRecipe, StageModule):
         frozen_dtype: Literal["bf16"] | None = None,
     ) -> None:
         super().__init__(model, optimizer, scheduler, checkpoint_frozen, nonfinite_loss)
-        if not 0.0 <= feature_drop_rate <= 1.0:
-            raise ValueError(f"stage.feature_drop_rate must be in [0, 1], got {feature_drop_rate}")
         # Parse configs now: a config mistake fails before any model is built.
         self.configure(DetokConfig.from_args(model, init_seed, negative, frozen_dtype))
         self.feature_drop_rate = feature_drop_rate

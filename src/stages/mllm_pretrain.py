@@ -14,19 +14,35 @@ all-reduce; the others encode a dummy view), see `src.parallel.same_call_count`.
 from __future__ import annotations
 
 import torch
+from pydantic import model_validator
 
 from src.data.batch import FrozenInputs, MLLMBatch
 from src.models.mllm import LORA_TARGETS
 from src.models.vocab import NUM_SEEDX_TOKENS
 from src.parallel import same_call_count
 from src.specs.seedx import SeedXConfig, SeedXRecipe
-from src.stages.base import StageModule
-from src.utils.constraints import PositiveInt
+from src.stages.base import LoraConfig, StageConfig, StageModule
+from src.utils.constraints import ConfigValueError, PositiveInt
 from src.utils.flops import mllm_step_flops
+
+
+class MLLMPretrainConfig(StageConfig):
+    lora: LoraConfig | None = None
+    full_finetune: bool = False
+    vit_chunk_size: PositiveInt = 16
+    init_seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_way_to_train(self):
+        if self.lora is not None and self.lora.enabled and self.full_finetune:
+            raise ConfigValueError("full_finetune", "stage.lora.enabled and stage.full_finetune are both true: pick one")
+        return self
 
 
 class MLLMPretrainModule(SeedXRecipe, StageModule):
     """The losses and step of SEED-X pre-training; its models are the spec's (src/specs/seedx.py)."""
+
+    config_model = MLLMPretrainConfig
 
     def __init__(
         self,
@@ -37,7 +53,7 @@ class MLLMPretrainModule(SeedXRecipe, StageModule):
         nonfinite_loss: str = "skip",
         lora: dict | None = None,
         full_finetune: bool = False,
-        vit_chunk_size: PositiveInt = 16,
+        vit_chunk_size: int = 16,
         init_seed: int = 0,
     ) -> None:
         super().__init__(model, optimizer, scheduler, checkpoint_frozen, nonfinite_loss)

@@ -30,11 +30,18 @@ from typing import Literal
 
 from src.specs.pretrained_start import PRETRAIN_LORA_MODES, MergedLoRA
 from src.specs.seedx import SeedXSFTRecipe
-from src.stages.mllm_pretrain import MLLMPretrainModule
+from src.stages.base import PretrainedStartConfig
+from src.stages.mllm_pretrain import MLLMPretrainConfig, MLLMPretrainModule
+
+
+class MLLMSFTConfig(PretrainedStartConfig, MLLMPretrainConfig):
+    pass
 
 
 class MLLMSFTModule(SeedXSFTRecipe, MLLMPretrainModule):
     """Pre-training's losses and step; the start (stage.init_from, pretrain_lora) is the spec's."""
+
+    config_model = MLLMSFTConfig
 
     def __init__(self, *args, init_from: str | None = None, pretrain_lora: Literal["merge", "keep"] = "merge",
                  **kwargs) -> None:

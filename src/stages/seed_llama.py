@@ -19,13 +19,38 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import model_validator
 
 from src.specs.seed_llama import SeedLlamaConfig, SeedLlamaRecipe, SeedLlamaSFTRecipe
-from src.stages.base import StageModule
+from src.stages.base import LoraConfig, PretrainedStartConfig, StageConfig, StageModule
+from src.utils.constraints import ConfigValueError
+
+
+class SeedLlamaStageConfig(StageConfig):
+    lora: LoraConfig | None = None
+    full_finetune: bool = False
+    init_seed: int = 0
+    new_rows: Literal["normal", "mean"] = "normal"
+
+    @model_validator(mode="after")
+    def _one_way_to_train(self):
+        lora = self.lora is not None and self.lora.enabled
+        if lora and self.full_finetune:
+            raise ConfigValueError("full_finetune", "stage.lora.enabled and stage.full_finetune are both true: pick one")
+        if not lora and not self.full_finetune:
+            raise ConfigValueError("full_finetune",
+                                   "nothing would train: set stage.lora.enabled=true or stage.full_finetune=true")
+        return self
+
+
+class SeedLlamaSFTStageConfig(PretrainedStartConfig, SeedLlamaStageConfig):
+    pass
 
 
 class SeedLlamaModule(SeedLlamaRecipe, StageModule):
     """SEED-LLaMA's loss; its model is the spec's (src/specs/seed_llama.py)."""
+
+    config_model = SeedLlamaStageConfig
 
     def __init__(self, model: dict, optimizer, scheduler: dict | None = None, checkpoint_frozen: bool = False,
                  nonfinite_loss: str = "skip", lora: dict | None = None, full_finetune: bool = False,
@@ -42,6 +67,8 @@ class SeedLlamaModule(SeedLlamaRecipe, StageModule):
 
 class SeedLlamaSFTModule(SeedLlamaSFTRecipe, SeedLlamaModule):
     """Pre-training's loss; the start (stage.init_from, pretrain_lora) is the spec's."""
+
+    config_model = SeedLlamaSFTStageConfig
 
     def __init__(self, *args, init_from: str | None = None, pretrain_lora: Literal["merge", "keep"] = "merge",
                  **kwargs) -> None:

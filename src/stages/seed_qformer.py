@@ -13,11 +13,18 @@ import torch
 
 from src.models.eva_vit import encode
 from src.specs.seed_tokenizer import SeedQFormerConfig, SeedQFormerRecipe
-from src.stages.base import StageModule
+from src.stages.base import StageConfig, StageModule
+
+
+class SeedQFormerStageConfig(StageConfig):
+    init_seed: int = 0
+    noise_seed: int = 0
 
 
 class SeedQFormerModule(SeedQFormerRecipe, StageModule):
     """The losses of SEED tokenizer stage 1; its models are the spec's (src/specs/seed_tokenizer.py)."""
+
+    config_model = SeedQFormerStageConfig
 
     def __init__(self, model: dict, optimizer, scheduler: dict | None = None, checkpoint_frozen: bool = False,
                  nonfinite_loss: str = "skip", init_seed: int = 0, noise_seed: int = 0) -> None:

@@ -27,7 +27,7 @@ import torch
 
 from src.models.vq import perplexity, usage_stats
 from src.specs.seed_tokenizer import TEXT_FFN, SeedTokenizerConfig, SeedTokenizerRecipe
-from src.stages.base import StageModule
+from src.stages.base import StageConfig, StageModule
 from src.utils.constraints import NonNegativeFloat, NonNegativeInt
 
 log = logging.getLogger(__name__)
@@ -35,21 +35,31 @@ log = logging.getLogger(__name__)
 __all__ = ["TEXT_FFN", "SeedTokenizerModule"]
 
 
+class SeedTokenizerStageConfig(StageConfig):
+    init_from: str | None = None
+    vq_weight: NonNegativeFloat = 5.0
+    recon_weight: NonNegativeFloat = 2.0
+    gen_weight: NonNegativeFloat = 0.5
+    usage_window: NonNegativeInt = 1000
+    dead_code_reset: bool = False
+    init_seed: int = 0
+    noise_seed: int = 0
+    weights_in_checkpoint: bool = False
+
+
 class SeedTokenizerModule(SeedTokenizerRecipe, StageModule):
     """The losses and codebook-usage logging of SEED tokenizer stage 2; its models are the spec's
     (src/specs/seed_tokenizer.py)."""
 
+    config_model = SeedTokenizerStageConfig
+
     def __init__(self, model: dict, optimizer, scheduler: dict | None = None, checkpoint_frozen: bool = False,
-                 nonfinite_loss: str = "skip", init_from: str | None = None, vq_weight: NonNegativeFloat = 5.0,
-                 recon_weight: NonNegativeFloat = 2.0, gen_weight: NonNegativeFloat = 0.5,
-                 usage_window: NonNegativeInt = 1000, dead_code_reset: bool = False, init_seed: int = 0,
+                 nonfinite_loss: str = "skip", init_from: str | None = None, vq_weight: float = 5.0,
+                 recon_weight: float = 2.0, gen_weight: float = 0.5, usage_window: int = 1000, dead_code_reset: bool = False, init_seed: int = 0,
                  noise_seed: int = 0, weights_in_checkpoint: bool = False) -> None:
         super().__init__(model, optimizer, scheduler, checkpoint_frozen, nonfinite_loss)
         # Parse configs now: a config mistake fails before any model is built.
         self.configure(SeedTokenizerConfig.from_args(model, init_from, init_seed, weights_in_checkpoint))
-        for key, w in (("vq_weight", vq_weight), ("recon_weight", recon_weight), ("gen_weight", gen_weight)):
-            if w < 0:
-                raise ValueError(f"stage.{key} must be >= 0, got {w}")
         self.weights = {"vq": vq_weight, "recon": recon_weight, "gen": gen_weight}
         self.usage_window = usage_window
         self.dead_code_reset = dead_code_reset

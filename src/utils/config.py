@@ -1,36 +1,26 @@
 """Config checks that run before any model is built; every problem names its key and where it was set.
 
-Types and value constraints come from the code that will consume the values: the `_target_` classes'
-constructor annotations (stage, data, trainer, strategy, callbacks, loggers, nested optimizers), with
-`Annotated` markers from src/utils/constraints.py (PositiveInt, Fraction, TokenizerDir ...), and the
-model config dataclasses. Where constructing the consumer is cheap and builds no model (an optimizer on
-a dummy parameter, config dataclasses, the stage module) it is constructed, so the check cannot drift
-from the code. All problems are reported at once.
+pydantic validates each node: a stage's or datamodule's own typed node (`config_model`, src/utils/constraints.py
+ConfigModel with `Annotated` rules such as PositiveInt, Fraction, TokenizerDir), a library class's node from its
+signature (Lightning's trainer, callbacks, loggers, strategies; torch's optimizers) and the `model/*` nodes from
+their config classes. Each pydantic error becomes (dotted key, the rule it broke), and `where_set` names the yaml
+file or override that set the key. Where constructing the consumer is cheap and builds no model (an optimizer on
+a dummy parameter, the model config classes, the stage module) it is constructed for its cross-checks, which
+name their key (ConfigValueError). All problems are reported at once.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
-import re
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from src.utils.constraints import (
-    CountOrUnlimited,
-    Fraction,
-    LocalPath,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveInt,
-    Range,
-)
+from src.utils.config_nodes import KEY_GROUPS, model_problems, node_schema, validation_problems
+from src.utils.constraints import ConfigValueError
 from src.utils.weights import missing_paths
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -44,155 +34,6 @@ def available_experiments() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
-# ---- types --------------------------------------------------------------------------------------------
-def _strip(tp: Any) -> Any:
-    return tp.__origin__ if typing.get_origin(tp) is typing.Annotated else tp
-
-
-def _problem(value: Any, tp: Any, check_paths: bool = False) -> str | None:
-    """Why `value` (plain yaml data) does not fit `tp`; None when it fits (or `tp` is not checkable)."""
-    if typing.get_origin(tp) is typing.Annotated:
-        base = _problem(value, tp.__origin__, check_paths)
-        if base is not None:
-            return base
-        for mark in tp.__metadata__:
-            if isinstance(mark, Range) or (check_paths and isinstance(mark, LocalPath)):
-                msg = mark.violation(value)
-                if msg:
-                    return msg
-        return None
-    if tp in (Any, inspect.Parameter.empty) or isinstance(tp, (str, typing.TypeVar)):
-        return None
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        problems = [_problem(value, a, check_paths) for a in args]
-        if any(p is None for p in problems):
-            return None
-        # A value of the right type that breaks a constraint says which constraint, not "expected ...".
-        for a, p in zip(args, problems):
-            if _problem(value, _strip(a)) is None:
-                return p
-        return _expected(value, tp)
-    if origin is typing.Literal:
-        return None if value in args else _expected(value, tp)
-    if tp is type(None):
-        return None if value is None else _expected(value, tp)
-    if tp is bool:
-        return None if isinstance(value, bool) else _expected(value, tp)
-    if tp is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else _expected(value, tp)
-    if tp is float:
-        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else _expected(value, tp)
-    if tp is str:
-        return None if isinstance(value, str) else _expected(value, tp)
-    base = origin or tp
-    if base in (list, tuple, Sequence, typing.Sequence):
-        if not isinstance(value, (list, tuple)):
-            return _expected(value, tp)
-        if base is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                return f"expected {len(args)} items ({_type_name(tp)}), got {len(value)}: {value!r}"
-            items = list(zip(value, args))
-        else:
-            items = [(v, args[0]) for v in value] if args else []
-        for i, (v, a) in enumerate(items):
-            p = _problem(v, a, check_paths)
-            if p:
-                return f"item {i}: {p}"
-        return None
-    if base is dict:
-        return None if isinstance(value, dict) else _expected(value, tp)
-    if inspect.isclass(base) and _is_tensor_class(base):
-        return _expected(value, tp)  # yaml never holds a tensor: `float | Tensor` needs the float
-    return None  # callables, classes ...: not checkable from yaml
-
-
-def _is_tensor_class(cls: type) -> bool:
-    import torch
-
-    return issubclass(cls, torch.Tensor)
-
-
-def _expected(value: Any, tp: Any) -> str:
-    return f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is typing.Annotated:
-        marks = [m.describe() for m in tp.__metadata__ if isinstance(m, Range)]
-        return _type_name(tp.__origin__) + (f" ({', '.join(marks)})" if marks else "")
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_args(tp):
-        return str(tp).replace("typing.", "")
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _signature_params(fn: Any) -> tuple[dict[str, Any], bool]:
-    """Annotated parameters of a class's constructor, or of a function; `open_ended` when unknown keyword
-    arguments are accepted. Our classes' **kwargs go to their parent (followed along the MRO); a library
-    class's **kwargs may go anywhere (DDPStrategy's go to torch's DDP), so they leave it open."""
-    params: dict[str, Any] = {}
-    open_ended = True
-    owners = [k for k in fn.__mro__ if "__init__" in k.__dict__] if inspect.isclass(fn) else [fn]
-    for owner in owners:
-        init = owner.__dict__["__init__"] if inspect.isclass(fn) else owner
-        try:
-            hints = typing.get_type_hints(init, include_extras=True)
-        except (NameError, TypeError):  # an annotation that cannot be resolved: check by signature only
-            hints = {}
-        try:
-            sig = inspect.signature(init)
-        except (TypeError, ValueError):  # a builtin without a signature: nothing to check
-            return params, True
-        for name, p in sig.parameters.items():
-            if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                continue
-            params.setdefault(name, hints.get(name, p.annotation))
-        if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-            open_ended = False
-            break
-        if not getattr(owner, "__module__", "").startswith("src."):
-            break
-    return params, open_ended
-
-
-def _dataclass_params(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls, include_extras=True)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
-
-
-def _model_schemas() -> dict[str, type]:
-    from src.models.detokenizer import DetokenizerConfig
-    from src.models.eva_vit import EvaViTConfig
-    from src.models.mllm import AgentConfig, LLMConfig
-    from src.models.qformer_pretrain import QFormerPretrainConfig
-    from src.models.qwen_vit import QwenViTConfig
-    from src.models.seed_codec import SeedCodecConfig
-    from src.models.seed_decoder import SeedDecoderConfig
-
-    return {"vit": QwenViTConfig, "detokenizer": DetokenizerConfig, "llm": LLMConfig, "agent": AgentConfig,
-            "eva_vit": EvaViTConfig, "qformer": QFormerPretrainConfig, "seed_codec": SeedCodecConfig,
-            "seed_decoder": SeedDecoderConfig}
-
-
-# Lightning's Trainer signature is not ours to annotate: the value constraints its arguments need.
-TRAINER_CONSTRAINTS: dict[str, Any] = {
-    "max_steps": CountOrUnlimited,
-    "max_epochs": CountOrUnlimited | None,
-    "devices": CountOrUnlimited | str | list[NonNegativeInt],
-    "num_nodes": PositiveInt,
-    "accumulate_grad_batches": PositiveInt,
-    "log_every_n_steps": PositiveInt,
-    "check_val_every_n_epoch": PositiveInt | None,
-    "val_check_interval": PositiveInt | Annotated[float, Range(gt=0, le=1)] | None,
-    "limit_val_batches": NonNegativeInt | Fraction | None,
-    "limit_train_batches": PositiveInt | Annotated[float, Range(gt=0, le=1)] | None,
-    "num_sanity_val_steps": Annotated[int, Range(ge=0, also=(-1,))] | None,
-    "gradient_clip_val": NonNegativeFloat | None,
-}
 # Strategies that need CUDA (Lightning's FSDP and DeepSpeed); FSDP2 and DDP also run on CPU (gloo).
 CUDA_STRATEGIES = {
     "src.parallel.fsdp_strategy": "fsdp",
@@ -257,22 +98,6 @@ def target_problems(values: Any, prefix: str = "") -> list[tuple[str, str]]:
     return problems
 
 
-def _check_node(values: dict, params: dict[str, Any], prefix: str, closed: bool, skip=(),
-                check_paths: bool = False) -> list[tuple[str, str]]:
-    problems = []
-    for key, value in values.items():
-        if key.startswith("_") or key in skip:
-            continue
-        if key not in params:
-            if closed:
-                problems.append((f"{prefix}.{key}", f"unknown key; expected one of {sorted(params)}"))
-            continue
-        msg = _problem(value, params[key], check_paths)
-        if msg:
-            problems.append((f"{prefix}.{key}", msg))
-    return problems
-
-
 def _target_obj(node: dict, prefix: str) -> tuple[Any, list[tuple[str, str]]]:
     target = node.get("_target_")
     if not isinstance(target, str):
@@ -285,26 +110,29 @@ def _target_obj(node: dict, prefix: str) -> tuple[Any, list[tuple[str, str]]]:
     return (obj if callable(obj) else None), []
 
 
-def _check_target(node: dict, prefix: str, check_paths: bool, skip=(), extra: dict | None = None):
-    """A `_target_` node against its target's signature, then every nested `_target_` node; an optimizer
-    is also constructed on a dummy parameter (torch's own checks of lr, betas, eps, weight decay)."""
+def _check_target(node: dict, prefix: str, check_paths: bool) -> list[tuple[str, str]]:
+    """A `_target_` node against its typed node, then every nested `_target_` node; an optimizer is also
+    constructed on a dummy parameter (torch's own checks of lr, betas, eps, weight decay)."""
     target, problems = _target_obj(node, prefix)
     if target is None:
         return problems
-    params, open_ended = _signature_params(target)
-    params.update(extra or {})
-    problems += _check_node(node, params, prefix, closed=not open_ended, skip=skip, check_paths=check_paths)
-    for key, value in node.items():
-        if key in skip:
-            continue
-        children = value if isinstance(value, list) else [value]
-        for i, child in enumerate(children):
+    nested = {k for k, v in node.items() if _has_target(v)}
+    own = {k: v for k, v in node.items() if k not in nested}
+    problems += validation_problems(node_schema(target, bool(node.get("_partial_"))), own, prefix, check_paths)
+    for key in nested:
+        value = node[key]
+        for i, child in enumerate(value if isinstance(value, list) else [value]):
             if isinstance(child, dict) and "_target_" in child:
                 sub = f"{prefix}.{key}" + (f".{i}" if isinstance(value, list) else "")
                 problems += _check_target(child, sub, check_paths)
     if not problems and _is_optimizer(target):
         problems += _dry_optimizer(target, node, prefix)
     return problems
+
+
+def _has_target(value: Any) -> bool:
+    return (isinstance(value, dict) and "_target_" in value) or (
+        isinstance(value, list) and any(isinstance(v, dict) and "_target_" in v for v in value))
 
 
 def _is_optimizer(obj: Any) -> bool:
@@ -332,35 +160,18 @@ def _dry_optimizer(cls: type, node: dict, prefix: str) -> list[tuple[str, str]]:
     return blamed or [(prefix, error(kwargs))]
 
 
-def _dry_dataclass(cls: type, node: dict, prefix: str) -> list[tuple[str, str]]:
-    """Construct a config dataclass (its __post_init__ cross-checks); the error goes under the key it names."""
-    try:
-        cls(**node)
-    except (ValueError, TypeError, KeyError) as e:
-        return [(_key_in_message(str(e), prefix, [f.name for f in dataclasses.fields(cls)]), str(e))]
-    return []
-
-
-def _key_in_message(msg: str, prefix: str, fields=()) -> str:
-    m = re.search(r"\b(?:model|stage|data|trainer|callbacks|strategy|logger|paths)(?:\.\w+)+", msg)
-    if m:
-        return m.group(0)
-    for word in re.findall(r"\w+", msg):
-        if word in fields:
-            return f"{prefix}.{word}"
-    return prefix
-
-
 # ---- where a key was set --------------------------------------------------------------------------------
 def _defaults_chain(path: Path) -> list[Path]:
-    """A config file and the same-group files its defaults list pulls in (lowest priority first)."""
+    """A config file and the files its defaults list pulls in (same-group names, `/group/file` paths), lowest
+    priority first."""
     if not path.is_file():
         return []
     node = OmegaConf.load(path)
     chain = []
     for entry in node.get("defaults", []) if isinstance(node, DictConfig) else []:
-        if isinstance(entry, str) and entry != "_self_":
-            chain += _defaults_chain(path.parent / f"{entry}.yaml")
+        if isinstance(entry, str) and entry != "_self_":  # `/debug/tiny`: a file by its path under conf/
+            base = CONF_DIR if entry.startswith("/") else path.parent
+            chain += _defaults_chain(base / f"{entry.lstrip('/')}.yaml")
     return chain + [path]
 
 
@@ -463,36 +274,25 @@ def _value_problems(values: dict, check_paths: bool) -> list[tuple[str, str]]:
     for group in ("stage", "data", "trainer", "strategy"):
         node = values.get(group)
         if isinstance(node, dict):
-            problems += _check_target(node, group, check_paths, skip=("model",) if group == "stage" else (),
-                                      extra=TRAINER_CONSTRAINTS if group == "trainer" else None)
+            problems += _check_target(node, group, check_paths)
     for group in ("callbacks", "logger"):
         for name, node in (values.get(group) or {}).items():
             if isinstance(node, dict):
                 problems += _check_target(node, f"{group}.{name}", check_paths)
-    stage_cls, _ = _target_obj(values["stage"], "stage")
-    # Plain-dict stage arguments with a schema (stage.scheduler -> SchedulerConfig).
-    for key, schema in getattr(stage_cls, "config_schemas", {}).items():
-        node = values["stage"].get(key)
-        if isinstance(node, dict):
-            found = _check_node(node, _dataclass_params(schema), f"stage.{key}", closed=True)
-            problems += found or _dry_dataclass(schema, node, f"stage.{key}")
-    schemas = _model_schemas()
-    for name, node in (values.get("model") or {}).items():
-        if name in schemas and isinstance(node, dict):
-            found = _check_node(node, _dataclass_params(schemas[name]), f"model.{name}", closed=True)
-            problems += found or _dry_dataclass(schemas[name], node, f"model.{name}")
-    return problems
+    return problems + model_problems(values.get("model") or {}, check_paths)
 
 
 def _dry_stage(node: dict):
-    """Construct the stage module: it parses and cross-checks its configs but builds no model."""
+    """Construct the stage module: it parses and cross-checks its model configs but builds no model."""
     import hydra
 
     try:
         return hydra.utils.instantiate(node, _convert_="all"), []
-    except Exception as e:  # noqa: BLE001 - reported with the key its message names, never swallowed
+    except Exception as e:  # noqa: BLE001 - reported under the key the check names, never swallowed
         err = e.__cause__ or e
-        return None, [(_key_in_message(str(err), "stage"), f"{type(err).__name__}: {err}")]
+        key = err.key if isinstance(err, ConfigValueError) else "stage"
+        return None, [(key if key.startswith(KEY_GROUPS) or key == "stage" else f"stage.{key}", str(err)
+                       if isinstance(err, ConfigValueError) else f"{type(err).__name__}: {err}")]
 
 
 def _checkpoint_kind_problems(stage, ckpt_path: str | None) -> list[tuple[str, str]]:
