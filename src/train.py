@@ -50,7 +50,8 @@ def train(cfg: DictConfig, overrides=(), choices=None,
 
 def instantiate_strategy(node: DictConfig | None, module):
     """The trainer's strategy; a strategy node with `blocks: null` (strategy=fsdp) wraps the block classes the
-    stage's model spec names (src/specs), so no second list of them lives in conf/."""
+    stage's model spec names (src/specs), so no second list of them lives in conf/. `module`: the stage or its
+    class (`spec` is a class attribute)."""
     if not node:
         return "auto"
     if "blocks" in node and node.blocks is None:

@@ -9,6 +9,7 @@ import hydra
 import pytest
 
 from src.inspect import build_on_meta, count_parameters
+from src.train import instantiate_strategy
 from src.utils.config import ConfigError, check_config, where_set
 from tests.helpers import CONF, EXPERIMENTS, compose_cfg, run_module_main
 
@@ -128,7 +129,8 @@ def test_every_strategy_composes_with_every_experiment(experiment, strategy, tmp
     if strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         assert cfg.strategy._target_.endswith("DeepSpeedStrategy")  # composes; deepspeed is a cluster extra
         return
-    built = hydra.utils.instantiate(cfg.strategy)
+    # as src.train builds it: `blocks: null` (strategy=fsdp) takes the stage's model spec's block classes
+    built = instantiate_strategy(cfg.strategy, hydra.utils.get_class(cfg.stage._target_))
     assert type(built).__name__.endswith("Strategy")
 
 
