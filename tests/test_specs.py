@@ -18,6 +18,7 @@ from src.specs.inference import build_detokenizer, detok_stage_of
 from src.specs.registry import SPECS, model_config_classes, spec_of
 from src.specs.seedx import SEEDX
 from src.utils.checkpoint_kind import FAMILY_KEY, STAGE_KEY
+from src.utils.config import CONF_DIR as CONF
 from tests.helpers import built_stage, lean_checkpoint, perturb_trainable, tiny_run_cfg
 
 pytestmark = pytest.mark.unit
@@ -49,9 +50,11 @@ def test_every_stage_holds_its_family_spec_and_the_spec_model_is_plain_torch(tar
 
 def test_the_spec_registry_covers_every_model_config_node():
     """What the config check needs: each `model.<node>` parsed by the dataclass a spec names."""
-    from src.utils.config import _model_schemas
+    from src.utils.config_nodes import _model_schemas
 
-    assert model_config_classes() == _model_schemas()
+    groups = {p.name for p in (CONF / "model").iterdir() if p.is_dir()}
+    assert set(model_config_classes()) == groups  # every conf/model group, no other
+    assert _model_schemas() == model_config_classes()  # the config check reads the specs, no second table
     assert set(SPECS) == {"seedx_mllm", "detokenizer", "seed_qformer", "seed_tokenizer", "seed_llama"}
 
 

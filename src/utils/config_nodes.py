@@ -2,7 +2,7 @@
 
 A `_target_` node is validated by its class's own `config_model` (every stage and datamodule has one) or, for a
 library class or factory (Lightning's trainer, callbacks, loggers, strategies; torch's optimizers), by a model made
-from its signature; a `model/*` node by its config class (`_model_schemas`, one place). Messages say the rule
+from its signature; a `model/*` node by its config class (from the model specs). Messages say the rule
 that was broken (`must be in [0, 1], got 2`, `expected int, got str 'abc'`, `unknown key; expected one of ...`),
 and a cross-check that raises ConfigValueError is reported under the key it names.
 """
@@ -33,18 +33,10 @@ from src.utils.constraints import (
 
 
 def _model_schemas() -> dict[str, type]:
-    """The config class of each `model/*` node (one place: the model specs will provide these)."""
-    from src.models.detokenizer import DetokenizerConfig
-    from src.models.eva_vit import EvaViTConfig
-    from src.models.mllm import AgentConfig, LLMConfig
-    from src.models.qformer_pretrain import QFormerPretrainConfig
-    from src.models.qwen_vit import QwenViTConfig
-    from src.models.seed_codec import SeedCodecConfig
-    from src.models.seed_decoder import SeedDecoderConfig
+    """The config class of each `model/*` node: what the family model specs declare (src/specs/registry.py)."""
+    from src.specs.registry import model_config_classes
 
-    return {"vit": QwenViTConfig, "detokenizer": DetokenizerConfig, "llm": LLMConfig, "agent": AgentConfig,
-            "eva_vit": EvaViTConfig, "qformer": QFormerPretrainConfig, "seed_codec": SeedCodecConfig,
-            "seed_decoder": SeedDecoderConfig}
+    return model_config_classes()
 
 
 def model_problems(model: dict, check_paths: bool = False) -> list[tuple[str, str]]:
