@@ -20,6 +20,7 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 CODE = re.compile(r"`([^`]+)`")
 # docs/adding-a-stage.md walked for the SEED tokenizer's stage 1 (the placeholders it defines)
 WALK = {"<E>": "seed_tokenizer_qformer", "<S>": "seed_qformer", "<D>": "seed_tokenizer", "<G>": "qformer",
+        "<F>": "seed_tokenizer",
         "<M>": "blip2", "<P>": "qformer_pretrain", "<T>": "seed_tokenizer"}
 
 
