@@ -56,6 +56,11 @@ def _lora_parts(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
     return out
 
 
+def sft_if_started(hparams: dict) -> str:
+    """Legacy path (no `stage_name` in the checkpoint): an SFT stage is the one trained from a start."""
+    return "sft" if "init_from" in hparams else "pretrain"
+
+
 class PretrainedStart:
     # What `stage.init_from` takes, for the missing-path message.
     init_from_what = "a pre-training checkpoint of this model (.ckpt or sharded dir)"
@@ -195,4 +200,4 @@ class PretrainedStart:
         return sources
 
 
-__all__ = ["PRETRAIN_LORA_MODES", "MergedLoRA", "PretrainedStart"]
+__all__ = ["PRETRAIN_LORA_MODES", "MergedLoRA", "PretrainedStart", "sft_if_started"]

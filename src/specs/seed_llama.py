@@ -19,7 +19,7 @@ from src.models.mllm import LORA_TARGETS, LLMConfig, apply_lora, build_llm, chec
 from src.models.seed_llama import SeedLlama
 from src.models.vocab import NUM_IMAGE_CODES, SEED_LLAMA_TOKENS, add_seed_llama_tokens, seed_llama_token_ids
 from src.specs.base import ModelSpec, Recipe, SpecModel
-from src.specs.pretrained_start import PretrainedStart
+from src.specs.pretrained_start import PretrainedStart, sft_if_started
 from src.utils.materialize import TensorSource, empty_init, prefixed
 from src.utils.weights import RequiredPath, missing_weights_error
 
@@ -113,16 +113,11 @@ class SeedLlamaSFTModel(SeedLlamaSFTRecipe, SeedLlamaModel):
         self.configure_start(init_from, pretrain_lora)
 
 
-def _stage_by_args(hparams: dict) -> str:
-    """Legacy path (no `stage_name` in the checkpoint): an SFT stage is the one trained from a start."""
-    return "sft" if "init_from" in hparams else "pretrain"
-
-
 SEED_LLAMA = ModelSpec(
     name="seed_llama",
     config_classes={"llm": LLMConfig},
     stages={"pretrain": SeedLlamaModel, "sft": SeedLlamaSFTModel},
     fsdp_blocks=("transformers.models.llama.modeling_llama.LlamaDecoderLayer",),
-    stage_by_args=_stage_by_args,
+    stage_by_args=sft_if_started,
 )
 SeedLlamaRecipe.spec = SEED_LLAMA

@@ -27,7 +27,7 @@ from src.models.mllm import (
 )
 from src.models.qwen_vit import QwenViT, QwenViTConfig, build_vit, vit_weight_sources
 from src.specs.base import ModelSpec, Recipe, SpecModel
-from src.specs.pretrained_start import PretrainedStart
+from src.specs.pretrained_start import PretrainedStart, sft_if_started
 from src.utils.constraints import PositiveInt
 from src.utils.materialize import TensorSource, empty_init, prefixed
 from src.utils.weights import RequiredPath, missing_weights_error
@@ -154,11 +154,6 @@ class SeedXSFTModel(SeedXSFTRecipe, SeedXModel):
         self.configure_start(init_from, pretrain_lora)
 
 
-def _stage_by_args(hparams: dict) -> str:
-    """Legacy path (no `stage_name` in the checkpoint): an SFT stage is the one trained from a start."""
-    return "sft" if "init_from" in hparams else "pretrain"
-
-
 SEEDX = ModelSpec(
     name="seedx_mllm",
     config_classes={"vit": QwenViTConfig, "llm": LLMConfig, "agent": AgentConfig},
@@ -166,6 +161,6 @@ SEEDX = ModelSpec(
     frozen=("vit",),
     fsdp_blocks=("transformers.models.llama.modeling_llama.LlamaDecoderLayer",
                  "src.models.qwen_vit.VisualAttentionBlock"),
-    stage_by_args=_stage_by_args,
+    stage_by_args=sft_if_started,
 )
 SeedXRecipe.spec = SEEDX
