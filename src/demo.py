@@ -48,16 +48,16 @@ class Stage:
 
 # The six photos in every batch; stage 2 starts from stage 1's checkpoint. Steps: enough to memorise six.
 STAGES = (
-    Stage("detok_pretrain", "seedx_detok_pretrain_tiny", 150,
+    Stage("detok_pretrain", "seedx_detok_pretrain_tiny", 250,
+          ("data.batch_size=6", "callbacks.sample_images=null", "stage.optimizer.lr=1e-3")),
+    Stage("detok_cond", "seedx_detok_cond_tiny", 20,
           ("data.batch_size=6", "callbacks.sample_images=null", "stage.optimizer.lr=3e-3")),
-    Stage("detok_cond", "seedx_detok_cond_tiny", 60,
-          ("data.batch_size=6", "callbacks.sample_images=null", "stage.optimizer.lr=3e-3")),
-    Stage("mllm_pretrain", "seedx_pretrain_tiny", 250,
+    Stage("mllm_pretrain", "seedx_pretrain_tiny", 300,
           ("data.batch_size=6", "callbacks.mllm_probe=null", "data.grids=[1x1]", "data.max_length=256")),
 )
 MODES = ("recon", "t2i", "edit", "chat", "ground")
 GROUND = ("coffee", "Where is the cup?")  # plumbing only: the demo trains no boxes
-SAMPLING = ["sampling.steps=20", "progress=false", "batch_size=6"]
+SAMPLING = ["sampling.steps=12", "progress=false", "batch_size=6"]
 
 
 def demo_items() -> list[dict]:
@@ -114,7 +114,7 @@ def data_overrides(stage: str, data: dict[str, Path]) -> list[str]:
     elif stage == "detok_cond":
         train = [source(data["edit"]), source(data["captions"])]
     else:
-        train = [source(data["captions"], name="captions", weight=2.0), source(data["chat"], name="chat", weight=1.0)]
+        train = [source(data["captions"], name="captions", weight=2.0), source(data["chat"], name="chat", weight=2.0)]
     return [f"data.train_sources=[{', '.join(train)}]", f"data.val_sources=[{source(data['captions'])}]"]
 
 

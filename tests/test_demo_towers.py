@@ -156,3 +156,27 @@ def test_make_tiny_towers_rebuilds_the_bundled_folder_byte_identically(tmp_path)
     rebuilt = json.loads((tmp_path / "MANIFEST.json").read_text())
     assert rebuilt["files"] == manifest()["files"]
     assert rebuilt["vae"] == manifest()["vae"] and rebuilt["unet"] == manifest()["unet"]
+
+
+def test_tiny_trained_stage1_trains_the_whole_unet_and_the_recipe_only_to_k_to_v(tmp_path):
+    """model.detokenizer.stage1_unet_trainable: `all` on the tiny twin (its to_k/to_v alone barely take up the
+    features), `kv` (SEED-X's recipe) everywhere else; anything else is refused naming the key."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    from src.models.detokenizer import DetokenizerConfig
+    from tests.helpers import compose_cfg
+
+    def unet_trainable(overrides):
+        cfg = compose_cfg("seedx_detok_pretrain_tiny", tmp_path, overrides)
+        module = hydra.utils.instantiate(cfg.stage, _convert_="all")
+        module.configure_model()
+        return {n: p.requires_grad for n, p in module.unet.named_parameters()}
+
+    whole = unet_trainable(["model/detokenizer=tiny_trained"])
+    assert all(whole.values())
+    kv = unet_trainable([])
+    assert any(kv.values()) and all(t == (".to_k." in n or ".to_v." in n) for n, t in kv.items())
+    node = OmegaConf.to_container(compose_cfg("seedx_detok_pretrain_tiny", tmp_path).model.detokenizer, resolve=True)
+    with pytest.raises(ValueError, match="model.detokenizer.stage1_unet_trainable"):
+        DetokenizerConfig(**{**node, "stage1_unet_trainable": "some"})

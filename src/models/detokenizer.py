@@ -35,8 +35,14 @@ class DetokenizerConfig:
     allow_random_init: bool = False
     # Recompute UNet activations in backward (diffusers' own checkpointing): less memory, ~30% slower.
     gradient_checkpointing: bool = False
+    # What stage 1 trains in the UNet beside the adapter: `kv` = to_k/to_v (SEED-X's recipe, on SDXL's strong
+    # prior); `all` = every UNet weight (tiny twins: a tiny UNet's to_k/to_v alone barely take up the features).
+    stage1_unet_trainable: str = "kv"
 
     def __post_init__(self) -> None:
+        if self.stage1_unet_trainable not in ("kv", "all"):
+            raise ValueError(f"model.detokenizer.stage1_unet_trainable must be 'kv' or 'all', got "
+                             f"{self.stage1_unet_trainable!r}")
         self.adapter_cfg = DetokAdapterConfig(**self.adapter)
         cross = self.unet.get("cross_attention_dim")
         if cross != self.adapter_cfg.prompt_dim:

@@ -137,7 +137,7 @@ class DetokRecipe(Recipe):
         self.freeze_towers()
         self.resampler.requires_grad_(True)
         for name, p in self.unet.named_parameters():
-            p.requires_grad_(is_attention_kv(name))
+            p.requires_grad_(self.detok_cfg.stage1_unet_trainable == "all" or is_attention_kv(name))
 
     # ---- conditioning -------------------------------------------------------------------------------
     def _vit_dtype(self) -> torch.dtype:
