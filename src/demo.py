@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 from hydra import compose, initialize_config_dir
+import torch
 from omegaconf import OmegaConf, open_dict
 
 SAMPLE = ROOT / "assets" / "sample"
@@ -307,8 +308,15 @@ def run(out: Path, seed: int = 0) -> tuple[dict, dict, dict[str, Path], dict[str
     for part in [st.name for st in STAGES] + ["generate", "data", "originals"]:
         shutil.rmtree(out / part, ignore_errors=True)  # a rerun starts fresh, never from an old checkpoint
     data = write_data(out / "data")
-    ckpts = run_stages(out, data, seed=seed)
-    results = run_generation(out, data, ckpts, seed=seed)
+    # One thread: one float reduction order on every machine, so the fixed-seed scores are the measured ones
+    # (and a 2-core machine is not oversubscribed by torch's intra-op pool).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ckpts = run_stages(out, data, seed=seed)
+        results = run_generation(out, data, ckpts, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
     return results, scores(results), ckpts, data
 
 
