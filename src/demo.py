@@ -28,8 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from hydra import compose, initialize_config_dir
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 SAMPLE = ROOT / "assets" / "sample"
