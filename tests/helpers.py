@@ -195,13 +195,16 @@ def run_module_main(main, argv: list[str], capsys) -> tuple[int, str, str]:
     (a new interpreter costs ~10 s of imports here): `main` is the module's entry point, a `@hydra.main`
     function (given the absolute config dir, which `python -m` finds from the file) or one taking argv.
     Returns (exit code, stdout, stderr). Hydra's logging setup is undone after (the root logger's handlers
-    and level), so later tests log as before."""
+    and level, the loggers it disabled), so later tests log as before."""
     import logging
     import sys
 
     hydra_main = hasattr(main, "__wrapped__")
     root = logging.getLogger()
     handlers, level, argv_before = root.handlers[:], root.level, sys.argv
+    # Hydra's job logging (dictConfig) disables every logger that exists already: re-enable them after
+    disabled = {name for name, lg in logging.root.manager.loggerDict.items()
+                if isinstance(lg, logging.Logger) and lg.disabled}
     capsys.readouterr()
     code = 0
     try:
@@ -216,5 +219,8 @@ def run_module_main(main, argv: list[str], capsys) -> tuple[int, str, str]:
         sys.argv = argv_before
         root.handlers[:] = handlers
         root.setLevel(level)
+        for name, lg in list(logging.root.manager.loggerDict.items()):
+            if isinstance(lg, logging.Logger) and name not in disabled:
+                lg.disabled = False
     out, err = capsys.readouterr()
     return code, out, err

@@ -13,6 +13,7 @@ from data_prep.precompute_features import Encoder
 from src.data.batch import DetokBatch
 from src.inspect import build_on_meta, memory_estimate
 from src.pipelines.detok import denoise
+from src.utils.config import ConfigError, check_config
 from tests.helpers import compose_cfg, tiny_run_cfg
 
 pytestmark = pytest.mark.smoke
@@ -176,8 +177,9 @@ def test_drop_intervals_are_disjoint_and_rates_are_over_conditioned_samples(stag
 def test_drop_rates_must_fit_one_uniform_draw(tmp_path):
     cfg = tiny_run_cfg(S2, tmp_path, ["stage.feature_drop_rate=0.5", "stage.cond_drop_rate=0.4",
                                       "stage.both_drop_rate=0.2"])
-    with pytest.raises(Exception, match=r"stage.feature_drop_rate \+ stage.both_drop_rate \+ stage.cond_drop_rate"):
-        hydra.utils.instantiate(cfg.stage, _convert_="all")
+    # checked with the stage's typed node, before anything is instantiated (src.train runs check_config first)
+    with pytest.raises(ConfigError, match=r"stage.feature_drop_rate \+ stage.both_drop_rate \+ stage.cond_drop_rate"):
+        check_config(cfg)
 
 
 def test_dropped_features_become_the_negative_and_dropped_images_zeros(stage2, monkeypatch):

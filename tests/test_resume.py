@@ -245,7 +245,7 @@ def test_the_data_position_not_lightnings_epoch_says_where_a_stopped_run_goes_on
     order = dm.train_sampler.indices(0)
     ids = [read_source(SourceConfig(path=str(CAPTIONS)))[i] for i in order]
     ids = [r["id"] if isinstance(r, dict) else r.id for r in ids]
-    got = [i for b in rest for i in b["id"] + [s.id for s in b["skipped"]]]
+    got = [i for b in rest for i in b.ids + [s.id for s in b.skipped]]
     assert sorted(got) == sorted(ids[4:]) and len(rest) == 2
     assert dm.state_dict()["epoch"] == 0 and dm.state_dict()["consumed"] == 12  # epoch 0 used up
     nxt = next(iter(loader))  # the next iteration is data epoch 1 from its start
@@ -380,10 +380,10 @@ def test_datamodule_checkpoints_what_was_consumed_not_what_was_prefetched():
                               resolution=32, batch_size=4, seed=3)
     resumed.setup("fit")
     resumed.load_state_dict(dm.state_dict())
-    ids = [i for batch in resumed.train_dataloader() for i in batch["id"] + [s.id for s in batch["skipped"]]]
+    ids = [i for batch in resumed.train_dataloader() for i in batch.ids + [s.id for s in batch.skipped]]
     order = [read_source(SourceConfig(path=str(CAPTIONS)))[i] for i in dm.train_sampler.indices(0)]
     expected = [r["id"] if isinstance(r, dict) else r.id for r in order]
-    assert sorted(first["id"] + [s.id for s in first["skipped"]]) == sorted(expected[:4])
+    assert sorted(first.ids + [s.id for s in first.skipped]) == sorted(expected[:4])
     assert sorted(ids) == sorted(expected[4:])  # the resumed loader starts at the consumed position
 
 
