@@ -25,7 +25,7 @@ demo: setup  ## the tiny chain learns 6 photos (CPU, ~3 min): 3 stages, recon/t2
 tiny-towers: setup  ## rebuild assets/tiny_towers, the trained tiny VAE/UNet of model/detokenizer=tiny_trained
 	$(PY) -m data_prep.make_tiny_towers --out assets/tiny_towers
 
-test: setup  ## test suite without gpu/slow tiers (< 10 min on 2 cores)
+test: setup  ## test suite without gpu/slow tiers (~20 min on 2 idle cores; goal < 10)
 	$(PY) -m pytest -q
 
 test-slow: setup  ## the slow tier only: subprocess resumes, the demo, the generate CLI (CI runs it after test)
