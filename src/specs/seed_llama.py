@@ -20,6 +20,7 @@ from src.models.seed_llama import SeedLlama
 from src.models.vocab import NUM_IMAGE_CODES, SEED_LLAMA_TOKENS, add_seed_llama_tokens, seed_llama_token_ids
 from src.specs.base import ModelSpec, Recipe, SpecModel
 from src.specs.pretrained_start import PretrainedStart, sft_if_started
+from src.utils.constraints import ConfigValueError
 from src.utils.materialize import TensorSource, empty_init, prefixed
 from src.utils.weights import RequiredPath, missing_weights_error
 
@@ -40,9 +41,10 @@ class SeedLlamaConfig:
         cfg = cls(LLMConfig(**model["llm"]), dict(lora or {"enabled": False}), full_finetune, init_seed,
                   check_new_rows(new_rows))
         if cfg.lora.get("enabled") and full_finetune:
-            raise ValueError("stage.lora.enabled and stage.full_finetune are both true: pick one")
+            raise ConfigValueError("full_finetune", "stage.lora.enabled and stage.full_finetune are both true: pick one")
         if not cfg.lora.get("enabled") and not full_finetune:
-            raise ValueError("nothing would train: set stage.lora.enabled=true or stage.full_finetune=true")
+            raise ConfigValueError("full_finetune",
+                                   "nothing would train: set stage.lora.enabled=true or stage.full_finetune=true")
         return cfg
 
 

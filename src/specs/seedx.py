@@ -28,7 +28,7 @@ from src.models.mllm import (
 from src.models.qwen_vit import QwenViT, QwenViTConfig, build_vit, vit_weight_sources
 from src.specs.base import ModelSpec, Recipe, SpecModel
 from src.specs.pretrained_start import PretrainedStart, sft_if_started
-from src.utils.constraints import PositiveInt
+from src.utils.constraints import ConfigValueError, PositiveInt
 from src.utils.materialize import TensorSource, empty_init, prefixed
 from src.utils.weights import RequiredPath, missing_weights_error
 
@@ -53,7 +53,7 @@ class SeedXConfig:
                   dict(lora or {"enabled": False}), full_finetune, vit_chunk_size, init_seed)
         cfg.agent.check_against(cfg.llm.config["hidden_size"], cfg.vit.output_dim, cfg.vit.n_queries)
         if cfg.lora.get("enabled") and full_finetune:
-            raise ValueError("stage.lora.enabled and stage.full_finetune are both true: pick one")
+            raise ConfigValueError("full_finetune", "stage.lora.enabled and stage.full_finetune are both true: pick one")
         return cfg
 
 

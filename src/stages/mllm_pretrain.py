@@ -14,7 +14,6 @@ all-reduce; the others encode a dummy view), see `src.parallel.same_call_count`.
 from __future__ import annotations
 
 import torch
-from pydantic import model_validator
 
 from src.data.batch import FrozenInputs, MLLMBatch
 from src.models.mllm import LORA_TARGETS
@@ -22,7 +21,7 @@ from src.models.vocab import NUM_SEEDX_TOKENS
 from src.parallel import same_call_count
 from src.specs.seedx import SeedXConfig, SeedXRecipe
 from src.stages.base import LoraConfig, StageConfig, StageModule
-from src.utils.constraints import ConfigValueError, PositiveInt
+from src.utils.constraints import PositiveInt
 from src.utils.flops import mllm_step_flops
 
 
@@ -31,12 +30,7 @@ class MLLMPretrainConfig(StageConfig):
     full_finetune: bool = False
     vit_chunk_size: PositiveInt = 16
     init_seed: int = 0
-
-    @model_validator(mode="after")
-    def _one_way_to_train(self):
-        if self.lora is not None and self.lora.enabled and self.full_finetune:
-            raise ConfigValueError("full_finetune", "stage.lora.enabled and stage.full_finetune are both true: pick one")
-        return self
+    # lora vs full_finetune is cross-checked once, by the spec (SeedXConfig.from_args), when the stage is built
 
 
 class MLLMPretrainModule(SeedXRecipe, StageModule):

@@ -19,11 +19,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import model_validator
 
 from src.specs.seed_llama import SeedLlamaConfig, SeedLlamaRecipe, SeedLlamaSFTRecipe
 from src.stages.base import LoraConfig, PretrainedStartConfig, StageConfig, StageModule
-from src.utils.constraints import ConfigValueError
 
 
 class SeedLlamaStageConfig(StageConfig):
@@ -31,16 +29,7 @@ class SeedLlamaStageConfig(StageConfig):
     full_finetune: bool = False
     init_seed: int = 0
     new_rows: Literal["normal", "mean"] = "normal"
-
-    @model_validator(mode="after")
-    def _one_way_to_train(self):
-        lora = self.lora is not None and self.lora.enabled
-        if lora and self.full_finetune:
-            raise ConfigValueError("full_finetune", "stage.lora.enabled and stage.full_finetune are both true: pick one")
-        if not lora and not self.full_finetune:
-            raise ConfigValueError("full_finetune",
-                                   "nothing would train: set stage.lora.enabled=true or stage.full_finetune=true")
-        return self
+    # lora vs full_finetune is cross-checked once, by the spec (SeedLlamaConfig.from_args), when the stage is built
 
 
 class SeedLlamaSFTStageConfig(PretrainedStartConfig, SeedLlamaStageConfig):
