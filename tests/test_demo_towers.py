@@ -89,18 +89,20 @@ def test_trained_tiny_unet_denoises_better_than_a_random_one():
 
 @pytest.mark.config
 def test_tiny_trained_detokenizer_loads_the_bundled_towers_and_tiny_stays_random(tmp_path):
+    import hydra
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
-    from src.models.detokenizer import DetokenizerConfig, build_unet, build_vae
     from tests.helpers import compose_cfg
 
     trained = compose_cfg("seedx_detok_pretrain_tiny", tmp_path, ["model/detokenizer=tiny_trained"])
     plain = compose_cfg("seedx_detok_pretrain_tiny", tmp_path)
     assert plain.model.detokenizer.pretrained_dir is None  # shape tests keep their random towers
-    cfg = DetokenizerConfig(**OmegaConf.to_container(trained.model.detokenizer, resolve=True))
-    assert Path(cfg.pretrained_dir).resolve() == TOWERS.resolve()
-    unet, vae = build_unet(cfg), build_vae(cfg)
+    assert Path(OmegaConf.to_container(trained.model.detokenizer, resolve=True)["pretrained_dir"]).resolve() == \
+        TOWERS.resolve()
+    stage = hydra.utils.instantiate(trained.stage, _convert_="all")
+    stage.build_models(load_weights=True)
+    unet, vae = stage.unet, stage.vae
     saved = load_file(TOWERS / "unet" / "diffusion_pytorch_model.safetensors")
     assert torch.equal(unet.state_dict()["conv_in.weight"], saved["conv_in.weight"])
     assert vae.config.scaling_factor == manifest()["vae"]["scaling_factor"]

@@ -149,8 +149,11 @@ def test_fsdp2_gathers_the_vae_in_fp32_under_a_bf16_param_dtype(tmp_path, monkey
     monkeypatch.setattr(base, "parallelize", lambda child, blocks, mesh, opts, forward_methods=(): seen.update(
         {type(child).__name__: opts.param_dtype}))
     module = hydra.utils.instantiate(tiny_run_cfg(S1, tmp_path).stage, _convert_="all")
-    module._trainer = types.SimpleNamespace(strategy=FSDP2Strategy(fsdp2={"param_dtype": "bfloat16"}))
+    strategy = FSDP2Strategy(fsdp2={"param_dtype": "bfloat16"})
+    strategy.parallel_devices = [torch.device("cpu")]  # where the meta-built towers are filled
+    module._trainer = types.SimpleNamespace(strategy=strategy)
     module.configure_model()
+    assert not any(p.is_meta for p in module.parameters())
     assert seen == {"QwenViT": "bfloat16", "ResamplerXLV2": "bfloat16", "UNet2DConditionModel": "bfloat16",
                     "AutoencoderKL": None}
 

@@ -4,8 +4,10 @@ Two gloo processes build the tiny MLLM stage on meta, shard it as `strategy=fsdp
 their own shards from a saved HF folder (safetensors), a ViT `.pt` and the seeded random init of the
 agent and LoRA. Gathered, every tensor must equal the single-process build; the LLM and ViT weights must
 equal a plain load (`from_pretrained` + the SEED-X vocabulary init, `load_state_dict` of the `.pt`).
+The de-tokenizer stages the same way: from a diffusers folder (UNet, VAE) and a ViT `.pt`, stage 2 also from a
+stage-1 checkpoint whose 4-channel conv_in is widened on the fly; UNet and VAE equal diffusers' `from_pretrained`.
 
-The worker runs as `python -m tests.test_sharded_init RANK WORLD PORT WEIGHTS OUT`.
+The worker runs as `python -m tests.test_sharded_init RANK WORLD PORT WEIGHTS OUT MODEL [EXTRA OVERRIDES...]`.
 """
 
 from __future__ import annotations
@@ -24,20 +26,50 @@ from tests.helpers import compose_cfg
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def weight_overrides(weights: Path) -> list[str]:
-    return [f"model.llm.weights={weights / 'llm'}", f"model.vit.weights={weights / 'vit.pt'}",
-            "model.llm.allow_random_init=false"]
+EXPERIMENTS = {"mllm": "seedx_pretrain_tiny", "detok": "seedx_detok_pretrain_tiny", "detok_cond": "seedx_detok_cond_tiny"}
 
 
-def build_stage(weights: Path):
+def weight_overrides(weights: Path, model: str = "mllm") -> list[str]:
+    from src.bench_init import weight_overrides as saved
+
+    return saved("detok" if model.startswith("detok") else model, weights)
+
+
+def build_stage(weights: Path, model: str = "mllm", extra: list[str] = ()):
     import hydra
 
-    cfg = compose_cfg("seedx_pretrain_tiny", overrides=weight_overrides(weights))
+    cfg = compose_cfg(EXPERIMENTS[model], overrides=[*weight_overrides(weights, model), *extra])
     return hydra.utils.instantiate(cfg.stage, _convert_="all")
 
 
+def run_ranks(weights: Path, out: Path, model: str = "mllm", extra: list[str] = ()) -> dict:
+    """Two gloo ranks build `model` sharded from `weights`; rank 0's gathered parameters and local count."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.test_sharded_init", str(r), "2", str(port),
+                               str(weights), str(out), model, *extra], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+def assert_equals_single_process(gathered: dict, single) -> dict:
+    sharded, own = gathered["state"], dict(single.named_parameters())
+    assert sharded.keys() == own.keys()
+    for name, value in own.items():
+        assert torch.equal(sharded[name], value.detach()), name
+        assert sharded[name].dtype == value.dtype, name
+    # Each rank held about half of the model, never all of it.
+    assert gathered["local_numel"] <= 0.55 * sum(v.numel() for v in own.values())
+    return own
+
+
 # ------------------------------------------------------------------------------------------------ worker
-def worker(rank: int, world: int, port: int, weights: str, out: str) -> None:
+def worker(rank: int, world: int, port: int, weights: str, out: str, model: str, extra: list[str]) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -47,7 +79,7 @@ def worker(rank: int, world: int, port: int, weights: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
-    module = build_stage(Path(weights))
+    module = build_stage(Path(weights), model, extra)
     module.build_empty(load_weights=True)
     module.shard(FSDP2Options(), mesh)
     assert all(p.is_meta for p in module.parameters())
@@ -75,28 +107,10 @@ def saved_weights(tmp_path_factory):
 
 
 def test_sharded_fill_equals_single_process_and_plain_loads(saved_weights, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "gathered.pt"
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.test_sharded_init", str(r), "2", str(port),
-                               str(saved_weights), str(out)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-    gathered = torch.load(out, weights_only=True)
-    sharded = gathered["state"]
-
+    gathered = run_ranks(saved_weights, tmp_path / "gathered.pt")
     single = build_stage(saved_weights)
     single.build_models(load_weights=True)
-    own = dict(single.named_parameters())
-    assert sharded.keys() == own.keys()
-    for name, value in own.items():
-        assert torch.equal(sharded[name], value.detach()), name
-    # Each rank held about half of the model, never all of it.
-    total = sum(v.numel() for v in own.values())
-    assert gathered["local_numel"] <= 0.55 * total
+    assert_equals_single_process(gathered, single)
 
     # Plain loads: HF from_pretrained + the SEED-X rows, and the ViT state dict.
     from transformers import LlamaForCausalLM
@@ -179,5 +193,53 @@ def test_extended_rows_give_the_seedx_vocabulary_init():
     assert torch.equal(out.rows(9, 13), toy.out.weight.detach()[9:])
 
 
+@pytest.fixture(scope="module")
+def saved_detok_weights(tmp_path_factory):
+    """The tiny de-tokenizer's UNet and VAE as a diffusers folder and its ViT as a `.pt` (make bench saves the
+    sdxl_reduced size)."""
+    from src.bench_init import save_weights
+
+    root = tmp_path_factory.mktemp("detok_weights")
+    save_weights("tiny", root, "detok")
+    return root
+
+
+def test_detokenizer_stages_fill_their_shards_from_a_diffusers_folder(saved_detok_weights, tmp_path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    root = saved_detok_weights
+    single = build_stage(root, "detok")
+    single.build_models(load_weights=True)
+    assert_equals_single_process(run_ranks(root, tmp_path / "stage1.pt", "detok"), single)
+    for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+        plain = cls.from_pretrained(root / "sdxl", subfolder=name, local_files_only=True).state_dict()
+        for key, p in getattr(single, name).named_parameters():
+            assert torch.equal(p.detach(), plain[key]), (name, key)
+
+    # Stage 2 from a stage-1 checkpoint (adapter + UNet to_k/to_v, 4-channel conv_in): widened where each rank
+    # fills its rows; the new input channels zero, the checkpoint's tensors over the SDXL folder's.
+    torch.manual_seed(0)
+    trained = {k: v + torch.randn_like(v) for k, v in single.state_dict().items()
+               if k.startswith(("resampler.", "unet.conv_in.")) or (k.startswith("unet.") and ".to_k." in k)}
+    torch.save({"state_dict": trained}, tmp_path / "stage1.ckpt")
+    extra = [f"model.detokenizer.adapter_weights={tmp_path / 'stage1.ckpt'}"]
+    cond = build_stage(root, "detok_cond", extra)
+    cond.build_models(load_weights=True)
+    own = assert_equals_single_process(run_ranks(root, tmp_path / "stage2.pt", "detok_cond", extra), cond)
+    conv = own["unet.conv_in.weight"].detach()
+    assert conv.shape[1] == 8 and torch.equal(conv[:, :4], trained["unet.conv_in.weight"]) and not conv[:, 4:].any()
+    for key, value in trained.items():
+        if key != "unet.conv_in.weight":
+            assert torch.equal(own[key].detach(), value), key
+    assert torch.equal(own["unet.conv_out.weight"].detach(), single.unet.conv_out.weight.detach())
+
+
+def test_adapter_checkpoint_missing_adapter_keys_is_named(saved_detok_weights, tmp_path):
+    torch.save({"state_dict": {"unet.conv_out.bias": torch.zeros(4)}}, tmp_path / "partial.ckpt")
+    stage = build_stage(saved_detok_weights, "detok", [f"model.detokenizer.adapter_weights={tmp_path / 'partial.ckpt'}"])
+    with pytest.raises(ValueError, match=r"does not match the de-tokenizer:\n  missing \(\d+\): resampler\."):
+        stage.build_models(load_weights=True)
+
+
 if __name__ == "__main__":
-    worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7:])

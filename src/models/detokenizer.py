@@ -7,7 +7,9 @@ SDXL `encoder_hidden_states` (64 x 2048) and the pooled `text_embeds` (1280).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +19,11 @@ from torch import nn
 
 from src.models.detok_adapter import DetokAdapterConfig
 from src.utils.constraints import PositiveInt
-from src.utils.weights import RequiredPath, check_paths, load_state_dict_file
+from src.utils.materialize import HeldTensor, SafetensorsTensor, TensorSource, state_dict_file
+from src.utils.weights import MissingWeightsError, RequiredPath, check_paths, missing_weights_error
+
+# diffusers' file name of a component's weights (`diffusion_pytorch_model.safetensors`, `.bin`, sharded index)
+WEIGHTS_STEM = "diffusion_pytorch_model"
 
 # SDXL micro-conditioning: original (h, w) + crop top-left (y, x) + target (h, w).
 NUM_TIME_IDS = 6
@@ -86,25 +92,47 @@ class DetokenizerConfig:
         check_paths(self.required_paths()[:1])  # the SDXL folder; the same table as the pre-run check
 
 
-def build_unet(cfg: DetokenizerConfig, load_weights: bool = True) -> UNet2DConditionModel:
+def component_config(cfg: DetokenizerConfig, name: str, load_weights: bool = True) -> dict[str, Any]:
+    """The diffusers config of `name` ("unet", "vae"): the SDXL folder's `name/config.json` when weights load
+    from it (what `from_pretrained` would build), else `model.detokenizer.<name>`."""
     if load_weights and cfg.pretrained_dir:
         cfg.check_weights_present()
-        unet = UNet2DConditionModel.from_pretrained(cfg.pretrained_dir, subfolder="unet", local_files_only=True)
-    else:
-        unet = UNet2DConditionModel.from_config(dict(cfg.unet))
+        cls = UNet2DConditionModel if name == "unet" else AutoencoderKL
+        return dict(cls.load_config(cfg.pretrained_dir, subfolder=name, local_files_only=True))
+    return dict(getattr(cfg, name))
+
+
+def build_unet(cfg: DetokenizerConfig, load_weights: bool = True) -> UNet2DConditionModel:
+    """The UNet's architecture (no weights read: `diffusers_weight_sources` has them); build it under
+    `src.utils.materialize.empty_init()` to get it on meta."""
+    unet = UNet2DConditionModel.from_config(component_config(cfg, "unet", load_weights))
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     return unet
 
 
 def build_vae(cfg: DetokenizerConfig, load_weights: bool = True) -> AutoencoderKL:
-    if load_weights and cfg.pretrained_dir:
-        cfg.check_weights_present()
-        vae = AutoencoderKL.from_pretrained(cfg.pretrained_dir, subfolder="vae", local_files_only=True)
+    """The VAE's architecture, fp32: SDXL's VAE overflows in fp16/bf16 (diffusers keeps it fp32 "to avoid NaN
+    losses")."""
+    return AutoencoderKL.from_config(component_config(cfg, "vae", load_weights)).float()
+
+
+def diffusers_weight_sources(model: nn.Module, folder: str, name: str) -> dict[str, TensorSource]:
+    """The tensors of a diffusers folder's `name/` component by `model`'s parameter names, nothing read yet:
+    the file `from_pretrained` reads without a variant (sharded safetensors, safetensors, or a zip-format
+    .bin, memory-mapped), old attention names renamed as diffusers renames them on load."""
+    path = Path(folder) / name
+    if (path / f"{WEIGHTS_STEM}.safetensors.index.json").exists():
+        index = json.loads((path / f"{WEIGHTS_STEM}.safetensors.index.json").read_text())["weight_map"]
+        sources: dict[str, TensorSource] = {k: SafetensorsTensor(path / f, k) for k, f in index.items()}
     else:
-        vae = AutoencoderKL.from_config(dict(cfg.vae))
-    # SDXL's VAE overflows in fp16/bf16 (diffusers keeps it fp32 "to avoid NaN losses").
-    return vae.float()
+        files = [path / f"{WEIGHTS_STEM}{ext}" for ext in (".safetensors", ".bin")]
+        found = next((f for f in files if f.exists()), None)
+        if found is None:
+            raise MissingWeightsError(f"model.detokenizer.pretrained_dir: {path} has neither "
+                                      f"{' nor '.join(f.name for f in files)} (a diffusers SDXL base folder)")
+        sources = state_dict_file(found)
+    return model._fix_state_dict_keys_on_load(sources)
 
 
 def encode_posterior(vae: AutoencoderKL, pixels: torch.Tensor) -> DiagonalGaussianDistribution:
@@ -156,9 +184,21 @@ def is_attention_kv(name: str) -> bool:
     return ".to_k." in name or ".to_v." in name
 
 
-def load_adapter_checkpoint(path: str, key: str = "model.detokenizer.adapter_weights") -> dict[str, torch.Tensor]:
-    """Read a de-tokenizer checkpoint: official (`resampler.*`, `unet.*`) or ours (Lightning .ckpt)."""
-    state = load_state_dict_file(path, key)
-    if "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    return {k: v for k, v in state.items() if k.startswith(("resampler.", "unet."))}
+def adapter_checkpoint_sources(path: str | None, key: str = "model.detokenizer.adapter_weights"
+                               ) -> dict[str, TensorSource]:
+    """The `resampler.*` / `unet.*` tensors of a de-tokenizer checkpoint, official (`pytorch_model.bin`,
+    safetensors) or ours (a Lightning .ckpt: its `state_dict`), memory-mapped where the format allows, so a
+    rank reads only the rows of its shards (the official first stage may hold a whole SDXL UNet)."""
+    if not path or not Path(path).exists():
+        raise missing_weights_error(key, "a de-tokenizer checkpoint", path)
+    if str(path).endswith(".safetensors"):
+        sources = state_dict_file(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) format cannot be mapped: read in full
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        sources = {k: HeldTensor(v) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in sources.items() if k.startswith(("resampler.", "unet."))}

@@ -18,19 +18,28 @@ from torch import nn
 from src.models.detok_adapter import ResamplerXLV2
 from src.models.detokenizer import (
     DetokenizerConfig,
+    adapter_checkpoint_sources,
     build_noise_scheduler,
     build_unet,
     build_vae,
+    diffusers_weight_sources,
     hold_decoder_in,
     is_attention_kv,
-    load_adapter_checkpoint,
     widen_conv_in,
 )
-from src.models.qwen_vit import QwenViT, QwenViTConfig, build_vit
+from src.models.qwen_vit import QwenViT, QwenViTConfig, build_vit, vit_weight_sources
 from src.pipelines.detok import ImageDecoder
 from src.specs.base import ModelSpec, Recipe, SpecModel
 from src.utils.constraints import ConfigValueError
-from src.utils.materialize import seeded
+from src.utils.materialize import (
+    TensorSource,
+    ZeroPaddedColumns,
+    clean_name,
+    empty_init,
+    held,
+    materialize,
+    prefixed,
+)
 from src.utils.weights import RequiredPath, check_keys_and_shapes
 
 
@@ -61,6 +70,7 @@ class DetokConfig:
 
 class DetokRecipe(Recipe):
     stage_name = "stage1"
+    builds_empty = True
 
     def configure(self, cfg: DetokConfig) -> None:
         self.vit_cfg, self.detok_cfg = cfg.vit, cfg.detokenizer
@@ -69,34 +79,48 @@ class DetokRecipe(Recipe):
         self.frozen_dtype = cfg.frozen_dtype
         self._negative: torch.Tensor | None = None  # cached; not a buffer, so never in a checkpoint
 
-    def build_models(self, load_weights: bool = True) -> None:
+    def build_empty(self, load_weights: bool = True) -> None:
+        """ViT, adapter, UNet and VAE with parameters on meta (UNet and VAE shaped by the SDXL folder's configs
+        when weights load), trainability and frozen dtypes set; reads no weights (`weight_sources` has them)."""
         if load_weights:
             self.detok_cfg.check_weights_present()
-        self.vit = self._build_vit(load_weights)
-        # Random-init towers (tiny twins) must be the same on every rank and after a resume.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.init_seed)
+        with empty_init():
+            self.vit = QwenViT(self.vit_cfg)
             self.resampler = ResamplerXLV2(self.detok_cfg.adapter_cfg)
             self.unet = build_unet(self.detok_cfg, load_weights)
             self.vae = build_vae(self.detok_cfg, load_weights)
         self.noise_scheduler = build_noise_scheduler(self.detok_cfg)
         self.adapt_unet()
-        if load_weights and self.detok_cfg.adapter_weights:
-            self.load_adapter_weights(self.detok_cfg.adapter_weights)
         self.set_trainable()
         if self.frozen_dtype == "bf16":
             # Frozen weights at half the bytes: the ViT whole, the VAE only where it decodes.
             self.vit.to(torch.bfloat16)
             hold_decoder_in(self.vae, torch.bfloat16)
 
-    def _build_vit(self, load_weights: bool) -> QwenViT:
-        """`model.vit.weights`, or (tiny twins) the random init of the "vit" tower seed: the same ViT the
-        MLLM stage builds from the same config and init seed, so its regression targets are the features
-        this de-tokenizer decodes."""
-        if not load_weights:  # inspect / meta-device builds: built where the caller builds, nothing read
-            with seeded(self.init_seed, "vit"):
-                return QwenViT(replace(self.vit_cfg, weights=None))
-        return build_vit(self.vit_cfg, self.detok_cfg.allow_random_init, self.init_seed)
+    def weight_sources(self, load_weights: bool = True) -> dict[str, TensorSource]:
+        """Every parameter's initial value: `model.vit.weights` and the SDXL folder's UNet and VAE (read shard by
+        shard), the adapter checkpoint (`model.detokenizer.adapter_weights`) over them, and the random-init parts
+        (the adapter; UNet and VAE of tiny twins) drawn as one stream under `stage.init_seed`, the adapter first:
+        the same on every rank and after a resume."""
+        cfg = self.detok_cfg
+        vit_cfg = self.vit_cfg if load_weights else replace(self.vit_cfg, weights=None)
+        sources = prefixed(vit_weight_sources(vit_cfg, cfg.allow_random_init or not load_weights, self.init_seed),
+                           "vit.")
+        from_folder = load_weights and bool(cfg.pretrained_dir)
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+            torch.manual_seed(self.init_seed)
+            towers = {"resampler": ResamplerXLV2(cfg.adapter_cfg)}
+            if not from_folder:
+                towers.update(unet=build_unet(cfg, False), vae=build_vae(cfg, False))
+        for name, tower in towers.items():
+            sources.update(held({k: p.detach() for k, p in tower.named_parameters()}, f"{name}."))
+        if from_folder:
+            for name in ("unet", "vae"):
+                sources.update(prefixed(diffusers_weight_sources(getattr(self, name), cfg.pretrained_dir, name),
+                                        f"{name}."))
+        if load_weights and cfg.adapter_weights:
+            sources.update(self.adapter_sources(cfg.adapter_weights))
+        return self.adapt_sources(sources)
 
     def required_paths(self) -> list[RequiredPath]:
         # Stage 2 (require_stage1) also starts from the stage-1 adapter checkpoint.
@@ -109,29 +133,34 @@ class DetokRecipe(Recipe):
         With SDXL weights the VAE needs nothing else; a random-init VAE (tiny twins) is drawn under
         `init_seed` after the adapter and UNet, so then everything is built to replay those draws.
         """
-        if not self.detok_cfg.pretrained_dir:
+        cfg = self.detok_cfg
+        if not cfg.pretrained_dir:
             self.build_models(load_weights=True)
             return {"vit": self.vit, "vae": self.vae}
-        self.detok_cfg.check_weights_present()
-        vae = build_vae(self.detok_cfg, load_weights=True)
-        return {"vit": self._build_vit(True), "vae": vae.requires_grad_(False).eval()}
+        cfg.check_weights_present()
+        with empty_init():
+            vae = build_vae(cfg, load_weights=True)
+        materialize(vae, diffusers_weight_sources(vae, cfg.pretrained_dir, "vae"), "cpu", "the SDXL VAE")
+        vit = build_vit(self.vit_cfg, cfg.allow_random_init, self.init_seed)
+        return {"vit": vit, "vae": vae.requires_grad_(False).eval()}
 
     def adapt_unet(self) -> None:
         """Hook for stage 2 (conv_in widening); stage 1 uses the UNet as built."""
 
-    def load_adapter_weights(self, path: str) -> None:
+    def adapt_sources(self, sources: dict[str, TensorSource]) -> dict[str, TensorSource]:
+        """Hook for stage 2 (a stage-1 or SDXL conv_in is narrower than the widened one)."""
+        return sources
+
+    def adapter_sources(self, path: str) -> dict[str, TensorSource]:
         """An official or our de-tokenizer checkpoint: every adapter (`resampler.*`) key must be in it, and
         every key in it must be ours (`unet.*` ones replace the SDXL weights); a mismatch names the keys."""
-        state = self.prepare_adapter_state(load_adapter_checkpoint(path))
-        own = self.state_dict()
-        expected = {k: tuple(v.shape) for k, v in own.items() if k.startswith("resampler.") or k in state}
-        check_keys_and_shapes(expected, {k: tuple(v.shape) for k, v in state.items()},
+        sources = self.adapt_sources(adapter_checkpoint_sources(path))
+        own = {clean_name(n): tuple(p.shape) for n, p in self.named_parameters()}
+        given = {k: tuple(v.shape) for k, v in sources.items()}
+        expected = {k: shape for k, shape in own.items() if k.startswith("resampler.") or k in given}
+        check_keys_and_shapes(expected, given,
                               f"model.detokenizer.adapter_weights ({path}) does not match the de-tokenizer:", "checkpoint")
-        self.load_state_dict(state, strict=False)
-
-    def prepare_adapter_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Hook for stage 2 (a stage-1 checkpoint has a narrower conv_in)."""
-        return state
+        return sources
 
     def set_trainable(self) -> None:
         self.freeze_towers()
@@ -176,7 +205,7 @@ class DetokCondRecipe(DetokRecipe):
     stage_name = "stage2"
     require_stage1 = True
 
-    def build_models(self, load_weights: bool = True) -> None:
+    def build_empty(self, load_weights: bool = True) -> None:
         # Checked before anything is built; `src.inspect` (load_weights=False) needs no weights at all.
         needs_stage1 = self.require_stage1 and not self.detok_cfg.allow_random_init
         if load_weights and needs_stage1 and not self.detok_cfg.adapter_weights:
@@ -184,24 +213,21 @@ class DetokCondRecipe(DetokRecipe):
                 "model.detokenizer.adapter_weights: stage 2 starts from a stage-1 checkpoint "
                 "(seedx_detok_pretrain's last.ckpt or the official first_stage pytorch_model.bin); set it"
             )
-        super().build_models(load_weights)
+        super().build_empty(load_weights)
 
     def adapt_unet(self) -> None:
         latent_channels = self.vae.config.latent_channels
         if self.unet.config.in_channels == latent_channels:
             widen_conv_in(self.unet, latent_channels)
 
-    def prepare_adapter_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # A stage-1 checkpoint has a 4-channel conv_in: copy it into the widened one, new channels zero.
-        conv = state.get("unet.conv_in.weight")
-        if conv is not None and conv.shape[1] < self.unet.conv_in.in_channels:
-            w, b = state.pop("unet.conv_in.weight"), state.pop("unet.conv_in.bias", None)
-            with torch.no_grad():
-                self.unet.conv_in.weight.zero_()
-                self.unet.conv_in.weight[:, : w.shape[1]].copy_(w)
-                if b is not None:
-                    self.unet.conv_in.bias.copy_(b)
-        return state
+    def adapt_sources(self, sources: dict[str, TensorSource]) -> dict[str, TensorSource]:
+        # A 4-channel conv_in (SDXL's, a stage-1 checkpoint's, a random tiny one): its weights in the first
+        # channels of the widened one, the new channels zero (`widen_conv_in`).
+        key, want = "unet.conv_in.weight", tuple(self.unet.conv_in.weight.shape)
+        source = sources.get(key)
+        if source is not None and len(source.shape) == 4 and source.shape[1] < want[1]:
+            sources[key] = ZeroPaddedColumns(source, want)
+        return sources
 
     def set_trainable(self) -> None:
         super().set_trainable()

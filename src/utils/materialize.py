@@ -125,6 +125,21 @@ class NormalRows(TensorSource):
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+class ZeroPaddedColumns(TensorSource):
+    """`base` widened along dim 1 to `shape` with zeros: InstructPix2Pix's conv_in widening
+    (`src.models.detokenizer.widen_conv_in`) of a weight read from a file, rows (output channels) at a time."""
+
+    def __init__(self, base: TensorSource, shape: tuple[int, ...]) -> None:
+        if len(shape) < 2 or shape[0] != base.shape[0] or shape[2:] != base.shape[2:] or shape[1] < base.shape[1]:
+            raise ValueError(f"cannot widen {base.shape} to {shape} along dim 1")
+        self.base, self.shape = base, tuple(shape)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        part = self.base.rows(start, stop)
+        pad = part.new_zeros(part.shape[0], self.shape[1] - part.shape[1], *part.shape[2:])
+        return torch.cat([part, pad], dim=1)
+
+
 class TorchFileTensor(TensorSource):
     """One tensor of a zip-format torch checkpoint, memory-mapped only while its rows are read: pages a rank
     touched leave its RSS when the rows are copied, instead of staying mapped until every tensor is filled."""
