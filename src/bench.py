@@ -19,6 +19,9 @@ the size's overrides; random init, the tiny tokenizer, the bundled sample data):
 (e) ``init_rss_over_full`` (src/bench_init.py): 2 gloo processes build ``--init-size`` (default 1b) as
     strategy=fsdp2 does, weights from a saved local HF folder + ViT ``.pt``: peak RSS growth per rank during
     the build / full model bytes. Goal <= 0.75 (a rank that loads the whole model is >= 1).
+    ``detok_init_rss_over_full``: the same for de-tokenizer stage 1 at ``--detok-init-size`` (default
+    sdxl_reduced: SDXL's UNet with fewer transformer layers, SDXL's VAE, the 1b ViT; src/bench_config.py), weights
+    from a saved diffusers folder + ViT ``.pt``. Goal <= 0.75.
 (g) ``generate_vs_hf`` and ``detok_vs_diffusers`` (src/bench_generation.py, CPU): tokens/s of our KV-cached
     MLLMGenerator / tokens/s of transformers ``generate`` on the same `small` Llama (same prompts, greedy, same
     length), and images/s of our de-tokenizer denoising loop / the same steps through diffusers'
@@ -69,7 +72,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader
 
-from src.bench_config import EXPERIMENT, SIZES, compose_bench_cfg
+from src.bench_config import DETOK_SIZES, EXPERIMENT, SIZES, compose_bench_cfg
 from src.stages.base import build_lr_scheduler, param_groups
 from src.utils.config import CONF_DIR
 from src.utils.flops import device_peak_flops
@@ -80,6 +83,7 @@ GOALS: dict[str, tuple[str, float | None]] = {
     "packed_vs_padded": ("report", None),
     "mfu": ("report", None),
     "init_rss_over_full": ("<=", 0.75),
+    "detok_init_rss_over_full": ("<=", 0.75),
     "data_samples_per_s_per_worker_fullres": ("report", None),
     "generate_vs_hf": (">=", 1.0),
     "detok_vs_diffusers": (">=", 1.0),
@@ -321,6 +325,7 @@ def run_bench(
     init_world: int = 2,
     libraries: bool = True,
     features_size: str | None = "small",
+    detok_init_size: str | None = "sdxl_reduced",
 ) -> dict[str, Any]:
     if steps < 1 or trials < 1 or warmup < 0:
         raise ValueError("--steps and --trials must be >= 1, --warmup >= 0")
@@ -342,14 +347,16 @@ def run_bench(
             return _run(out, steps=steps, trials=trials, warmup=warmup, device=device, size=size,
                         data_batches=data_batches, n_groups=groups, peak_flops=peak_flops,
                         overrides=list(overrides), with_monitor=with_monitor, init_size=init_size,
-                        init_world=init_world, libraries=libraries, features_size=features_size)
+                        init_world=init_world, libraries=libraries, features_size=features_size,
+                        detok_init_size=detok_init_size)
     finally:
         torch.set_num_threads(old_threads)
         pl_log.setLevel(old_level)
 
 
 def _run(out: Path, *, steps, trials, warmup, device, size, data_batches, n_groups, peak_flops, overrides,
-         with_monitor, init_size, init_world, libraries, features_size=None) -> dict[str, Any]:
+         with_monitor, init_size, init_world, libraries, features_size=None,
+         detok_init_size=None) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfg = compose_bench_cfg(out, size, device, overrides)
     L.seed_everything(int(cfg.seed), verbose=False)
@@ -441,6 +448,11 @@ def _run(out: Path, *, steps, trials, warmup, device, size, data_batches, n_grou
         from src.bench_init import measure_init
 
         result.update(measure_init(init_size, init_world, workdir=out))
+    if detok_init_size:
+        from src.bench_init import measure_init
+
+        detok = measure_init(detok_init_size, init_world, workdir=out, model="detok")
+        result.update({f"detok_{k}": v for k, v in detok.items()})
     if libraries:
         result.update(library_ratios(out, rounds=min(trials, 5)))
     if features_size:
@@ -487,6 +499,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         ("packed_vs_padded", "non-pad tokens/s, packing=true / false"),
         ("mfu", "model FLOPs / Lightning step time / device peak"),
         ("init_rss_over_full", "peak RSS growth per rank during the sharded build / full model bytes"),
+        ("detok_init_rss_over_full", "the same for de-tokenizer stage 1 (detok_init_size)"),
         ("data_samples_per_s_per_worker_fullres", "one loader worker, full-size any-res path, photos at own size"),
         ("generate_vs_hf", "tokens/s, our MLLMGenerator / transformers generate (same Llama, prompts, greedy)"),
         ("detok_vs_diffusers", "images/s, our denoise loop / diffusers SDXL pipeline loop (same steps)"),
@@ -511,6 +524,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         ("model_flops_per_step", "analytic, src/utils/flops.py"), ("model_tflops_per_s", "Lightning step"),
         ("init_peak_rss_gb_per_rank", "src/bench_init.py, fsdp2 over init_world gloo ranks"),
         ("full_model_gb", "init_size's parameters + buffers"), ("init_build_s", "meta build + shard + fill"),
+        ("detok_init_peak_rss_gb_per_rank", "de-tokenizer, fsdp2 over init_world gloo ranks"),
+        ("detok_full_model_gb", "detok_init_size's parameters + buffers"),
         ("feature_store_bytes_per_sample", "feature store in shards, src/bench_features.py"),
         ("feature_store_data_samples_per_s", "samples built from the store by id (one process)"),
         ("feature_live_data_samples_per_s", "samples built from pixels (one process)"),
@@ -520,7 +535,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     ctx = ", ".join(f"{k}={_fmt(result.get(k))}" for k in ("device", "size", "precision", "threads", "batch_size",
                                                            "num_workers", "rows_padded", "width_padded",
                                                            "rows_packed", "width_packed",
-                                                           "steps", "trials", "init_size", "init_world"))
+                                                           "steps", "trials", "init_size", "detok_init_size",
+                                                           "init_world"))
     return "\n".join(lines) + f"\n\nmedians over {result['trials']} interleaved rounds; {ctx}\n"
 
 
@@ -537,6 +553,7 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
             "loop_overhead_s", "lightning_step_s", "bare_step_s",
             "data_samples_per_s", "model_samples_per_s", "packed_tokens_per_s", "padded_tokens_per_s",
             "model_tflops_per_s", "init_peak_rss_gb_per_rank", "full_model_gb", "init_rss_over_full",
+            "detok_init_peak_rss_gb_per_rank", "detok_full_model_gb", "detok_init_rss_over_full",
             "data_samples_per_s_per_worker_fullres", "generate_vs_hf", "detok_vs_diffusers",
             "generate_ours_tokens_per_s", "generate_hf_tokens_per_s", "detok_ours_images_per_s",
             "detok_diffusers_images_per_s", "feature_store_vs_live", "feature_store_samples_per_s",
@@ -560,7 +577,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--init-size", choices=sorted(SIZES), default="1b",
                    help="size whose sharded build is measured (src/bench_init.py)")
     p.add_argument("--init-world", type=int, default=2, help="gloo processes of the sharded build")
-    p.add_argument("--no-init", action="store_true", help="skip the sharded-build memory measurement")
+    p.add_argument("--detok-init-size", choices=sorted(DETOK_SIZES), default="sdxl_reduced",
+                   help="de-tokenizer size whose sharded build is measured (src/bench_init.py --model detok)")
+    p.add_argument("--no-init", action="store_true", help="skip the sharded-build memory measurements")
     p.add_argument("--no-libraries", action="store_true", help="skip generate_vs_hf and detok_vs_diffusers")
     p.add_argument("--features-size", choices=sorted(SIZES), default="small",
                    help="model size of feature_store_vs_live (src/bench_features.py)")
@@ -572,6 +591,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        threads=a.threads, data_batches=a.data_batches, peak_flops=a.peak_flops,
                        overrides=a.overrides, with_monitor=not a.no_monitor,
                        init_size=None if a.no_init else a.init_size, init_world=a.init_world,
+                       detok_init_size=None if a.no_init else a.detok_init_size,
                        libraries=not a.no_libraries, features_size=None if a.no_features else a.features_size)
     print(markdown_table(result))
     print(f"wrote {Path(a.out) / 'bench.json'} and {Path(a.out) / 'bench.md'}")

@@ -153,17 +153,20 @@ def test_bench_runs_and_writes_its_keys(tmp_path, capsys):
     from src.bench import main
 
     main(["--out", str(tmp_path), "--steps", "2", "--trials", "1", "--warmup", "1", "--data-batches", "2",
-          "--peak-flops", "1e11", "--init-size", "tiny", "--no-features"])  # features: its own test below
+          "--peak-flops", "1e11", "--init-size", "tiny", "--detok-init-size", "tiny",
+          "--no-features"])  # features: its own test below
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     saved = json.loads((tmp_path / "bench.json").read_text())
     for key in ("lightning_vs_bare", "data_vs_model", "packed_vs_padded", "mfu", "lightning_step_s",
                 "bare_step_s", "data_samples_per_s", "packed_tokens_per_s", "padded_tokens_per_s",
                 "init_peak_rss_gb_per_rank", "full_model_gb", "init_rss_over_full",
+                "detok_init_peak_rss_gb_per_rank", "detok_full_model_gb", "detok_init_rss_over_full",
                 "data_samples_per_s_per_worker_fullres"):
         for where in (last, saved):
             assert isinstance(where[key], float) and math.isfinite(where[key]) and where[key] > 0, (key, where[key])
     # The tiny twin's parameters (each rank holds half) against the full model: half, in bytes.
     assert saved["init_local_model_gb_per_rank"] < 0.55 * saved["full_model_gb"]
+    assert saved["detok_init_local_model_gb_per_rank"] < 0.55 * saved["detok_full_model_gb"]
     table = (tmp_path / "bench.md").read_text()
     assert "lightning_vs_bare" in table and "<= 1.05" in table and ">= 3" in table and "<= 0.75" in table
 
