@@ -226,22 +226,6 @@ def test_cli_t2i_writes_results_and_a_png_and_help_lists_every_mode(tmp_path):
         assert f"\n  {mode} " in helped and f"mode={mode} " in helped, mode
 
 
-@pytest.mark.slow
-def test_make_demo_trains_every_stage_and_writes_the_report(tmp_path):
-    from src.demo import main
-
-    main([f"out={tmp_path}"])
-    report = (tmp_path / "report.md").read_text()
-    for stage in ("detok_pretrain", "detok_cond", "mllm_pretrain"):
-        assert (tmp_path / f"loss_{stage}.png").is_file() and f"loss_{stage}.png" in report
-        assert (tmp_path / stage / "checkpoints" / "last.ckpt").is_file()
-    for mode in ("chat", "ground", "t2i", "edit"):
-        assert (tmp_path / "generate" / mode / "results.jsonl").is_file() and f"### {mode}" in report
-    for link in [ln.split("](")[1].rstrip(")") for ln in report.splitlines() if ln.startswith("![")]:
-        assert (tmp_path / link).is_file(), link
-    assert "generate/t2i/" in report and "generate/edit/" in report  # the generated images are shown
-
-
 @pytest.mark.config
 @pytest.mark.parametrize("experiment", ["seedx_pretrain", "seedx_detok_pretrain_tiny"])
 def test_generate_config_composes_and_mode_needs_the_right_experiment(experiment, tmp_path):
