@@ -66,3 +66,39 @@ def test_time_embedding_size_is_checked():
 def test_resolution_must_fit_vae():
     with pytest.raises(ValueError, match="resolution"):
         tiny_cfg(resolution=33)
+
+
+def test_diffusers_sources_read_a_bin_with_old_attention_names_as_from_pretrained_does(tmp_path):
+    """A VAE saved as a zip `.bin` with the pre-0.15 attention names (query/key/value/proj_attn) fills a meta-built
+    VAE to the same values `from_pretrained` gives; a folder without weights names both files it looked for."""
+    from diffusers import AutoencoderKL
+
+    from src.models.detokenizer import build_vae, diffusers_weight_sources
+    from src.utils.materialize import empty_init, materialize
+    from src.utils.weights import MissingWeightsError
+
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    vae = build_vae(cfg, load_weights=False)
+    old_names = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}
+    state = {}
+    for key, value in vae.state_dict().items():
+        if ".attentions." in key:
+            for new, old in old_names.items():
+                key = key.replace(new, old)
+        state[key] = value
+    assert any(".query." in k for k in state)
+    (tmp_path / "vae").mkdir()
+    vae.save_config(tmp_path / "vae")
+    torch.save(state, tmp_path / "vae" / "diffusion_pytorch_model.bin")
+
+    with empty_init():
+        empty = build_vae(cfg, load_weights=False)
+    materialize(empty, diffusers_weight_sources(empty, str(tmp_path), "vae"), "cpu")
+    plain = AutoencoderKL.from_pretrained(tmp_path, subfolder="vae", local_files_only=True).state_dict()
+    for key, value in empty.state_dict().items():
+        assert torch.equal(value, plain[key]) and torch.equal(value, vae.state_dict()[key]), key
+
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(MissingWeightsError, match=r"diffusion_pytorch_model.safetensors nor diffusion_pytorch_model.bin"):
+        diffusers_weight_sources(empty, str(tmp_path), "unet")

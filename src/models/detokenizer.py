@@ -132,7 +132,8 @@ def diffusers_weight_sources(model: nn.Module, folder: str, name: str) -> dict[s
             raise MissingWeightsError(f"model.detokenizer.pretrained_dir: {path} has neither "
                                       f"{' nor '.join(f.name for f in files)} (a diffusers SDXL base folder)")
         sources = state_dict_file(found)
-    return model._fix_state_dict_keys_on_load(sources)
+    rename = getattr(model, "_fix_state_dict_keys_on_load", None)  # diffusers' own renaming (a private method)
+    return rename(sources) if rename is not None else sources
 
 
 def encode_posterior(vae: AutoencoderKL, pixels: torch.Tensor) -> DiagonalGaussianDistribution:
