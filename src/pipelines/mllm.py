@@ -137,8 +137,9 @@ class MLLMGenerator:
                                     batch["embeds_cmp_mask"], batch["patch_positions"])
         mask = batch["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # logits of the last position only, as transformers' generate asks for (the prompt's are never read)
         out = self.mllm.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
-                            output_hidden_states=True)
+                            output_hidden_states=True, logits_to_keep=1)
         results = [Generated() for _ in range(n)]
         start = [self.ids.box_start] if options.box_first else [self.ids.img_start] if options.image == "first" else []
         queues: list[list[int]] = [list(start) for _ in range(n)]
