@@ -7,11 +7,13 @@ equal a plain load (`from_pretrained` + the SEED-X vocabulary init, `load_state_
 The de-tokenizer stages the same way: from a diffusers folder (UNet, VAE) and a ViT `.pt`, stage 2 also from a
 stage-1 checkpoint whose 4-channel conv_in is widened on the fly; UNet and VAE equal diffusers' `from_pretrained`.
 
-The worker runs as `python -m tests.test_sharded_init RANK WORLD PORT WEIGHTS OUT MODEL [EXTRA OVERRIDES...]`.
+The worker runs as `python -m tests.test_sharded_init RANK WORLD PORT WEIGHTS OUT JOBS` (JOBS: JSON list of
+[model, [overrides]]).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -42,19 +44,20 @@ def build_stage(weights: Path, model: str = "mllm", extra: list[str] = ()):
     return hydra.utils.instantiate(cfg.stage, _convert_="all")
 
 
-def run_ranks(weights: Path, out: Path, model: str = "mllm", extra: list[str] = ()) -> dict:
-    """Two gloo ranks build `model` sharded from `weights`; rank 0's gathered parameters and local count."""
+def run_ranks(weights: Path, out: Path, jobs: list[tuple[str, list[str]]]) -> list[dict]:
+    """Two gloo ranks build each job's model (name, extra overrides) sharded from `weights`, one after the other
+    in the same two processes; per job, rank 0's gathered parameters and its local count."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [subprocess.Popen([sys.executable, "-m", "tests.test_sharded_init", str(r), "2", str(port),
-                               str(weights), str(out), model, *extra], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                               str(weights), str(out), json.dumps(jobs)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
              for r in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
-    return torch.load(out, weights_only=True)
+    return [torch.load(f"{out}.{i}", weights_only=True) for i in range(len(jobs))]
 
 
 def assert_equals_single_process(gathered: dict, single) -> dict:
@@ -69,7 +72,7 @@ def assert_equals_single_process(gathered: dict, single) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ worker
-def worker(rank: int, world: int, port: int, weights: str, out: str, model: str, extra: list[str]) -> None:
+def worker(rank: int, world: int, port: int, weights: str, out: str, jobs: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -79,18 +82,19 @@ def worker(rank: int, world: int, port: int, weights: str, out: str, model: str,
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
-    module = build_stage(Path(weights), model, extra)
-    module.build_empty(load_weights=True)
-    module.shard(FSDP2Options(), mesh)
-    assert all(p.is_meta for p in module.parameters())
-    materialize(module, module.weight_sources(load_weights=True), "cpu")
-    local = sum(p.to_local().numel() for p in module.parameters())
-    full = {}
-    for name, p in module.named_parameters():
-        full[name.replace("_checkpoint_wrapped_module.", "")] = p.full_tensor().clone()
-    if rank == 0:
-        torch.save({"state": full, "local_numel": local}, out)
-    dist.barrier()
+    for i, (model, extra) in enumerate(json.loads(jobs)):
+        module = build_stage(Path(weights), model, extra)
+        module.build_empty(load_weights=True)
+        module.shard(FSDP2Options(), mesh)
+        assert all(p.is_meta for p in module.parameters())
+        materialize(module, module.weight_sources(load_weights=True), "cpu")
+        local = sum(p.to_local().numel() for p in module.parameters())
+        full = {}
+        for name, p in module.named_parameters():
+            full[name.replace("_checkpoint_wrapped_module.", "")] = p.full_tensor().clone()
+        if rank == 0:
+            torch.save({"state": full, "local_numel": local}, f"{out}.{i}")
+        dist.barrier()
     dist.destroy_process_group()
 
 
@@ -107,7 +111,7 @@ def saved_weights(tmp_path_factory):
 
 
 def test_sharded_fill_equals_single_process_and_plain_loads(saved_weights, tmp_path):
-    gathered = run_ranks(saved_weights, tmp_path / "gathered.pt")
+    gathered, = run_ranks(saved_weights, tmp_path / "gathered", [("mllm", [])])
     single = build_stage(saved_weights)
     single.build_models(load_weights=True)
     assert_equals_single_process(gathered, single)
@@ -210,22 +214,23 @@ def test_detokenizer_stages_fill_their_shards_from_a_diffusers_folder(saved_deto
     root = saved_detok_weights
     single = build_stage(root, "detok")
     single.build_models(load_weights=True)
-    assert_equals_single_process(run_ranks(root, tmp_path / "stage1.pt", "detok"), single)
     for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
         plain = cls.from_pretrained(root / "sdxl", subfolder=name, local_files_only=True).state_dict()
         for key, p in getattr(single, name).named_parameters():
             assert torch.equal(p.detach(), plain[key]), (name, key)
 
-    # Stage 2 from a stage-1 checkpoint (adapter + UNet to_k/to_v, 4-channel conv_in): widened where each rank
-    # fills its rows; the new input channels zero, the checkpoint's tensors over the SDXL folder's.
+    # Stage 2 from a stage-1 checkpoint (adapter + UNet to_k, 4-channel conv_in): widened where each rank fills
+    # its rows; the new input channels zero, the checkpoint's tensors over the SDXL folder's.
     torch.manual_seed(0)
     trained = {k: v + torch.randn_like(v) for k, v in single.state_dict().items()
                if k.startswith(("resampler.", "unet.conv_in.")) or (k.startswith("unet.") and ".to_k." in k)}
     torch.save({"state_dict": trained}, tmp_path / "stage1.ckpt")
     extra = [f"model.detokenizer.adapter_weights={tmp_path / 'stage1.ckpt'}"]
+    stage1, stage2 = run_ranks(root, tmp_path / "gathered", [("detok", []), ("detok_cond", extra)])
+    assert_equals_single_process(stage1, single)
     cond = build_stage(root, "detok_cond", extra)
     cond.build_models(load_weights=True)
-    own = assert_equals_single_process(run_ranks(root, tmp_path / "stage2.pt", "detok_cond", extra), cond)
+    own = assert_equals_single_process(stage2, cond)
     conv = own["unet.conv_in.weight"].detach()
     assert conv.shape[1] == 8 and torch.equal(conv[:, :4], trained["unet.conv_in.weight"]) and not conv[:, 4:].any()
     for key, value in trained.items():
@@ -242,4 +247,4 @@ def test_adapter_checkpoint_missing_adapter_keys_is_named(saved_detok_weights, t
 
 
 if __name__ == "__main__":
-    worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7:])
+    worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
