@@ -25,14 +25,19 @@ demo: setup  ## the tiny chain learns 6 photos (CPU, ~3 min): 3 stages, recon/t2
 tiny-towers: setup  ## rebuild assets/tiny_towers, the trained tiny VAE/UNet of model/detokenizer=tiny_trained
 	$(PY) -m data_prep.make_tiny_towers --out assets/tiny_towers
 
-test: setup  ## test suite without gpu/slow tiers (~20 min on 2 idle cores; goal < 10)
-	$(PY) -m pytest -q
+# Two pytest-xdist workers, a test file each at a time (module fixtures built once), one torch thread per worker
+# (tests/conftest.py): the 2 cores busy without their thread pools fighting. `PYTEST_WORKERS=0` runs in one process.
+PYTEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile)
+
+test: setup  ## test suite without gpu/slow tiers (~9 min on 2 cores with 2 workers)
+	$(PYTEST)
 
 test-slow: setup  ## the slow tier only: subprocess resumes, the demo, the generate CLI (CI runs it after test)
-	$(PY) -m pytest -q -m "slow and not gpu"
+	$(PYTEST) -m "slow and not gpu"
 
 test-full: setup  ## every tier that can run here, slow included
-	$(PY) -m pytest -q -m "not gpu"
+	$(PYTEST) -m "not gpu"
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check src tests data_prep
