@@ -137,9 +137,10 @@ class MLLMGenerator:
                                     batch["embeds_cmp_mask"], batch["patch_positions"])
         mask = batch["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        # logits of the last position only, as transformers' generate asks for (the prompt's are never read)
+        # logits of the last position only, as transformers' generate asks for (the prompt's are never read);
+        # hidden states only after a step that fed an image slot (recording them costs every layer a hook)
         out = self.mllm.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
-                            output_hidden_states=True, logits_to_keep=1)
+                            logits_to_keep=1)
         results = [Generated() for _ in range(n)]
         start = [self.ids.box_start] if options.box_first else [self.ids.img_start] if options.image == "first" else []
         queues: list[list[int]] = [list(start) for _ in range(n)]
@@ -150,7 +151,7 @@ class MLLMGenerator:
         free = [0] * n  # tokens the row chose itself (forced ones do not count against max_new_tokens)
         slots = set(self.forced_image[:-1])
         while True:
-            hidden = out.hidden_states[-1][:, -1]
+            hidden = out.hidden_states[-1][:, -1] if any(fed_slot) else None
             for i in range(n):  # the output at a forced slot token is that slot's feature
                 if fed_slot[i]:
                     slot_hidden[i].append(hidden[i])
@@ -206,5 +207,5 @@ class MLLMGenerator:
             mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
             positions = positions[:, -1:] + 1
             out = self.mllm.llm(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=out.past_key_values, use_cache=True, output_hidden_states=True)
+                                past_key_values=out.past_key_values, use_cache=True, output_hidden_states=any(fed_slot))
         return results
