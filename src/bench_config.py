@@ -61,7 +61,7 @@ SIZES: dict[str, list[str]] = {
 
 # De-tokenizer sizes on top of its tiny experiment. `sdxl_reduced`: SDXL's UNet (block widths, heads, 2048-wide
 # cross-attention, text_time conditioning) with 2 instead of 10 transformer layers in its deepest blocks (0.90 B of
-# 2.57 B parameters), SDXL's VAE, the full-width adapter on the `1b` ViT: ~1.35 B parameters in all.
+# 2.57 B parameters), SDXL's VAE, the full-width adapter on the `1b` ViT: 1.40 B parameters in all.
 DETOK_SIZES: dict[str, list[str]] = {
     "tiny": [],
     "sdxl_reduced": ["model/detokenizer=sdxl", "model.detokenizer.allow_random_init=true",
@@ -70,7 +70,10 @@ DETOK_SIZES: dict[str, list[str]] = {
 }
 
 # Which experiment and sizes a bench model composes.
-MODELS: dict[str, tuple[str, dict[str, list[str]]]] = {"mllm": (EXPERIMENT, SIZES), "detok": (DETOK_EXPERIMENT, DETOK_SIZES)}
+MODELS: dict[str, tuple[str, dict[str, list[str]]]] = {
+    "mllm": (EXPERIMENT, SIZES),
+    "detok": (DETOK_EXPERIMENT, DETOK_SIZES),
+}
 
 
 def compose_bench_cfg(out: Path, size: str = "tiny", device: str = "cpu", overrides: list[str] = (),

@@ -77,10 +77,11 @@ def save_weights(size: str, root: Path, model: str = "mllm") -> None:
     torch.manual_seed(0)
     if model == "detok":
         from diffusers import DDPMScheduler
+        from omegaconf import OmegaConf
 
         from src.models.detokenizer import DetokenizerConfig, build_unet, build_vae
 
-        detok = DetokenizerConfig(**_container(cfg.detokenizer))
+        detok = DetokenizerConfig(**OmegaConf.to_container(cfg.detokenizer, resolve=True))
         for name, build in (("unet", build_unet), ("vae", build_vae)):
             tower = build(detok, load_weights=False)
             tower.save_pretrained(root / "sdxl" / name, safe_serialization=True)
@@ -95,12 +96,6 @@ def save_weights(size: str, root: Path, model: str = "mllm") -> None:
         del llm
     vit = QwenViT(QwenViTConfig(**{k: v for k, v in dict(cfg.vit).items() if k != "weights"}))
     torch.save(vit.state_dict(), root / "vit.pt")
-
-
-def _container(node) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True)
 
 
 def worker(rank: int, world: int, port: int, size: str, weights: str, out: str, model: str = "mllm") -> None:
