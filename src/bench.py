@@ -444,13 +444,11 @@ def _run(out: Path, *, steps, trials, warmup, device, size, data_batches, n_grou
         "per_round": {**ratios, **raw},
     }
     result.update(fullres_data_rate(out / "fullres"))
-    if init_size:
-        from src.bench_init import measure_init
+    from src.bench_init import measure_init
 
+    if init_size:
         result.update(measure_init(init_size, init_world, workdir=out))
     if detok_init_size:
-        from src.bench_init import measure_init
-
         detok = measure_init(detok_init_size, init_world, workdir=out, model="detok")
         result.update({f"detok_{k}": v for k, v in detok.items()})
     if libraries:

@@ -95,8 +95,7 @@ class DetokenizerConfig:
 def component_config(cfg: DetokenizerConfig, name: str, load_weights: bool = True) -> dict[str, Any]:
     """The diffusers config of `name` ("unet", "vae"): the SDXL folder's `name/config.json` when weights load
     from it (what `from_pretrained` would build), else `model.detokenizer.<name>`."""
-    if load_weights and cfg.pretrained_dir:
-        cfg.check_weights_present()
+    if load_weights and cfg.pretrained_dir:  # callers check the folder is there first (check_weights_present)
         cls = UNet2DConditionModel if name == "unet" else AutoencoderKL
         return dict(cls.load_config(cfg.pretrained_dir, subfolder=name, local_files_only=True))
     return dict(getattr(cfg, name))

@@ -118,9 +118,11 @@ class DetokRecipe(Recipe):
             for name in ("unet", "vae"):
                 sources.update(prefixed(diffusers_weight_sources(getattr(self, name), cfg.pretrained_dir, name),
                                         f"{name}."))
-        if load_weights and cfg.adapter_weights:
-            sources.update(self.adapter_sources(cfg.adapter_weights))
-        return self.adapt_sources(sources)
+        adapter = adapter_checkpoint_sources(cfg.adapter_weights) if load_weights and cfg.adapter_weights else {}
+        sources = self.adapt_sources({**sources, **adapter})  # the checkpoint's tensors over the folder's
+        if adapter:
+            self.check_adapter_keys({k: sources[k] for k in adapter}, cfg.adapter_weights)
+        return sources
 
     def required_paths(self) -> list[RequiredPath]:
         # Stage 2 (require_stage1) also starts from the stage-1 adapter checkpoint.
@@ -151,16 +153,15 @@ class DetokRecipe(Recipe):
         """Hook for stage 2 (a stage-1 or SDXL conv_in is narrower than the widened one)."""
         return sources
 
-    def adapter_sources(self, path: str) -> dict[str, TensorSource]:
-        """An official or our de-tokenizer checkpoint: every adapter (`resampler.*`) key must be in it, and
-        every key in it must be ours (`unet.*` ones replace the SDXL weights); a mismatch names the keys."""
-        sources = self.adapt_sources(adapter_checkpoint_sources(path))
+    def check_adapter_keys(self, sources: dict[str, TensorSource], path: str) -> None:
+        """An official or our de-tokenizer checkpoint (`sources`, as adapted): every adapter (`resampler.*`) key
+        must be in it, and every key in it must be ours (`unet.*` ones replace the SDXL weights); a mismatch
+        names the keys."""
         own = {clean_name(n): tuple(p.shape) for n, p in self.named_parameters()}
         given = {k: tuple(v.shape) for k, v in sources.items()}
         expected = {k: shape for k, shape in own.items() if k.startswith("resampler.") or k in given}
         check_keys_and_shapes(expected, given,
                               f"model.detokenizer.adapter_weights ({path}) does not match the de-tokenizer:", "checkpoint")
-        return sources
 
     def set_trainable(self) -> None:
         self.freeze_towers()
